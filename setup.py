@@ -1,0 +1,29 @@
+"""gpt_dist: distributed GPT-1/GPT-2 training on DeepSpeed and megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gpt_dist",
+    version="0.1.0",
+    description="Distributed GPT-1/GPT-2 pretraining, fine-tuning and evaluation on DeepSpeed + megatron-core",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gpt_dist", "gpt_dist.*"]),
+    install_requires=[
+        # The CPU wheel (2.13.0) must already be installed by the Makefile; this range
+        # is satisfied by it, so pip never pulls a multi-GB CUDA build here.
+        "torch>=2.10,<2.15",
+        "deepspeed>=0.18,<0.20",
+        "megatron-core>=0.16,<0.18",
+        "numpy>=1.26",
+        "sentencepiece>=0.2",
+        "mpi4py>=3.1",
+        "tensorboard>=2.15",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "datasketch>=1.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "ruff>=0.6"],
+        "mpi": ["mpich"],
+    },
+)
