@@ -1,0 +1,347 @@
+"""The GPT-1 / GPT-2 decoder on megatron-core's tensor-parallel layers, in one sitting.
+
+Names follow GPT-2 (``wte``, ``wpe``, ``h.N.attn.c_attn``, ``ln_f``) so export is a rename
+table. Activations are ``[s, b, h]`` (sequence first) inside the blocks because that is what
+megatron-core's layers use for sequence parallelism.
+
+Tensor parallelism (tp ranks)::
+
+    x [s,b,h] --ln--> c_attn (ColumnParallel, no comm) -> qkv [s,b,3h/tp]  (heads split)
+              --SDPA causal on the local nh/tp heads--> [s,b,h/tp]
+              --> c_proj (RowParallel: all-reduce, or reduce-scatter with SP) -> [s,b,h]
+    the MLP is the same: c_fc (Column) -> GELU -> c_proj (Row)
+
+    logits: x -> copy-to-TP (all-reduce in backward) -> x @ wte_local^T -> [s,b,V/tp]
+            -> vocab_parallel_cross_entropy: the full-vocabulary logits never meet on one rank
+
+c_attn's output rows are ordered ``(head, {q,k,v}, head_dim)`` (Megatron's layout): a TP
+split then gives each rank whole heads, and resharding is a plain concatenation along the
+output dimension for every column-parallel weight (export reorders to Hugging Face's q|k|v).
+
+GPT-1 (Radford et al. 2018): post-LN blocks ``x = LN(x + f(x))``, no final LN, context 512.
+GPT-2 (Radford et al. 2019 §2.3): pre-LN blocks ``x = x + f(LN(x))``, a final LN, residual
+projections initialised with std 0.02/sqrt(2 n_layer), context 1024. Both tie the output
+layer to the token embedding and use GELU (tanh approximation, as the released weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt_dist.config import ModelConfig
+from gpt_dist.rng import param_generator, tp_region
+
+
+def _tp() -> Any:
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel
+
+
+@dataclass
+class ModelSpec:
+    """What the layers need besides ModelConfig: parallel sizes and the init seed."""
+
+    cfg: ModelConfig
+    tp: int = 1
+    sequence_parallel: bool = False
+    seed: int = 1234
+    megatron: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from megatron.core import ModelParallelConfig
+
+        # use_cpu_initialization: build each full weight from the seed on every rank, keep
+        # this rank's slice. Needed on CPU (the GPU path forks CUDA RNG) and it makes the
+        # weights independent of the layout.
+        self.megatron = ModelParallelConfig(
+            tensor_model_parallel_size=self.tp,
+            sequence_parallel=self.sequence_parallel,
+            use_cpu_initialization=True,
+            perform_initialization=True,
+            params_dtype=torch.float32,
+            gradient_accumulation_fusion=False,
+        )
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.cfg.padded_vocab_size(self.tp)
+
+    def init(self, name: str, std: float) -> Callable[[torch.Tensor], None]:
+        """An init method seeded by (seed, parameter name): layout-independent weights."""
+        def init_(tensor: torch.Tensor) -> None:
+            with torch.no_grad():
+                tensor.normal_(0.0, std, generator=param_generator(self.seed, name))
+        return init_
+
+    def resid_std(self) -> float:
+        if self.cfg.arch == "gpt2":  # GPT-2 §2.3: scale residual projections by 1/sqrt(N)
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        return self.cfg.init_std
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose gradients are summed over TP ranks under sequence parallelism.
+
+    With sequence parallelism each TP rank normalises a different slice of the sequence, so
+    each holds a partial gradient of the (replicated) gain and bias. ``copy_to_tensor_model
+    _parallel_region`` is identity forward and all-reduce backward: the summed gradient
+    reaches the parameter before any DeepSpeed/ZeRO hook sees it, under every ZeRO stage.
+    """
+
+    def __init__(self, n: int, eps: float, sequence_parallel: bool) -> None:
+        super().__init__(n, eps=eps)
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.sequence_parallel:
+            w, b = _tp().copy_to_tensor_model_parallel_region(w), _tp().copy_to_tensor_model_parallel_region(b)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool, split: bool) -> torch.Tensor:
+    """Dropout with the same mask on TP ranks for replicated x, different for split x."""
+    if not training or p == 0.0:
+        return x
+    if split:
+        with tp_region():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, prefix: str) -> None:
+        super().__init__()
+        cfg, tp = spec.cfg, _tp()
+        self.n_head_local = cfg.n_head // spec.tp
+        self.head_dim = cfg.head_dim
+        self.attn_dropout = cfg.attn_dropout
+        self.dropout = cfg.dropout
+        self.sequence_parallel = spec.sequence_parallel
+        self.c_attn = tp.ColumnParallelLinear(
+            cfg.n_embd, 3 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
+            init_method=spec.init(f"{prefix}.c_attn.weight", cfg.init_std))
+        self.c_proj = tp.RowParallelLinear(
+            cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
+            skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
+
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                layer: int = 0) -> torch.Tensor:
+        qkv, _ = self.c_attn(x)                                  # [s, b, 3h/tp]
+        s, b = qkv.shape[0], qkv.shape[1]
+        qkv = qkv.view(s, b, self.n_head_local, 3, self.head_dim)  # [s, b, nh/tp, 3, hd]
+        q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [b, nh/tp, s, hd]
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                    # [b, nh/tp, past+s, hd]
+        p = self.attn_dropout if self.training else 0.0
+        with tp_region():  # each TP rank holds different heads: different dropout masks
+            if kv_cache is None or k.shape[2] == s:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            else:  # decoding with a cache: query i sees keys up to past + i
+                past = k.shape[2] - s
+                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.permute(2, 0, 1, 3).reshape(s, b, self.n_head_local * self.head_dim)  # [s, b, h/tp]
+        y, bias = self.c_proj(y)                                 # [s, b, h] (or [s/tp, b, h] with SP)
+        if bias is not None:
+            y = y + _maybe_tp_copy(bias, self.sequence_parallel)
+        return _dropout(y, self.dropout, self.training, self.sequence_parallel)
+
+
+def _maybe_tp_copy(t: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Replicated parameter applied to a sequence-split tensor: sum its gradient over TP."""
+    return _tp().copy_to_tensor_model_parallel_region(t) if sequence_parallel else t
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, prefix: str) -> None:
+        super().__init__()
+        cfg, tp = spec.cfg, _tp()
+        self.dropout = cfg.dropout
+        self.sequence_parallel = spec.sequence_parallel
+        self.c_fc = tp.ColumnParallelLinear(
+            cfg.n_embd, 4 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
+            init_method=spec.init(f"{prefix}.c_fc.weight", cfg.init_std))
+        self.c_proj = tp.RowParallelLinear(
+            4 * cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
+            skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.c_fc(x)                                      # [s, b, 4h/tp]
+        y = F.gelu(y, approximate="tanh")
+        y, bias = self.c_proj(y)                                 # [s, b, h]
+        if bias is not None:
+            y = y + _maybe_tp_copy(bias, self.sequence_parallel)
+        return _dropout(y, self.dropout, self.training, self.sequence_parallel)
+
+
+class Block(nn.Module):
+    """One transformer layer; ``layer_idx`` names its parameters (h.N...) for seeding."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+        super().__init__()
+        cfg = spec.cfg
+        self.layer_idx = layer_idx
+        self.pre_ln = cfg.arch == "gpt2"
+        prefix = f"h.{layer_idx}"
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel)
+        self.attn = Attention(spec, f"{prefix}.attn")
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel)
+        self.mlp = MLP(spec, f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        if self.pre_ln:   # GPT-2
+            x = x + self.attn(self.ln_1(x), kv_cache, self.layer_idx)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, kv_cache, self.layer_idx))  # GPT-1
+        return self.ln_2(x + self.mlp(x))
+
+
+class Embedding(nn.Module):
+    """Token (vocab-parallel) + learned position embeddings, dropout; returns [s, b, h]."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        cfg, tp = spec.cfg, _tp()
+        self.sequence_parallel = spec.sequence_parallel
+        self.dropout = cfg.dropout
+        self.wte = tp.VocabParallelEmbedding(
+            spec.padded_vocab, cfg.n_embd, config=spec.megatron,
+            init_method=spec.init("wte.weight", cfg.init_std))
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)
+        spec.init("wpe.weight", cfg.init_std)(self.wpe.weight)
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        s = input_ids.shape[1]
+        pos = torch.arange(position_offset, position_offset + s, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)[None]             # [b, s, h]
+        x = x.transpose(0, 1).contiguous()                       # [s, b, h]
+        if self.sequence_parallel:
+            x = _tp().scatter_to_sequence_parallel_region(x)     # [s/tp, b, h]
+        return _dropout(x, self.dropout, self.training, self.sequence_parallel)
+
+
+class LMHead(nn.Module):
+    """Final LN (GPT-2) and the tied output layer; holds no weight of its own."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        cfg = spec.cfg
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel) if cfg.arch == "gpt2" else None
+        self.sequence_parallel = spec.sequence_parallel
+        self.vocab_size, self.padded_vocab, self.tp = cfg.vocab_size, spec.padded_vocab, spec.tp
+
+    def forward(self, x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] -> vocab-parallel logits [s, b, V/tp]; padding rows masked out."""
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        tp = _tp()
+        if self.sequence_parallel:
+            x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        else:
+            x = tp.copy_to_tensor_model_parallel_region(x)
+        logits = F.linear(x, wte)                                # [s, b, V/tp]
+        return mask_padded_vocab(logits, self.vocab_size, self.padded_vocab, self.tp)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab: int, padded: int, tp: int) -> torch.Tensor:
+    """Padding rows (added for TP) never get probability: the model is exactly a distribution
+    over the tokenizer's vocabulary, so export (which strips them) changes nothing."""
+    if padded == vocab:
+        return logits
+    from megatron.core import parallel_state as ps
+
+    per = padded // tp
+    start = ps.get_tensor_model_parallel_rank() * per if tp > 1 else 0
+    first_pad = vocab - start
+    if first_pad >= per:
+        return logits
+    mask = torch.arange(per, device=logits.device) >= max(first_pad, 0)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+            loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L1 of GPT-1: mean over tokens of -log P(u_i | u_<i); logits [s, b, V/tp], labels [b, s]."""
+    losses = _tp().vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.t().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class GPT(nn.Module):
+    """The whole decoder (pp=1). The pipeline view in ``pipeline.py`` reuses these blocks."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = Embedding(spec)
+        self.h = nn.ModuleList(Block(spec, i) for i in range(spec.cfg.n_layer))
+        self.head = LMHead(spec)
+        self.checkpoint_every = 0  # set by the trainer: recompute every k-th block
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """input_ids [b, s] -> scalar loss (with labels) or vocab-parallel logits [b, s, V/tp]."""
+        offset = kv_cache.length if kv_cache is not None else 0
+        x = self.embed(input_ids, offset)                        # [s, b, h]
+        for i, block in enumerate(self.h):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                from deepspeed.runtime.activation_checkpointing import checkpointing
+
+                x = checkpointing.checkpoint(block, x)
+            else:
+                x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        logits = self.head(x, self.embed.wte.weight)             # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1)                        # [b, s, V/tp]
+        return lm_loss(logits, labels, loss_mask)
+
+
+class KVCache:
+    """Keys and values of past positions per layer, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.k:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def count_parameters(model: nn.Module, cfg: ModelConfig, tp: int = 1) -> int:
+    """Parameters of the full model (all TP shards), counting only the real vocabulary rows."""
+    total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+    return total - (cfg.padded_vocab_size(tp) - cfg.vocab_size) * cfg.n_embd
+
+
+def analytic_parameters(cfg: ModelConfig) -> int:
+    """12h^2 + 13h per block, tied wte (real vocab), wpe, final LN for GPT-2."""
+    h = cfg.n_embd
+    per_block = 12 * h * h + 13 * h if cfg.bias else 12 * h * h + 4 * h
+    final_ln = 2 * h if cfg.arch == "gpt2" else 0
+    return cfg.vocab_size * h + cfg.n_ctx * h + cfg.n_layer * per_block + final_ln
+
+
+def build_model(cfg: ModelConfig, *, tp: int = 1, sequence_parallel: bool = False,
+                seed: int = 1234) -> GPT:
+    return GPT(ModelSpec(cfg, tp=tp, sequence_parallel=sequence_parallel, seed=seed))

@@ -1,0 +1,261 @@
+"""The one place that touches process groups: ``ParallelContext``.
+
+Rank grid (Megatron order ``tp-dp-pp``, which is also DeepSpeed's
+``PipeModelDataParallelTopology`` with axes ``[pipe, data, model]``)::
+
+    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+    e.g. tp=2, pp=2, dp=2 (8 ranks)
+                 dp=0      dp=1
+      stage 0:  [0, 1]    [2, 3]      <- each [..] is one TP group
+      stage 1:  [4, 5]    [6, 7]
+
+megatron-core's ``parallel_state`` holds the groups its parallel layers use; DeepSpeed gets
+an mpu adapter over the same groups so ZeRO partitions over the data-parallel group only,
+and the pipeline engine gets a topology with the same coordinates (checked at start-up).
+Everything else receives the context explicitly: no module reads a global.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpt_dist.config import ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def discover_launch_env() -> str:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from whichever launcher started us.
+
+    torchrun and the DeepSpeed launcher set them already; ``srun`` sets SLURM_*; ``mpirun``
+    sets OMPI_*/PMI_* (we then ask MPI through mpi4py, which DeepSpeed's discovery uses).
+    A plain ``python`` run is world size 1. Returns the launcher's name for the logs.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        return "torchrun/deepspeed"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_PORT", "29500")
+        return "srun"
+    mpi_keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+    if any(k in env for k in mpi_keys):
+        from mpi4py import MPI  # only imported under mpirun
+
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+        master = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, 0)
+        port = comm.bcast(env.get("MASTER_PORT") or (str(_free_port()) if rank == 0 else None), 0)
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        env.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local),
+                   MASTER_ADDR=env.get("MASTER_ADDR", master), MASTER_PORT=str(port))
+        return "mpirun"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return "python"
+
+
+class MegatronMPU:
+    """DeepSpeed's ``mpu`` interface over megatron-core ``parallel_state`` (pp=1 engine).
+
+    DeepSpeed asks the mpu for the "model parallel" group to reduce norms of TP-sharded
+    parameters, and for the data-parallel group to partition ZeRO state over.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_group(self) -> Any:
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self) -> Any:
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_pipe_parallel_group(self) -> Any:
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return 1
+
+
+@dataclass
+class ParallelContext:
+    """Sizes, coordinates, device and groups of this rank; built once per process."""
+
+    tp: int
+    pp: int
+    dp: int
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    sequence_parallel: bool = False
+    launcher: str = "python"
+    topology: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tp * self.pp * self.dp != self.world_size:
+            raise ValueError(
+                f"tp ({self.tp}) * pp ({self.pp}) * dp ({self.dp}) != world size ({self.world_size})"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_env(cls, pcfg: ParallelConfig, *, device: str = "auto",
+                 timeout_s: float | None = None) -> ParallelContext:
+        """Initialise torch.distributed (via DeepSpeed) and megatron-core's groups."""
+        launcher = discover_launch_env()
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device("cpu")
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("GPT_DIST_PG_TIMEOUT", 1800))
+        import deepspeed
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(
+                dist_backend="nccl" if use_cuda else "gloo",
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                rank=rank, world_size=world,
+            )
+        if world % (pcfg.tp * pcfg.pp):
+            raise ValueError(f"world size {world} is not divisible by tp*pp = {pcfg.tp * pcfg.pp}")
+        ctx = cls(tp=pcfg.tp, pp=pcfg.pp, dp=world // (pcfg.tp * pcfg.pp), world_size=world,
+                  rank=rank, local_rank=local_rank, device=dev,
+                  sequence_parallel=pcfg.sequence_parallel, launcher=launcher)
+        ctx._init_groups(timeout_s)
+        return ctx
+
+    def _init_groups(self, timeout_s: float) -> None:
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=self.tp,
+                pipeline_model_parallel_size=self.pp,
+                distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+                create_gloo_process_groups=False,
+            )
+        self.topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+        coord = self.topology.get_coord(self.rank)
+        mine = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
+                ps.get_tensor_model_parallel_rank())
+        if (coord.pipe, coord.data, coord.model) != mine:  # the two grids must agree
+            raise RuntimeError(f"rank {self.rank}: DeepSpeed topology {coord} != megatron {mine}")
+
+    # ------------------------------------------------------------------ coordinates
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def coords_of(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
+        """(pp, dp, tp) of ``rank`` in the grid above; used by --dry-run and tests."""
+        return rank // (tp * dp), (rank // tp) % dp, rank % tp
+
+    # ------------------------------------------------------------------ groups
+    @property
+    def tp_group(self) -> Any:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self) -> Any:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    @property
+    def pp_group(self) -> Any:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_group()
+
+    def mpu(self) -> MegatronMPU:
+        return MegatronMPU()
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_reduce_max(self, value: float) -> float:
+        """Max of a scalar over all ranks (flags: stop, save-now, non-finite)."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def destroy(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()

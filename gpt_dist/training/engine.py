@@ -1,0 +1,146 @@
+"""Model + optimizer + LR schedule wrapped in a DeepSpeed engine.
+
+The DeepSpeed config is generated from the run config (batch keys, precision, clipping)
+and merged with the config's ``deepspeed`` section, which is passed through untouched, so
+ZeRO stages, offload to CPU/NVMe and every other DeepSpeed option work as DeepSpeed
+documents them. Nobody hand-writes a second DeepSpeed JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpt_dist.config import Config
+from gpt_dist.model.gpt import GPT, ModelSpec
+from gpt_dist.parallel import ParallelContext
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON: generated batch/precision keys + the passed-through section."""
+    t = cfg.training
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds.update(
+        train_batch_size=t.global_batch_size,
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum_steps(world_size),
+        gradient_clipping=cfg.optimizer.grad_clip,
+        steps_per_print=ds.get("steps_per_print", 10**9),  # we log ourselves
+    )
+    ds.setdefault("wall_clock_breakdown", False)
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    ds.setdefault("zero_optimization", {"stage": 0})
+    return ds
+
+
+def lr_lambda(cfg: Config) -> Any:
+    """Linear warmup to optimizer.lr, then cosine/linear decay to min_lr (a multiplier)."""
+    warm = cfg.schedule.warmup_steps
+    total = cfg.schedule.decay_steps or cfg.training.train_steps
+    floor = cfg.optimizer.min_lr / cfg.optimizer.lr
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule.decay == "constant" or total <= warm:
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.schedule.decay == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay weight matrices and embeddings; never biases or LayerNorm gains."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    offload = cfg.deepspeed.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device") in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> GPT:
+    """Build the pp=1 model; under ZeRO-3 inside ``zero.Init`` so no rank holds it whole."""
+    import deepspeed
+
+    spec = ModelSpec(cfg.model, tp=ctx.tp, sequence_parallel=cfg.parallel.sequence_parallel,
+                     seed=cfg.training.seed)
+    init: Any = contextlib.nullcontext()
+    if cfg.zero_stage == 3:
+        init = deepspeed.zero.Init(data_parallel_group=ctx.dp_group, config_dict_or_path=ds_config,
+                                   mpu=ctx.mpu(), remote_device=None)
+    with init:
+        model = GPT(spec)
+    if cfg.parallel.activation_checkpointing == "full":
+        configure_activation_checkpointing(cfg, ctx)
+        model.checkpoint_every = cfg.parallel.checkpoint_every
+    return model
+
+
+def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> None:
+    import deepspeed
+
+    deepspeed.checkpointing.configure(
+        ctx.mpu(), partition_activations=cfg.parallel.partition_activations,
+        contiguous_checkpointing=False, checkpoint_in_cpu=False, synchronize=False, profile=False)
+
+
+@dataclass
+class Engine:
+    """What the loop needs: the DeepSpeed engine and the plain optimizer inside it."""
+
+    ds: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ds_config: dict[str, Any]
+
+    @contextlib.contextmanager
+    def skipping_update(self) -> Iterator[None]:
+        """Make this engine.step() a no-op update (non-finite loss): weights and Adam moments
+        stay as they were; DeepSpeed still zeroes the gradients and advances its counters."""
+        self.optimizer.step = lambda *a, **k: None  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del self.optimizer.step
+
+
+def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = None) -> Engine:
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, ctx.world_size)
+    if model is None:
+        model = build_model(cfg, ctx, ds_config)
+    optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds_engine, ds_opt, _, ds_sched = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        mpu=ctx.mpu() if ctx.pp == 1 else None, dist_init_required=False)
+    return Engine(ds=ds_engine, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config)

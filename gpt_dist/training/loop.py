@@ -1,0 +1,279 @@
+"""The pretraining loop: small functions, reused by fine-tuning.
+
+``pretrain(cfg)`` = build context -> data -> engine -> resume -> ``train_loop``. The loop
+itself knows nothing about parallelism beyond calling the engine; the data position is
+``consumed_samples`` and all RNG state goes into every checkpoint, so a resumed run repeats
+the uninterrupted one exactly (tests/training/test_resume.py, tests/reliability/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from gpt_dist import rng
+from gpt_dist.config import Config, arch_diff, dump_config, validate
+from gpt_dist.parallel import ParallelContext
+from gpt_dist.training import checkpoint as ckpt
+from gpt_dist.training.data import build_datasets, micro_batches, sample_ids_digest
+from gpt_dist.training.engine import Engine, build_engine
+from gpt_dist.training.metrics import RunLogger
+
+EXIT_NONFINITE = 17  # Megatron's rerun machine uses 16/17 for "stop, do not requeue"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    tokens_seen: int = 0
+    last_val_loss: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StopFlag:
+    """Set from a signal handler (SIGTERM / SIGUSR1: Slurm's preemption warning)."""
+
+    signum: int = 0
+    handlers: dict[int, Any] = field(default_factory=dict)
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+
+def _test_disabled(what: str) -> bool:
+    """Negative controls of the reliability suite switch single restores off."""
+    return what in os.environ.get("GPT_DIST_TEST_DISABLE_RESTORE", "").split(",")
+
+
+def client_state(cfg: Config, state: TrainState, fingerprint: str) -> dict[str, Any]:
+    return {"gpt_dist": {"train_state": state.to_dict(), "config": cfg.to_dict(),
+                         "tokenizer_fingerprint": fingerprint}}
+
+
+def save_checkpoint(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
+                    fingerprint: str, log: RunLogger) -> None:
+    tag_dir = ckpt.save(
+        eng.ds, ctx, cfg.run_dir, state.step, client_state(cfg, state, fingerprint),
+        extra_manifest={"train_state": state.to_dict(), "config": cfg.to_dict(),
+                        "tokenizer_fingerprint": fingerprint},
+        rng_state=rng.rng_state_dict(), keep_last=cfg.checkpoint.keep_last,
+        on_disk_full=cfg.checkpoint.on_disk_full)
+    log.write(f"checkpoint {'saved: ' + str(tag_dir) if tag_dir else 'DROPPED (disk full)'} "
+              f"at step {state.step}")
+
+
+def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
+           log: RunLogger) -> TrainState:
+    """Load the newest committed checkpoint of the run, verified first; or start fresh."""
+    if cfg.checkpoint.load == "none":
+        return state
+    found = ckpt.find_resumable(cfg.run_dir, cfg.checkpoint.on_corrupt)
+    if found is None:
+        return state
+    for reason in found.skipped:
+        log.write(f"skipped checkpoint: {reason}")
+    diff = arch_diff(found.manifest.get("config", {}).get("model", {}), cfg.model)
+    if diff:
+        raise ckpt.CheckpointError(f"{found.path}: incompatible model config: " + "; ".join(diff))
+    saved = found.manifest.get("layout", {})
+    if saved.get("tp") != ctx.tp or saved.get("pp") != ctx.pp or (saved.get("dp") != ctx.dp and cfg.zero_stage > 0):
+        raise ckpt.CheckpointError(
+            f"{found.path}: written with tp={saved.get('tp')} pp={saved.get('pp')} dp={saved.get('dp')}, "
+            f"this run is tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}; export it and start with "
+            "checkpoint.init_from (see README, 'Changing the parallel layout')")
+    load_optim = not _test_disabled("optim")
+    eng.ds.load_checkpoint(str(found.path.parent), tag=found.tag, load_module_strict=True,
+                           load_optimizer_states=load_optim, load_lr_scheduler_states=load_optim)
+    restored = TrainState(**found.manifest["train_state"])
+    if _test_disabled("data"):
+        restored.consumed_samples = 0
+    if not _test_disabled("rng"):
+        saved_rng = ckpt.load_rng(found.path, ctx.rank)
+        if saved_rng is not None:
+            rng.load_rng_state_dict(saved_rng)
+    log.write(f"resumed from {found.path} (step {restored.step}, "
+              f"{restored.consumed_samples} samples consumed)")
+    return restored
+
+
+def evaluate(cfg: Config, ctx: ParallelContext, eng: Engine, dataset: Any) -> float:
+    """Mean validation loss over eval_steps global batches (the same batches every time)."""
+    eng.ds.eval()
+    losses = []
+    accum = cfg.grad_accum_steps(ctx.world_size)
+    with torch.no_grad():
+        for i in range(cfg.training.eval_steps):
+            start = i * cfg.training.global_batch_size
+            for batch in micro_batches(dataset, ctx, cfg, start, accum):
+                losses.append(eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
+    eng.ds.train()
+    mean = torch.stack(losses).mean().reshape(1)
+    if dist.is_initialized() and ctx.dp > 1:
+        dist.all_reduce(mean, group=ctx.dp_group)
+        mean /= ctx.dp
+    return float(mean.item())
+
+
+def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
+               batches: Iterator[dict[str, torch.Tensor]],
+               inject: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[float, bool]:
+    """One optimizer step over the micro-batches; returns (global mean loss, skipped)."""
+    total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    finite = True
+    batches = list(batches)
+    for i, batch in enumerate(batches):
+        loss = eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"])
+        if inject is not None:
+            loss = inject(loss)
+        finite = finite and bool(torch.isfinite(loss).item())
+        eng.ds.backward(loss)
+        total += loss.detach().double()
+        if i == len(batches) - 1:
+            # Every rank must agree before the update: a non-finite loss anywhere skips it
+            # everywhere (a skip on one rank only would desynchronise the replicas).
+            all_finite = ctx.all_reduce_max(0.0 if finite else 1.0) == 0.0
+            if all_finite or cfg.training.precision == "fp16":  # fp16: DeepSpeed's scaler skips
+                eng.ds.step()
+            else:
+                with eng.skipping_update():
+                    eng.ds.step()
+        else:
+            eng.ds.step()
+    loss_mean = total / len(batches)
+    if dist.is_initialized() and ctx.dp > 1:
+        dist.all_reduce(loss_mean, group=ctx.dp_group)
+        loss_mean /= ctx.dp
+    return float(loss_mean.item()), not all_finite
+
+
+def _loss_injector(step: int, ctx: ParallelContext) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """Fault injection for the reliability suite: GPT_DIST_TEST_INF_STEPS=8,9 RANK=1."""
+    steps = os.environ.get("GPT_DIST_TEST_INF_STEPS")
+    if not steps or step not in {int(s) for s in steps.split(",")}:
+        return None
+    if str(ctx.rank) != os.environ.get("GPT_DIST_TEST_INF_RANK", str(ctx.rank)):
+        return None
+    return lambda loss: loss * float("inf")
+
+
+def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, state: TrainState,
+               fingerprint: str, log: RunLogger, stop: StopFlag) -> TrainState:
+    t = cfg.training
+    accum = cfg.grad_accum_steps(ctx.world_size)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    while state.step < t.train_steps:
+        if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
+            log.write(f"signal received: saving at step {state.step} and exiting")
+            save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
+            return state
+        _maybe_kill(state.step + 1, ctx)
+        digest = sample_ids_digest(ctx, cfg, state.consumed_samples, accum)
+        batches = micro_batches(datasets.train, ctx, cfg, state.consumed_samples, accum)
+        loss, skipped = train_step(cfg, ctx, eng, batches, _loss_injector(state.step + 1, ctx))
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        state.tokens_seen += tokens_per_step
+        state.skipped_steps += int(skipped)
+        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+        gnorm = eng.ds.get_global_grad_norm()
+        scale = eng.ds.optimizer.cur_scale if hasattr(eng.ds.optimizer, "cur_scale") else 1.0
+        record = {"step": state.step, "loss": loss, "lr": eng.optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
+                  "loss_scale": float(scale), "skipped": state.skipped_steps,
+                  "consumed_samples": state.consumed_samples, "samples_sha": digest}
+        log.step(record, tokens_per_step)
+        if skipped:
+            log.write(f"step {state.step}: non-finite loss on some rank; update skipped "
+                      f"({state.consecutive_skips} in a row)")
+            if state.consecutive_skips >= t.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"step {state.step}: {state.consecutive_skips} consecutive non-finite steps "
+                    f"(training.max_consecutive_skips={t.max_consecutive_skips}); stopping")
+        if state.step % t.eval_interval == 0 or state.step == t.train_steps:
+            state.last_val_loss = evaluate(cfg, ctx, eng, datasets.valid)
+            log.eval(state.step, state.last_val_loss)
+        if state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
+            save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
+    return state
+
+
+def _maybe_kill(step: int, ctx: ParallelContext) -> None:
+    """Fault injection: GPT_DIST_TEST_KILL_AT=STEP[:RANK] SIGKILLs that rank (first attempt)."""
+    spec = os.environ.get("GPT_DIST_TEST_KILL_AT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at, _, rank = spec.partition(":")
+    if int(at) == step and (not rank or int(rank) == ctx.rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
+    """(vocab size, end-of-document id, fingerprint) of the run's tokenizer."""
+    from gpt_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    return tok.vocab_size, tok.eod_id, tok.fingerprint
+
+
+def pretrain(cfg: Config, ctx: Optional[ParallelContext] = None) -> TrainState:
+    """Everything ``launch/pretrain.py`` does after parsing: returns the final train state."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    stop = StopFlag()
+    stop.install()
+    if t_det := cfg.training.deterministic:
+        torch.use_deterministic_algorithms(t_det)
+    ctx = ctx or ParallelContext.from_env(cfg.parallel, device=cfg.training.device)
+    rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
+    vocab, eod, fingerprint = load_tokenizer_info(cfg)
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
+    log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main)
+    if ctx.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, cfg.run_dir / "config.json")
+    datasets = build_datasets(cfg, ctx, vocab, eod)
+    eng = build_engine(cfg, ctx)
+    if cfg.checkpoint.init_from:
+        from gpt_dist.export import load_into_engine  # checkpoints that travel (issue 6)
+
+        load_into_engine(cfg.checkpoint.init_from, eng, cfg, ctx)
+    state = resume(cfg, ctx, eng, TrainState(), log)
+    log.start_step = state.step
+    if log._bar is not None:
+        log._bar.n = state.step
+    try:
+        state = train_loop(cfg, ctx, eng, datasets, state, fingerprint, log, stop)
+    except NonFiniteLossError as exc:
+        log.write(f"error: {exc}")
+        log.close()
+        sys.exit(EXIT_NONFINITE)
+    finally:
+        stop.restore()
+    log.close()
+    return state
