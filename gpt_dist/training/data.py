@@ -31,9 +31,8 @@ class _MegatronTokenizerView:
         self.vocab_size = vocab_size
         self.eod = eod
         self.pad = -1  # no padding token: every label is a real token
-
-    def __getattr__(self, name: str) -> Any:  # pragma: no cover - megatron probes optional ones
-        raise AttributeError(name)
+        # megatron-core serialises the config (tokenizer included) into its cache key
+        self.unique_identifiers = {"class": "gpt_dist", "vocab_size": vocab_size, "eod": eod}
 
 
 def resolve_prefixes(prefixes: list[str]) -> list[str]:
@@ -73,6 +72,27 @@ def _sidecar_key(prefixes: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _checked_split(split: str, prefixes: list[str]) -> str:
+    """The split megatron-core gets: train and valid must hold documents in every shard
+    (megatron-core loops forever on an empty split that is asked for samples); an empty
+    test split (tiny corpora) is dropped."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = [float(x) for x in split.split(",")]
+    total = sum(parts)
+    bounds = [sum(parts[:i]) / total for i in range(4)]
+    for prefix in prefixes:
+        n = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
+        docs = [round(bounds[i + 1] * n) - round(bounds[i] * n) for i in range(3)]
+        for i, name in enumerate(("train", "valid")):
+            if parts[i] > 0 and docs[i] == 0 or (i == 0 and parts[i] == 0):
+                raise ValueError(f"data.split: the {name} split of {prefix} ({n} documents) is "
+                                 f"empty with split {split!r}; give it a larger share")
+        if parts[2] > 0 and docs[2] == 0:
+            parts[2] = 0.0
+    return ",".join(f"{x:g}" for x in parts)
+
+
 @dataclass
 class Datasets:
     train: Any
@@ -96,10 +116,11 @@ def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: i
         for prefix, w in zip(d.prefixes, d.weights):
             n = len(resolve_prefixes([prefix]))
             weights += [w / n] * n
+    split = _checked_split(d.split, prefixes)
     eval_samples = (t.train_steps // t.eval_interval + 1) * t.eval_steps * t.global_batch_size
     sizes = [t.train_steps * t.global_batch_size, eval_samples, 0]
     ds_cfg = GPTDatasetConfig(
-        random_seed=t.seed, sequence_length=d.seq_len, blend=(prefixes, weights), split=d.split,
+        random_seed=t.seed, sequence_length=d.seq_len, blend=(prefixes, weights), split=split,
         path_to_cache=str(cache), tokenizer=_MegatronTokenizerView(vocab_size, eod_id),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, mmap_bin_files=True,
