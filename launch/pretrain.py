@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from gpt_dist.config import ConfigError, load_config
+from gpt_dist.training.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pretrain: config error: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        # Bad input (missing shards, a corrupt checkpoint, a corrupt shard): one line, exit 1.
+        print(f"pretrain: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
