@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,24 +111,48 @@ def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> Non
         contiguous_checkpointing=False, checkpoint_in_cpu=False, synchronize=False, profile=False)
 
 
+class NonFiniteGuard:
+    """Skip the optimizer update on every rank when any rank has a non-finite gradient.
+
+    DeepSpeed skips steps only under fp16 (its loss scaler). For fp32/bf16 the guard wraps the
+    *inner* optimizer's ``step``, which DeepSpeed calls on every rank with the final (reduced,
+    ZeRO-partitioned) gradients attached, under both the plain and the pipeline engine. A
+    flag is all-reduced over all ranks first, so a NaN on one rank skips the update on all
+    (a skip on one rank only would desynchronise the replicas). A skipped update leaves the
+    weights and Adam moments untouched; DeepSpeed still zeroes the gradients and counts the
+    step (README, "Non-finite loss").
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.optimizer, self.device = optimizer, device
+        self.skipped = False
+        self._step = optimizer.step
+        optimizer.step = self._guarded  # type: ignore[method-assign]
+
+    def _guarded(self, *args: Any, **kwargs: Any) -> Any:
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1, device=self.device)
+        if grads:
+            bad = (~torch.stack([g.isfinite().all() for g in grads]).all()).float().reshape(1).to(self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            self.skipped = True
+            return None
+        return self._step(*args, **kwargs)
+
+
 @dataclass
 class Engine:
-    """What the loop needs: the DeepSpeed engine and the plain optimizer inside it."""
+    """What the loop needs: the DeepSpeed engine, the plain optimizer inside it, the guard."""
 
     ds: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ds_config: dict[str, Any]
-
-    @contextlib.contextmanager
-    def skipping_update(self) -> Iterator[None]:
-        """Make this engine.step() a no-op update (non-finite loss): weights and Adam moments
-        stay as they were; DeepSpeed still zeroes the gradients and advances its counters."""
-        self.optimizer.step = lambda *a, **k: None  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            del self.optimizer.step
+    guard: NonFiniteGuard
 
 
 def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = None) -> Engine:
@@ -140,7 +163,9 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
         model = build_model(cfg, ctx, ds_config)
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    guard = NonFiniteGuard(optimizer, ctx.device)  # after LambdaLR, which re-wraps .step
     ds_engine, ds_opt, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=ctx.mpu() if ctx.pp == 1 else None, dist_init_required=False)
-    return Engine(ds=ds_engine, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config)
+    return Engine(ds=ds_engine, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config,
+                  guard=guard)

@@ -142,33 +142,30 @@ def evaluate(cfg: Config, ctx: ParallelContext, eng: Engine, dataset: Any) -> fl
 def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
                batches: Iterator[dict[str, torch.Tensor]],
                inject: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[float, bool]:
-    """One optimizer step over the micro-batches; returns (global mean loss, skipped)."""
+    """One optimizer step over the micro-batches; returns (global mean loss, skipped).
+
+    ``eng.ds.step()`` after each micro-batch is DeepSpeed's contract: it applies the update at
+    the accumulation boundary only. A non-finite gradient anywhere makes the update a no-op on
+    every rank (``NonFiniteGuard``); with fp16 DeepSpeed's loss scaler skips it instead.
+    """
     total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
-    finite = True
-    batches = list(batches)
-    for i, batch in enumerate(batches):
+    eng.guard.skipped = False
+    skips_before = getattr(eng.ds, "skipped_steps", 0)
+    n = 0
+    for batch in batches:
         loss = eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"])
         if inject is not None:
             loss = inject(loss)
-        finite = finite and bool(torch.isfinite(loss).item())
         eng.ds.backward(loss)
+        eng.ds.step()
         total += loss.detach().double()
-        if i == len(batches) - 1:
-            # Every rank must agree before the update: a non-finite loss anywhere skips it
-            # everywhere (a skip on one rank only would desynchronise the replicas).
-            all_finite = ctx.all_reduce_max(0.0 if finite else 1.0) == 0.0
-            if all_finite or cfg.training.precision == "fp16":  # fp16: DeepSpeed's scaler skips
-                eng.ds.step()
-            else:
-                with eng.skipping_update():
-                    eng.ds.step()
-        else:
-            eng.ds.step()
-    loss_mean = total / len(batches)
+        n += 1
+    loss_mean = total / n
     if dist.is_initialized() and ctx.dp > 1:
         dist.all_reduce(loss_mean, group=ctx.dp_group)
         loss_mean /= ctx.dp
-    return float(loss_mean.item()), not all_finite
+    skipped = eng.guard.skipped or getattr(eng.ds, "skipped_steps", 0) > skips_before
+    return float(loss_mean.item()), skipped
 
 
 def _loss_injector(step: int, ctx: ParallelContext) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
