@@ -149,17 +149,28 @@ class Engine:
     """What the loop needs: the DeepSpeed engine, the plain optimizer inside it, the guard."""
 
     ds: Any
+    """deepspeed.DeepSpeedEngine, or its PipelineEngine when pp > 1"""
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ds_config: dict[str, Any]
     guard: NonFiniteGuard
+
+    @property
+    def is_pipeline(self) -> bool:
+        return hasattr(self.ds, "train_batch")
 
 
 def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = None) -> Engine:
     import deepspeed
 
     ds_config = deepspeed_config(cfg, ctx.world_size)
-    if model is None:
+    if model is None and ctx.pp > 1:
+        from gpt_dist.pipeline import build_pipeline_module
+
+        if cfg.parallel.activation_checkpointing == "full":
+            configure_activation_checkpointing(cfg, ctx)
+        model = build_pipeline_module(cfg, ctx)
+    elif model is None:
         model = build_model(cfg, ctx, ds_config)
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

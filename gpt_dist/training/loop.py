@@ -128,12 +128,15 @@ def evaluate(cfg: Config, ctx: ParallelContext, eng: Engine, dataset: Any) -> fl
     accum = cfg.grad_accum_steps(ctx.world_size)
     with torch.no_grad():
         for i in range(cfg.training.eval_steps):
-            start = i * cfg.training.global_batch_size
-            for batch in micro_batches(dataset, ctx, cfg, start, accum):
+            batches = micro_batches(dataset, ctx, cfg, i * cfg.training.global_batch_size, accum)
+            if eng.is_pipeline:  # eval_batch averages over micro-batches and dp itself
+                losses.append(eng.ds.eval_batch(data_iter=_pipe_iter(batches)).float().reshape(()))
+                continue
+            for batch in batches:
                 losses.append(eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
     eng.ds.train()
     mean = torch.stack(losses).mean().reshape(1)
-    if dist.is_initialized() and ctx.dp > 1:
+    if dist.is_initialized() and ctx.dp > 1 and not eng.is_pipeline:
         dist.all_reduce(mean, group=ctx.dp_group)
         mean /= ctx.dp
     return float(mean.item())
@@ -148,9 +151,14 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
     the accumulation boundary only. A non-finite gradient anywhere makes the update a no-op on
     every rank (``NonFiniteGuard``); with fp16 DeepSpeed's loss scaler skips it instead.
     """
-    total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     eng.guard.skipped = False
     skips_before = getattr(eng.ds, "skipped_steps", 0)
+    if eng.is_pipeline:  # DeepSpeed runs the 1F1B schedule over the micro-batches itself
+        if inject is not None:
+            raise NotImplementedError("loss injection is not supported under the pipeline engine")
+        loss = eng.ds.train_batch(data_iter=_pipe_iter(batches))
+        return float(loss.item()), eng.guard.skipped or eng.ds.skipped_steps > skips_before
+    total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     n = 0
     for batch in batches:
         loss = eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"])
@@ -166,6 +174,12 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
         loss_mean /= ctx.dp
     skipped = eng.guard.skipped or getattr(eng.ds, "skipped_steps", 0) > skips_before
     return float(loss_mean.item()), skipped
+
+
+def _pipe_iter(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Any]:
+    """Micro-batches in the pipeline engine's (inputs, labels) form."""
+    for b in batches:
+        yield b["tokens"], (b["labels"], b["loss_mask"])
 
 
 def _loss_injector(step: int, ctx: ParallelContext) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
