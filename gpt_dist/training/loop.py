@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_dist import rng
-from gpt_dist.config import Config, arch_diff, dump_config, validate
+from gpt_dist.config import Config, arch_diff, bubble_fraction, dump_config, validate
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
 from gpt_dist.training.data import build_datasets, micro_batches, sample_ids_digest
@@ -265,6 +265,10 @@ def pretrain(cfg: Config, ctx: Optional[ParallelContext] = None) -> TrainState:
     if vocab > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
     log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main)
+    if ctx.pp > 1:
+        bubble = bubble_fraction(cfg, ctx.world_size)
+        log.write(f"warning: pipeline bubble {bubble:.1%} of each step (pp={ctx.pp}, "
+                  f"{cfg.grad_accum_steps(ctx.world_size)} micro-batches); more micro-batches shrink it")
     if ctx.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, cfg.run_dir / "config.json")
