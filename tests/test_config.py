@@ -19,3 +19,34 @@ def test_config_validates(path):
     cfg = load_config(path)
     world = 2 if "tiny" in os.path.basename(path) else 8
     validate(cfg, world, check_paths=False)
+
+
+import json
+
+from gpt_dist.config import ConfigError
+
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.json")
+
+
+def _bad(tmp_path, edit, world=2):
+    raw = json.load(open(TINY))
+    edit(raw)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as ei:
+        validate(load_config(str(p)), world, check_paths=False)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key(tmp_path):
+    assert "bogus" in _bad(tmp_path, lambda r: r["model"].update(bogus=1))
+
+
+def test_seq_len_gt_n_ctx(tmp_path):
+    assert "seq_len" in _bad(tmp_path, lambda r: r["data"].update(seq_len=256))
+
+
+def test_n_head_tp(tmp_path):
+    assert "n_head" in _bad(tmp_path, lambda r: (r["model"].update(n_head=3, n_embd=63), r["parallel"].update(tp=2)))
