@@ -50,3 +50,20 @@ def test_seq_len_gt_n_ctx(tmp_path):
 
 def test_n_head_tp(tmp_path):
     assert "n_head" in _bad(tmp_path, lambda r: (r["model"].update(n_head=3, n_embd=63), r["parallel"].update(tp=2)))
+
+
+def test_global_batch_not_multiple(tmp_path):
+    assert "global_batch_size" in _bad(tmp_path, lambda r: r["training"].update(global_batch_size=12))
+
+
+def test_train_batch_size_given(tmp_path):
+    assert "train_batch_size" in _bad(tmp_path, lambda r: r["deepspeed"].update(train_batch_size=8))
+
+
+def test_n_layer_pp(tmp_path):
+    assert "n_layer" in _bad(tmp_path, lambda r: (r["model"].update(n_layer=3), r["parallel"].update(pp=2),
+                                                  r["training"].update(global_batch_size=4)))
+
+
+def test_wrong_type(tmp_path):
+    assert "n_layer" in _bad(tmp_path, lambda r: r["model"].update(n_layer="two"))
