@@ -67,3 +67,17 @@ def test_n_layer_pp(tmp_path):
 
 def test_wrong_type(tmp_path):
     assert "n_layer" in _bad(tmp_path, lambda r: r["model"].update(n_layer="two"))
+
+
+def test_launcher_bad_config_exits_2(tmp_path):
+    import subprocess
+    import sys
+    raw = json.load(open(TINY))
+    raw["model"]["bogus"] = 1
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(raw))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", str(p)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip()]
+    assert len(lines) == 1, lines
