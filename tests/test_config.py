@@ -81,3 +81,8 @@ def test_launcher_bad_config_exits_2(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip()]
     assert len(lines) == 1, lines
+
+
+def test_gpt2_124m_analytic_parameters():
+    from gpt_dist.model.gpt import analytic_parameters
+    assert analytic_parameters(load_config(os.path.join(ROOT, "configs", "gpt2_124m.json")).model) == 124_439_808
