@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from gpt_dist.config import Config
-from gpt_dist.model.gpt import Block, Embedding, LayerNorm, ModelSpec, lm_loss, mask_padded_vocab
+from gpt_dist.model.gpt import (Block, Embedding, LayerNorm, ModelSpec, lm_loss, mask_padded_vocab,
+                                seq_gather)
 from gpt_dist.parallel import ParallelContext
 
 
@@ -64,7 +65,7 @@ def _tied_logits(embed: Embedding, x: torch.Tensor) -> torch.Tensor:
     from megatron.core import tensor_parallel as tp
 
     if embed.sequence_parallel:
-        x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        x = seq_gather(x, reduce_grad=True)
     else:
         x = tp.copy_to_tensor_model_parallel_region(x)
     logits = torch.nn.functional.linear(x, embed.wte.weight)

@@ -44,6 +44,89 @@ def _tp() -> Any:
     return tensor_parallel
 
 
+# ---------------------------------------------------------------- sequence-parallel regions
+# megatron-core's sequence mappings allocate on ``torch.cuda.current_device()``; these are the
+# same operations on any device (gloo on CPU, NCCL on GPU), along dim 0 = the sequence.
+
+
+def _tp_group_size() -> tuple[Any, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_rank())
+
+
+def _all_gather_seq(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    group, n, _ = _tp_group_size()
+    x = x.contiguous()
+    if x.is_cuda:
+        out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=0)
+
+
+def _slice_seq(x: torch.Tensor) -> torch.Tensor:
+    _, n, r = _tp_group_size()
+    step = x.shape[0] // n
+    return x[r * step:(r + 1) * step].contiguous()
+
+
+def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    group, n, _ = _tp_group_size()
+    x = x.contiguous()
+    if x.is_cuda:
+        out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x, group=group)
+        return out
+    x = x.clone()
+    dist.all_reduce(x, group=group)  # gloo has no reduce-scatter
+    return _slice_seq(x)
+
+
+class _SeqGather(torch.autograd.Function):
+    """All-gather along the sequence. Backward: this rank's slice of the gradient, summed over
+    TP first when every rank holds a partial gradient (``reduce_grad``, Megatron's
+    ``tensor_parallel_output_grad``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, reduce_grad: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.reduce_grad = reduce_grad
+        return _all_gather_seq(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return (_reduce_scatter_seq(g) if ctx.reduce_grad else _slice_seq(g)), None
+
+
+class _SeqSplit(torch.autograd.Function):
+    """Keep this rank's sequence slice of a TP-replicated tensor; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _slice_seq(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _all_gather_seq(g)
+
+
+def seq_gather(x: torch.Tensor, reduce_grad: bool = True) -> torch.Tensor:
+    """[s/tp, b, h] -> [s, b, h] over the TP group."""
+    return _SeqGather.apply(x, reduce_grad)
+
+
+def seq_split(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, h] (identical on the TP ranks) -> this rank's [s/tp, b, h]."""
+    return _SeqSplit.apply(x)
+
+
 @dataclass
 class ModelSpec:
     """What the layers need besides ModelConfig: parallel sizes and the init seed."""
@@ -62,12 +145,19 @@ class ModelSpec:
         # weights independent of the layout.
         self.megatron = ModelParallelConfig(
             tensor_model_parallel_size=self.tp,
-            sequence_parallel=self.sequence_parallel,
+            sequence_parallel=self.native_sp,
             use_cpu_initialization=True,
             perform_initialization=True,
             params_dtype=torch.float32,
             gradient_accumulation_fusion=False,
         )
+
+    @property
+    def native_sp(self) -> bool:
+        """Sequence parallelism inside megatron-core's linears (CUDA only: they allocate their
+        all-gather buffers with ``torch.cuda.current_device()``). Without CUDA the blocks do the
+        same split around the linears themselves (``seq_gather`` / ``seq_split``)."""
+        return self.sequence_parallel and torch.cuda.is_available()
 
     @property
     def padded_vocab(self) -> int:
@@ -125,6 +215,7 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.dropout = cfg.dropout
         self.sequence_parallel = spec.sequence_parallel
+        self.manual_sp = spec.sequence_parallel and not spec.native_sp
         self.c_attn = tp.ColumnParallelLinear(
             cfg.n_embd, 3 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
             init_method=spec.init(f"{prefix}.c_attn.weight", cfg.init_std))
@@ -134,6 +225,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 layer: int = 0) -> torch.Tensor:
+        if self.manual_sp:  # the linear all-reduces its input gradient: take our slice back
+            x = seq_gather(x, reduce_grad=False)
         qkv, _ = self.c_attn(x)                                  # [s, b, 3h/tp]
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.n_head_local, 3, self.head_dim)  # [s, b, nh/tp, 3, hd]
@@ -150,6 +243,8 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.permute(2, 0, 1, 3).reshape(s, b, self.n_head_local * self.head_dim)  # [s, b, h/tp]
         y, bias = self.c_proj(y)                                 # [s, b, h] (or [s/tp, b, h] with SP)
+        if self.manual_sp:  # all-reduced [s, b, h] -> [s/tp, b, h]: a reduce-scatter
+            y = seq_split(y)
         if bias is not None:
             y = y + _maybe_tp_copy(bias, self.sequence_parallel)
         return _dropout(y, self.dropout, self.training, self.sequence_parallel)
@@ -166,6 +261,7 @@ class MLP(nn.Module):
         cfg, tp = spec.cfg, _tp()
         self.dropout = cfg.dropout
         self.sequence_parallel = spec.sequence_parallel
+        self.manual_sp = spec.sequence_parallel and not spec.native_sp
         self.c_fc = tp.ColumnParallelLinear(
             cfg.n_embd, 4 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
             init_method=spec.init(f"{prefix}.c_fc.weight", cfg.init_std))
@@ -174,9 +270,13 @@ class MLP(nn.Module):
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.manual_sp:
+            x = seq_gather(x, reduce_grad=False)
         y, _ = self.c_fc(x)                                      # [s, b, 4h/tp]
         y = F.gelu(y, approximate="tanh")
         y, bias = self.c_proj(y)                                 # [s, b, h]
+        if self.manual_sp:
+            y = seq_split(y)
         if bias is not None:
             y = y + _maybe_tp_copy(bias, self.sequence_parallel)
         return _dropout(y, self.dropout, self.training, self.sequence_parallel)
@@ -224,7 +324,7 @@ class Embedding(nn.Module):
         x = self.wte(input_ids) + self.wpe(pos)[None]             # [b, s, h]
         x = x.transpose(0, 1).contiguous()                       # [s, b, h]
         if self.sequence_parallel:
-            x = _tp().scatter_to_sequence_parallel_region(x)     # [s/tp, b, h]
+            x = seq_split(x)                                     # [s/tp, b, h]
         return _dropout(x, self.dropout, self.training, self.sequence_parallel)
 
 
@@ -242,11 +342,10 @@ class LMHead(nn.Module):
         """[s, b, h] -> vocab-parallel logits [s, b, V/tp]; padding rows masked out."""
         if self.ln_f is not None:
             x = self.ln_f(x)
-        tp = _tp()
-        if self.sequence_parallel:
-            x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        if self.sequence_parallel:  # each rank's vocab shard gives a partial gradient of x
+            x = seq_gather(x, reduce_grad=True)
         else:
-            x = tp.copy_to_tensor_model_parallel_region(x)
+            x = _tp().copy_to_tensor_model_parallel_region(x)
         logits = F.linear(x, wte)                                # [s, b, V/tp]
         return mask_padded_vocab(logits, self.vocab_size, self.padded_vocab, self.tp)
 
