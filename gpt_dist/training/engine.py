@@ -104,10 +104,20 @@ def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) ->
 
 
 def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> None:
+    """DeepSpeed's checkpointing API with our mpu; the RNG tracker (gpt_dist.rng) is the one it
+    saves and restores around the recomputation, so dropout masks are identical.
+
+    ``partition_activations`` splits each saved block input over the TP ranks and all-gathers
+    it before recomputing; that assumes the input is the same on every TP rank. Under sequence
+    parallelism it is not (each rank holds its own sequence slice, already 1/tp of the whole),
+    and partitioning would rebuild a mix of the ranks' slices: wrong gradients. So sequence
+    parallelism switches it off (Megatron refuses the same combination).
+    """
     import deepspeed
 
+    partition = cfg.parallel.partition_activations and not cfg.parallel.sequence_parallel
     deepspeed.checkpointing.configure(
-        ctx.mpu(), partition_activations=cfg.parallel.partition_activations,
+        ctx.mpu(), partition_activations=partition,
         contiguous_checkpointing=False, checkpoint_in_cpu=False, synchronize=False, profile=False)
 
 
