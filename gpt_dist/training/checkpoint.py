@@ -15,6 +15,31 @@ directory, no file the manifest does not list) *before* DeepSpeed opens any file
 back to the previous committed checkpoint if asked to. Directories without a manifest are
 crash leftovers: never loaded, never counted by retention, removed by the next good save.
 
+Signed manifests (RELIABILITY.md T14(c)). A manifest whose hashes verify proves only that
+the files match *some* manifest; DeepSpeed then unpickles them with ``weights_only=False``.
+So the saver signs ``manifest.json`` with HMAC-SHA256 under a per-run key,
+``RUN_DIR/checkpoints/.manifest_key`` (32 random bytes, hex, mode 0600, created by rank 0 on
+the run's first save, never overwritten). ``verify`` refuses a manifest that is unsigned or
+whose signature does not match the key, before any checkpoint file is opened, unless the
+environment sets ``GPT_DIST_TRUST_CHECKPOINT=1`` (hashes and sizes are still checked then).
+A checkpoint copied into another run directory therefore needs that run's key copied with
+it (or the override): checkpoints from elsewhere are not trusted by default. A key file that
+is a symlink or writable by group/others is refused.
+
+Disk full (T5). A rank whose write fails (``OSError`` such as ENOSPC, or torch's
+"unexpected pos" ``RuntimeError``) records the error and lets DeepSpeed reach its own
+barrier; the ranks then all-reduce a status (0 ok, 1 disk full, 2 other error), delete the
+partial directory and decide together: ``checkpoint.on_disk_full=fail`` (default) raises
+``CheckpointSaveError`` naming the path on every rank (the run exits non-zero, ``latest``
+unchanged); ``continue`` drops this save on every rank and training goes on.
+
+Fault injection for tests/reliability (only when ``TORCHELASTIC_RESTART_COUNT`` equals the
+attempt, default 0): ``GPT_DIST_TEST_CRASH_IN_SAVE=STEP:RANK:PHASE[:ATTEMPT]`` SIGKILLs that
+rank while saving step STEP; PHASE is ``mid_shard`` (half of its first file written),
+``before_commit`` (all shards written and hashed, no manifest) or ``retention`` (rank 0,
+while deleting an old checkpoint). ``GPT_DIST_TEST_ENOSPC_AT=STEP:RANK`` makes that rank's
+writes at STEP fail with ENOSPC after writing some bytes.
+
 Layout::
 
     RUN_DIR/checkpoints/latest                 "global_step200"
@@ -27,10 +52,15 @@ Layout::
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
+import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +73,8 @@ from gpt_dist.utils import atomic_write_text, sha256_file
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
+KEY_FILE = ".manifest_key"
+TRUST_ENV = "GPT_DIST_TRUST_CHECKPOINT"
 FORMAT_VERSION = 1
 
 
@@ -56,6 +88,10 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointSaveError(CheckpointError):
     pass
+
+
+class CheckpointUntrustedError(CheckpointCorruptError):
+    """The manifest is not signed with this run's key (not written by our saver)."""
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -83,15 +119,132 @@ def safe_tag_dir(root: Path, tag: str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- manifest signing
+
+
+def _key_path(root: Path) -> Path:
+    return Path(root) / KEY_FILE
+
+
+def manifest_key(root: Path, create: bool = False) -> Optional[bytes]:
+    """The run's HMAC key; created (0600, O_EXCL) when ``create`` and absent."""
+    path = _key_path(root)
+    if create and not os.path.lexists(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+    if not os.path.lexists(path):
+        return None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise CheckpointUntrustedError(f"{path}: manifest key is not a regular file")
+    if st.st_mode & 0o022:
+        raise CheckpointUntrustedError(f"{path}: manifest key is writable by group/others "
+                                       f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
+    key = path.read_text().strip()
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise CheckpointUntrustedError(f"{path}: malformed manifest key")
+    return bytes.fromhex(key)
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_manifest(manifest: dict[str, Any], key: bytes) -> dict[str, Any]:
+    out = dict(manifest)
+    out["signature"] = {"alg": "hmac-sha256",
+                        "value": hmac.new(key, _canonical(manifest), hashlib.sha256).hexdigest()}
+    return out
+
+
+def _check_signature(mpath: Path, manifest: dict[str, Any]) -> None:
+    if os.environ.get(TRUST_ENV) == "1":
+        return
+    root = mpath.parent.parent
+    sig = manifest.get("signature")
+    if not isinstance(sig, dict) or sig.get("alg") != "hmac-sha256" or not isinstance(sig.get("value"), str):
+        raise CheckpointUntrustedError(
+            f"{mpath}: manifest is not signed by gpt_dist's saver; refusing to load it "
+            f"(set {TRUST_ENV}=1 to trust a checkpoint from elsewhere)")
+    key = manifest_key(root)
+    if key is None:
+        raise CheckpointUntrustedError(
+            f"{mpath}: no manifest key {_key_path(root)} to check its signature against; "
+            f"copy the writing run's key there or set {TRUST_ENV}=1")
+    want = hmac.new(key, _canonical(manifest), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(want, sig["value"]):
+        raise CheckpointUntrustedError(
+            f"{mpath}: manifest signature does not match {_key_path(root)} (altered, or written "
+            f"by another run); set {TRUST_ENV}=1 to trust it")
+
+
+# --------------------------------------------------------------------------- test hooks
+
+
+def _hook(name: str, step: int, rank: int) -> Optional[list[str]]:
+    """``STEP:RANK[:...]`` specs (comma-separated) of a fault-injection variable that match."""
+    spec = os.environ.get(name)
+    if not spec:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    for item in spec.split(","):
+        parts = item.split(":")
+        if int(parts[0]) != step or int(parts[1]) != rank:
+            continue
+        if name == "GPT_DIST_TEST_CRASH_IN_SAVE" and (parts[3] if len(parts) > 3 else "0") != attempt:
+            continue
+        return parts
+    return None
+
+
+def _crash_hook(step: int, rank: int, phase: str, partial: Optional[Path] = None, data: bytes = b"") -> None:
+    parts = _hook("GPT_DIST_TEST_CRASH_IN_SAVE", step, rank)
+    if parts and parts[2] == phase:
+        if partial is not None:
+            with open(partial, "wb") as fh:
+                fh.write(data[: max(1, len(data) // 2)])
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- save
 
 
-def _all_ok(ok: bool, ctx: ParallelContext) -> bool:
+def _max_status(status: int, ctx: ParallelContext) -> int:
     if not dist.is_initialized():
-        return ok
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return status
+    t = torch.tensor([status], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            or "unexpected pos" in str(exc) or "No space" in str(exc))
+
+
+def _write_hooks(step: int, rank: int, path: Path, state: Any) -> None:
+    """Test-only faults at the moment a checkpoint file is written (see module docstring)."""
+    if _hook("GPT_DIST_TEST_ENOSPC_AT", step, rank):
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 1024)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    parts = _hook("GPT_DIST_TEST_CRASH_IN_SAVE", step, rank)
+    if parts and parts[2] == "mid_shard":
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        _crash_hook(step, rank, "mid_shard", path, buf.getvalue())
 
 
 def _hash_files(tag_dir: Path, ctx: ParallelContext) -> dict[str, dict[str, Any]]:
@@ -120,22 +273,48 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
         if tag_dir.exists():  # an uncommitted leftover of a crashed save of this step
             shutil.rmtree(tag_dir)
     ctx.barrier()
-    error: Optional[BaseException] = None
+    errors: list[BaseException] = []
+    ce = getattr(engine, "checkpoint_engine", None)
+    original = getattr(ce, "save", None)
+
+    def guarded(state_dict: Any, path: str) -> Any:
+        # A failed write is recorded, not raised, so DeepSpeed still reaches its own final
+        # barrier on this rank; the ranks then agree on the outcome below (never a hang).
+        try:
+            _write_hooks(step, ctx.rank, Path(path), state_dict)
+            return original(state_dict, path)
+        except (OSError, RuntimeError) as exc:  # ENOSPC is a RuntimeError from torch.save
+            errors.append(exc)
+            return None
+
+    if ce is not None and original is not None:
+        ce.save = guarded
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state, tag_dir / f"rng_rank_{ctx.rank:05d}.pt")
-    except (OSError, RuntimeError) as exc:  # ENOSPC shows up as RuntimeError from torch.save
-        error = exc
-    if not _all_ok(error is None, ctx):
+    except (OSError, RuntimeError) as exc:
+        errors.append(exc)
+    finally:
+        if ce is not None and original is not None:
+            ce.save = original
+    if not errors:
+        try:
+            rng_path = tag_dir / f"rng_rank_{ctx.rank:05d}.pt"
+            _write_hooks(step, ctx.rank, rng_path, rng_state)
+            torch.save(rng_state, rng_path)
+        except (OSError, RuntimeError) as exc:
+            errors.append(exc)
+    error = errors[0] if errors else None
+    status = 0 if error is None else (1 if _is_disk_full(error) else 2)
+    status = _max_status(status, ctx)
+    if status:
         if ctx.is_main and tag_dir.exists():
             shutil.rmtree(tag_dir, ignore_errors=True)
         ctx.barrier()
-        reason = f"{error}" if error else "another rank failed to write its shard"
-        full = error is not None and (getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG)
-                                      or "unexpected pos" in str(error) or "No space" in str(error))
-        if on_disk_full == "continue" and (full or error is None):
+        if on_disk_full == "continue" and status == 1:
             return None
+        reason = f"{error}" if error else "another rank failed to write its checkpoint files"
         raise CheckpointSaveError(f"{tag_dir}: save failed on rank {ctx.rank}: {reason}")
+    _crash_hook(step, ctx.rank, "before_commit")
     files = _hash_files(tag_dir, ctx)
     if ctx.is_main:
         empty = [n for n, f in files.items() if f["size"] == 0]
@@ -144,9 +323,10 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
         manifest = {"format_version": FORMAT_VERSION, "tag": tag, "step": step, "files": files,
                     "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size},
                     **extra_manifest}
+        manifest = sign_manifest(manifest, manifest_key(root, create=True))  # type: ignore[arg-type]
         atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write_text(root / "latest", tag)  # the commit point
-        _retention(root, keep_last, tag)
+        _retention(root, keep_last, tag, step)
     ctx.barrier()
     return tag_dir
 
@@ -155,13 +335,16 @@ def committed_tags(root: Path) -> list[str]:
     """Tags with a manifest, oldest first (uncommitted directories are not checkpoints)."""
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / MANIFEST).is_file()]
+    tags = [p.name for p in root.iterdir()
+            if TAG_RE.match(p.name) and not p.is_symlink() and (p / MANIFEST).is_file()]
     return sorted(tags, key=step_of)
 
 
-def _retention(root: Path, keep_last: int, newest: str) -> None:
+def _retention(root: Path, keep_last: int, newest: str, step: int = -1) -> None:
     """Delete committed checkpoints beyond keep_last (never ``newest``) and crash leftovers."""
     for p in root.iterdir():
+        if p.is_symlink():  # never follow a link out of the checkpoint directory
+            continue
         if p.is_dir() and TAG_RE.match(p.name) and not (p / MANIFEST).exists() and p.name != newest:
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(".") and ".tmp" in p.name:
@@ -170,6 +353,7 @@ def _retention(root: Path, keep_last: int, newest: str) -> None:
     for tag in tags[: max(0, len(tags) - max(keep_last - 1, 0))]:
         # Remove the manifest first: a crash mid-delete leaves an uncommitted directory.
         (root / tag / MANIFEST).unlink(missing_ok=True)
+        _crash_hook(step, 0, "retention")
         shutil.rmtree(root / tag, ignore_errors=True)
 
 
@@ -185,6 +369,9 @@ def verify(tag_dir: Path, check_hash: bool = True) -> dict[str, Any]:
         raise CheckpointCorruptError(f"{mpath}: missing (checkpoint was never committed)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointCorruptError(f"{mpath}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointCorruptError(f"{mpath}: not a gpt_dist manifest")
+    _check_signature(mpath, manifest)
     files = manifest.get("files")
     if not isinstance(files, dict) or manifest.get("tag") != tag_dir.name:
         raise CheckpointCorruptError(f"{mpath}: not a gpt_dist manifest for {tag_dir.name}")
