@@ -217,6 +217,9 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
                   "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
                   "loss_scale": float(scale), "skipped": state.skipped_steps,
                   "consumed_samples": state.consumed_samples, "samples_sha": digest}
+        state_sha = _state_sha(eng, ctx)
+        if state_sha is not None:
+            record["state_sha"] = state_sha
         log.step(record, tokens_per_step)
         if skipped:
             log.write(f"step {state.step}: non-finite loss on some rank; update skipped "
@@ -231,6 +234,38 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
         if state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
             save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
     return state
+
+
+def _state_sha(eng: Engine, ctx: ParallelContext) -> Optional[list[str]]:
+    """Test hook (GPT_DIST_TEST_STATE_SHA=1): per rank, a sha256 of the parameters this rank
+    holds and the inner optimizer's state (ZeRO partitions included), gathered on all ranks;
+    lets the reliability suite assert "unchanged across a skipped step" and exact resumes."""
+    if os.environ.get("GPT_DIST_TEST_STATE_SHA") != "1":
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if torch.is_tensor(value):
+            h.update(value.detach().float().cpu().contiguous().reshape(-1).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+
+    for p in eng.ds.module.parameters():
+        add(getattr(p, "ds_tensor", p))
+    for group in eng.optimizer.param_groups:
+        for p in group["params"]:
+            add(p)
+            for key, value in sorted(eng.optimizer.state.get(p, {}).items()):
+                add(key)
+                add(value)
+    mine = h.hexdigest()[:16]
+    if not dist.is_initialized() or ctx.world_size == 1:
+        return [mine]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _maybe_kill(step: int, ctx: ParallelContext) -> None:
