@@ -87,10 +87,14 @@ def build_pipeline_module(cfg: Config, ctx: ParallelContext) -> Any:
     layers += [LayerSpec(FinalNorm, spec),
                TiedLayerSpec("embed", EmbeddingPipe, spec, forward_fn=_tied_logits,
                              tied_weight_attr="wte.weight")]
+    # DeepSpeed checkpoints chunks of `interval` consecutive layers of a stage. Only chunks made
+    # of blocks: DeepSpeed's (reentrant) checkpoint gives no gradient to a chunk whose input does
+    # not require one, i.e. one that starts with the embedding on the first stage.
     interval = cfg.parallel.checkpoint_every if cfg.parallel.activation_checkpointing == "full" else 0
     return PipelineModule(layers=layers, loss_fn=_loss, topology=ctx.topology,
                           partition_method=cfg.parallel.pipeline_partition,
-                          activation_checkpoint_interval=interval)
+                          activation_checkpoint_interval=interval,
+                          checkpointable_layers=["BlockPipe"])
 
 
 def pipe_name_to_gpt(layer_idx: int, local_name: str, n_layer: int) -> str | None:
