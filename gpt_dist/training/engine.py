@@ -40,6 +40,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.parallel.pp > 1 and cfg.parallel.sequence_parallel:
+        # The pipeline engine sends 1/tp of each inter-stage activation per TP rank and
+        # all-gathers it on arrival, assuming it is the same on every TP rank. Under sequence
+        # parallelism each rank holds its own sequence slice (already 1/tp): send it whole.
+        ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     return ds
 
 
