@@ -1,0 +1,16 @@
+"""Test runner: pretrain with a fake tokenizer (vocab 500, end of document 499).
+
+    torchrun --standalone --nproc-per-node N tests/export/_train.py CONFIG.json key=value ...
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import gpt_dist.training.loop as L  # noqa: E402
+from gpt_dist.config import load_config  # noqa: E402
+
+L.load_tokenizer_info = lambda cfg: (500, 499, "fake")
+cfg = load_config(sys.argv[1], sys.argv[2:])
+print("FINAL", L.pretrain(cfg))
