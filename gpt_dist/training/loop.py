@@ -269,12 +269,18 @@ def _state_sha(eng: Engine, ctx: ParallelContext) -> Optional[list[str]]:
 
 
 def _maybe_kill(step: int, ctx: ParallelContext) -> None:
-    """Fault injection: GPT_DIST_TEST_KILL_AT=STEP[:RANK] SIGKILLs that rank (first attempt)."""
+    """Fault injection: GPT_DIST_TEST_KILL_AT=STEP[:RANK[:hang]] SIGKILLs that rank, or makes
+    it sleep 600 s outside any collective (first attempt only)."""
     spec = os.environ.get("GPT_DIST_TEST_KILL_AT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    at, _, rank = spec.partition(":")
+    at, _, rest = spec.partition(":")
+    rank, _, action = rest.partition(":")  # STEP:RANK:hang sleeps outside any collective (T6)
     if int(at) == step and (not rank or int(rank) == ctx.rank):
+        if action == "hang":
+            import time
+
+            time.sleep(600)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
