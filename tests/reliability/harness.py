@@ -60,11 +60,15 @@ def build_shards(prefix: Path, n_docs: int = 300, seed: int = 0) -> Path:
 
 
 def make_config(path: Path, run_dir: Path, data: Path, **overrides: Any) -> Path:
-    """Write BASE_CONFIG with ``section__key=value`` overrides (e.g. training__train_steps=8)."""
+    """Write BASE_CONFIG with ``section__key=value`` overrides (e.g. training__train_steps=8)
+    or ``section={...}`` replacing a whole section."""
     cfg = json.loads(json.dumps(BASE_CONFIG))
     cfg["run"]["dir"] = str(run_dir)
     cfg["data"]["prefixes"] = [str(data)]
     for key, value in overrides.items():
+        if "__" not in key:  # a whole section
+            cfg[key] = value
+            continue
         section, name = key.split("__", 1)
         cfg[section][name] = value
     path.write_text(json.dumps(cfg, indent=1))
@@ -80,6 +84,7 @@ class Result:
     run_dir: Path
     restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    end_time: float = field(default_factory=time.time)  # wall clock when the job had exited
 
     @property
     def output(self) -> str:
