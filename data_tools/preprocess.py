@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Clean, filter, deduplicate and tokenize a corpus into Megatron indexed-dataset shards.
+
+    python data_tools/preprocess.py --input 'corpus/*.jsonl' --tokenizer DIR \\
+        --output-prefix data/webtext --workers N
+
+Inputs: JSONL (key --json-key, default "text"), .jsonl.gz, plain-text files (one
+document per file); globs and directories. Outputs: PREFIX_00000.bin/.idx/.meta.json ...,
+PREFIX.manifest.json and PREFIX.rejected.jsonl (bad lines with file, line and reason).
+Re-running the same command resumes after the last complete shard. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gpt_dist.data.clean import CleanConfig
+from gpt_dist.data.dedup import DedupConfig
+from gpt_dist.data.preprocess import (
+    PreprocessConfig,
+    PreprocessError,
+    preprocess,
+    summary_table,
+)
+from gpt_dist.data.readers import InputError
+
+PROG = "preprocess"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or file (gpt_dist.tokenizer)")
+    p.add_argument("--output-prefix", required=True, help="e.g. data/webtext -> data/webtext_00000.bin ...")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores; 0: in-process)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="Megatron-compatible; only scales the batches in flight (outputs never depend on it)")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="start a new shard after this many tokens")
+    p.add_argument("--json-key", default="text", help="JSONL key holding the document text")
+    p.add_argument("--max-doc-bytes", type=int, default=1_000_000, help="reject lines/files larger than this")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line (file:line: reason), write nothing")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output at this prefix first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = p.add_argument_group("cleaning and quality filters")
+    c.add_argument("--unicode", default="NFC", choices=["NFC", "NFKC", "none"], help="Unicode normalization")
+    c.add_argument("--min-chars", type=int, default=CleanConfig.min_chars, help="drop shorter documents")
+    c.add_argument("--max-chars", type=int, default=CleanConfig.max_chars, help="drop longer documents (0: off)")
+    c.add_argument("--min-alpha", type=float, default=CleanConfig.min_alpha,
+                   help="drop documents whose share of letters among non-space characters is lower")
+    c.add_argument("--max-repeated-lines", type=float, default=CleanConfig.max_repeated_lines,
+                   help="drop documents whose share of repeated non-blank lines is higher (1: off)")
+    d = p.add_argument_group("deduplication")
+    d.add_argument("--no-exact-dedup", action="store_true", help="keep exact duplicates")
+    d.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
+    d.add_argument("--dedup-threshold", type=float, default=DedupConfig.threshold, help="MinHash-LSH Jaccard threshold")
+    d.add_argument("--num-perm", type=int, default=DedupConfig.num_perm, help="MinHash permutations")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = PreprocessConfig(
+        inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, workers=args.workers,
+        partitions=args.partitions, shard_tokens=args.shard_tokens, max_doc_bytes=args.max_doc_bytes,
+        strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None,
+        clean=CleanConfig(text_key=args.json_key, unicode_form=args.unicode, min_chars=args.min_chars,
+                          max_chars=args.max_chars, min_alpha=args.min_alpha,
+                          max_repeated_lines=args.max_repeated_lines),
+        dedup=DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup,
+                          threshold=args.dedup_threshold, num_perm=args.num_perm))
+    try:
+        manifest = preprocess(cfg)
+    except (PreprocessError, InputError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a file vanishing mid-run
+        print(f"{PROG}: error: {exc.filename or args.output_prefix}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; completed shards are kept, re-run to resume", file=sys.stderr)
+        return 130
+    if manifest.get("already_complete"):
+        print(f"{PROG}: {args.output_prefix}: already complete ({len(manifest['shards'])} shards); nothing to do")
+        return 0
+    print(f"{PROG}: wrote {len(manifest['shards'])} shard(s) at {args.output_prefix}_*")
+    print(summary_table(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

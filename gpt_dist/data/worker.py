@@ -1,0 +1,103 @@
+"""The work done per document in preprocessing worker processes.
+
+A batch of raw records goes in; per record one small tuple comes out, in order:
+
+    (REJECT, code, message, excerpt)                       bad input
+    (FILTER, name, surrogates, controls)                   dropped by a quality filter
+    (KEEP, tokens, exact_key, band_keys, text_bytes, surrogates, controls)
+
+Tokens are a NumPy array of the shard dtype with the end-of-document id appended, so
+results pickle compactly. Deduplication itself happens in the parent, in input order:
+workers only compute the keys, which makes the output independent of worker count.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpt_dist.data.clean import CleanConfig, clean_text, filter_reason, parse_record
+from gpt_dist.data.dedup import DedupConfig, MinHasher, exact_key
+
+REJECT, FILTER, KEEP = 0, 1, 2
+# test hook: seconds to sleep per batch, so a test can SIGKILL a worker mid-run
+DELAY_ENV = "GPT_DIST_TEST_WORKER_DELAY"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    tokenizer: str
+    clean: CleanConfig
+    dedup: DedupConfig
+    dtype: str
+
+
+_STATE: dict[str, Any] = {}
+
+
+def init_worker(cfg: WorkerConfig, in_child: bool = True) -> None:
+    """Load the tokenizer once per process. Children ignore SIGINT: the parent decides
+    how to stop, so Ctrl-C never leaves half-written results behind."""
+    if in_child:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from gpt_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer)
+    _STATE.update(cfg=cfg, tok=tok, eod=tok.eod_id, dtype=np.dtype(cfg.dtype),
+                  minhash=MinHasher(cfg.dedup) if cfg.dedup.near else None,
+                  delay=float(os.environ.get(DELAY_ENV, "0") or 0))
+
+
+def ping() -> int:
+    """Submitted once per worker at start-up so every worker is loaded before timing."""
+    return os.getpid()
+
+
+def _excerpt(data: bytes | None) -> str:
+    return "" if data is None else data[:120].decode("utf-8", "replace")
+
+
+def process_batch(batch: list[tuple[bytes | None, str | None, str]]) -> list[tuple[Any, ...]]:
+    """Parse, clean, filter, hash and tokenize a batch of ``(data, error, kind)``."""
+    cfg: WorkerConfig = _STATE["cfg"]
+    if _STATE["delay"]:
+        time.sleep(_STATE["delay"])
+    out: list[tuple[Any, ...] | None] = [None] * len(batch)
+    keep_texts: list[str] = []
+    keep_slots: list[tuple[int, int, int]] = []
+    for i, (data, error, kind) in enumerate(batch):
+        if error is not None or data is None:
+            code = "too_large" if error and ("longer" in error or "larger" in error) else "unreadable"
+            out[i] = (REJECT, code, error or "unreadable", _excerpt(data))
+            continue
+        text, code, message = parse_record(data, kind, cfg.clean.text_key)
+        if text is None:
+            out[i] = (REJECT, code, message, _excerpt(data))
+            continue
+        cleaned = clean_text(text, cfg.clean.unicode_form)
+        if not cleaned.text:
+            out[i] = (REJECT, "empty", "empty text after cleaning", _excerpt(data))
+            continue
+        reason = filter_reason(cleaned.text, cfg.clean)
+        if reason is not None:
+            out[i] = (FILTER, reason, cleaned.surrogates, cleaned.controls)
+            continue
+        keep_texts.append(cleaned.text)
+        keep_slots.append((i, cleaned.surrogates, cleaned.controls))
+    if keep_texts:
+        tok = _STATE["tok"]
+        minhash: MinHasher | None = _STATE["minhash"]
+        eod, dtype = _STATE["eod"], _STATE["dtype"]
+        for (i, surrogates, controls), text, ids in zip(keep_slots, keep_texts, tok.encode_batch(keep_texts)):
+            tokens = np.empty(len(ids) + 1, dtype=dtype)
+            tokens[:-1] = ids
+            tokens[-1] = eod
+            bands = minhash.band_keys(text) if minhash is not None else None
+            out[i] = (KEEP, tokens, exact_key(text), bands, len(text.encode("utf-8")), surrogates, controls)
+    return out  # type: ignore[return-value]
