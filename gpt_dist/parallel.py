@@ -48,9 +48,22 @@ def discover_launch_env() -> str:
         env.setdefault("LOCAL_RANK", "0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         return "torchrun/deepspeed"
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in env:
+    # A task of an srun step (SLURM_STEP_ID set): SLURM_PROCID is per task and the step's own
+    # size counts. The batch shell, and mpirun/python started from it, inherit SLURM_PROCID=0
+    # and the allocation's SLURM_NTASKS without being srun tasks, and mpirun's ranks inside an
+    # allocation see the SLURM_* of the srun step that started its per-node proxies: taking
+    # those would give every rank of a node the same rank (tests/cluster/test_launch_env.py).
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    mpi_size = next((env[k] for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+                     if k in env), None)
+    mpi_rank = next((env[k] for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+                     if k in env), None)
+    srun_task = ("SLURM_PROCID" in env and "SLURM_STEP_ID" in env and step_tasks > 1
+                 and (mpi_size is None or (int(mpi_size) == step_tasks
+                                           and mpi_rank in (None, env["SLURM_PROCID"]))))
+    if srun_task and "MASTER_ADDR" in env:
         env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["WORLD_SIZE"] = str(step_tasks)
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_PORT", "29500")
         return "srun"

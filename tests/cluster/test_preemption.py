@@ -33,7 +33,7 @@ SHIM_SRUN = r"""#!/bin/bash
 while [ "$#" -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done   # srun's own options
 pids=()
 for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do
-  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_ID=0 SLURM_STEP_NUM_TASKS=${SLURM_NTASKS:-1} "$@" &
   pids+=($!)
 done
 trap 'echo USR1 >> "$SHIM_LOG"; kill -USR1 "${pids[@]}" 2>/dev/null' USR1
