@@ -153,11 +153,14 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
     """
     eng.guard.skipped = False
     skips_before = getattr(eng.ds, "skipped_steps", 0)
+    lr_pos = getattr(eng.scheduler, "last_epoch", None)
     if eng.is_pipeline:  # DeepSpeed runs the 1F1B schedule over the micro-batches itself
         if inject is not None:
             raise NotImplementedError("loss injection is not supported under the pipeline engine")
         loss = eng.ds.train_batch(data_iter=_pipe_iter(batches))
-        return float(loss.item()), eng.guard.skipped or eng.ds.skipped_steps > skips_before
+        skipped = eng.guard.skipped or eng.ds.skipped_steps > skips_before
+        _count_skipped_step(cfg, eng, skipped, lr_pos)
+        return float(loss.item()), skipped
     total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     n = 0
     for batch in batches:
@@ -173,7 +176,22 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
         dist.all_reduce(loss_mean, group=ctx.dp_group)
         loss_mean /= ctx.dp
     skipped = eng.guard.skipped or getattr(eng.ds, "skipped_steps", 0) > skips_before
+    _count_skipped_step(cfg, eng, skipped, lr_pos)
     return float(loss_mean.item()), skipped
+
+
+def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: Optional[int]) -> None:
+    """A skipped fp32/bf16 step still counts: advance the LR schedule DeepSpeed did not.
+
+    ZeRO-1/2 check gradients for inf/NaN even in fp32 and, finding one, skip both the update
+    and ``lr_scheduler.step()`` (its fp16 loss-scaler path); ``NonFiniteGuard`` (ZeRO-0/3,
+    pipeline) skips only the update. The policy is the same whichever caught it: the batch is
+    consumed and the schedule moves on (README, "Non-finite loss"; T7). Under fp16 a skip is
+    the loss scaler's overflow step and DeepSpeed's behaviour (schedule holds) is kept.
+    """
+    if (skipped and cfg.training.precision != "fp16" and lr_pos is not None
+            and getattr(eng.scheduler, "last_epoch", None) == lr_pos):
+        eng.scheduler.step()
 
 
 def _pipe_iter(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Any]:

@@ -20,6 +20,20 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture
 def env(monkeypatch):
+    """A clean launcher environment, restored whole afterwards.
+
+    discover_launch_env writes RANK/WORLD_SIZE/... itself; monkeypatch only undoes what it
+    set, so without the snapshot a later in-process ParallelContext saw rank 5 of 8 (CI hang).
+    """
+    import os
+
+    saved = dict(os.environ)
+    yield from _env(monkeypatch)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _env(monkeypatch):
     import os
 
     for k in list(os.environ):
@@ -31,7 +45,7 @@ def env(monkeypatch):
             monkeypatch.setenv(k, str(v))
         return os.environ
 
-    return set_
+    yield set_
 
 
 @pytest.fixture

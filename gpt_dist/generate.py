@@ -1,0 +1,165 @@
+"""Text generation from an export (native or Hugging Face GPT-2/GPT-1 directory) with a KV cache.
+
+One process, TP=1: the export holds full tensors, so a model of any training layout loads
+here. The prompt is run once to fill the cache; each new token then costs one position
+(``GPT.forward(ids, kv_cache=cache)``). When the sequence reaches the model's context
+(``n_ctx``) the cache is rebuilt from the last ``n_ctx - 1`` tokens (a sliding window).
+
+Sampling: ``temperature == 0`` is greedy (argmax, what ``transformers`` ``generate(
+do_sample=False)`` does); otherwise logits / temperature, then top-k, then top-p (nucleus:
+the smallest set of tokens whose probability reaches p), sampled with a seeded generator so
+``--seed`` repeats a sample exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from gpt_dist.config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    cfg: ModelConfig
+    eod_id: Optional[int]
+    tokenizer: Any = None
+
+
+def _ensure_parallel_state(device: str) -> None:
+    """megatron-core's layers need its (size-1) parallel groups even in one process."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != 1:
+            raise RuntimeError("generation runs with tensor parallel size 1 (the export is whole)")
+        return
+    from gpt_dist import rng
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    ParallelContext.from_env(ParallelConfig(), device=device)
+    rng.seed_all(0)
+
+
+def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+               with_tokenizer: bool = True) -> LoadedModel:
+    """Build a TP=1 ``GPT`` from an export; the tokenizer too when the directory has one."""
+    import json
+
+    from gpt_dist.export import load_native, load_state_into_model
+    from gpt_dist.model.gpt import build_model
+
+    export_dir = Path(export_dir)
+    cfg, state = load_native(export_dir)
+    _ensure_parallel_state(device)
+    model = build_model(cfg)
+    load_state_into_model(model, state, 0, 1, cfg)
+    del state
+    model = model.to(device=device, dtype=dtype).eval()
+    eod: Optional[int] = None
+    try:
+        conf = json.loads((export_dir / "config.json").read_text())
+        eod = conf.get("eod_id", conf.get("eos_token_id"))
+    except (OSError, ValueError):
+        pass
+    tok = None
+    if with_tokenizer:
+        try:
+            from gpt_dist.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(export_dir)
+        except Exception:  # no tokenizer in the export: callers use token ids
+            tok = None
+        if tok is not None and eod is None:
+            eod = tok.eod_id
+    return LoadedModel(model, cfg, eod if isinstance(eod, int) else None, tok)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """[b, V] logits with everything outside top-k / the top-p nucleus set to -inf."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[b, V] -> [b] token ids."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 seed: Optional[int] = None, eos_id: Optional[int] = None,
+                 use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield [b] new token ids, one step at a time. prompt: [b, s] ids (s >= 1).
+
+    Rows that produced ``eos_id`` keep yielding ``eos_id``; the generator stops when every
+    row has (or after ``max_new_tokens``)."""
+    from gpt_dist.model.gpt import KVCache
+
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if int(prompt.max()) >= cfg.vocab_size or int(prompt.min()) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    seq = prompt[:, -(cfg.n_ctx - 1):].to(device) if prompt.shape[1] >= cfg.n_ctx else prompt.to(device)
+    cache = KVCache() if use_cache else None
+    logits = model(seq, kv_cache=cache)[:, -1, : cfg.vocab_size]
+    done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        tok = next_token(logits.float(), temperature, top_k, top_p, gen)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            done |= tok == eos_id
+        yield tok
+        if (eos_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+            return
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        if cache is not None and cache.length < cfg.n_ctx:
+            logits = model(tok[:, None], kv_cache=cache)[:, -1, : cfg.vocab_size]
+        else:  # context full (or no cache): a fresh pass over the last n_ctx - 1 tokens
+            seq = seq[:, -(cfg.n_ctx - 1):] if seq.shape[1] >= cfg.n_ctx else seq
+            cache = KVCache() if use_cache else None
+            logits = model(seq, kv_cache=cache)[:, -1, : cfg.vocab_size]
+
+
+def generate(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 50, num_samples: int = 1,
+             on_token: Optional[Callable[[int, int], None]] = None, **sampling: Any) -> list[list[int]]:
+    """New token ids per sample (prompt excluded); ``on_token(sample, id)`` streams them."""
+    prompt = torch.tensor([prompt_ids] * num_samples, dtype=torch.long)
+    out: list[list[int]] = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    eos = sampling.pop("eos_id", loaded.eod_id)
+    for step in generate_ids(loaded.model, loaded.cfg, prompt, max_new_tokens, eos_id=eos, **sampling):
+        for i, t in enumerate(step.tolist()):
+            if done[i]:
+                continue
+            out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            done[i] = eos is not None and t == eos
+    return out
