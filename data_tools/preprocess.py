@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first bad line (file:line: reason), write nothing")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output at this prefix first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-docs", type=int, default=1024,
+                   help="documents per worker task (smaller: finer load balancing; outputs never depend on it)")
     c = p.add_argument_group("cleaning and quality filters")
     c.add_argument("--unicode", default="NFC", choices=["NFC", "NFKC", "none"], help="Unicode normalization")
     c.add_argument("--min-chars", type=int, default=CleanConfig.min_chars, help="drop shorter documents")
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, workers=args.workers,
         partitions=args.partitions, shard_tokens=args.shard_tokens, max_doc_bytes=args.max_doc_bytes,
         strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None,
+        batch_docs=max(1, args.batch_docs),
         clean=CleanConfig(text_key=args.json_key, unicode_form=args.unicode, min_chars=args.min_chars,
                           max_chars=args.max_chars, min_alpha=args.min_alpha,
                           max_repeated_lines=args.max_repeated_lines),

@@ -448,6 +448,7 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, out_dir: str 
                 max_sentence_length=max_bytes + 16, input_sentence_size=max_sentences,
                 shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count() or 1,
                 logstream=None if verbose else devnull)
+        _normalize_trainer_spec(tmp / "tokenizer.model")
         os.replace(tmp / "tokenizer.model", out / SP_MODEL)
         os.replace(tmp / "tokenizer.vocab", out / "tokenizer.vocab")
     except RuntimeError as exc:
@@ -457,6 +458,24 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, out_dir: str 
     tok = SentencePieceTokenizer(out / SP_MODEL)
     tok.save(out)
     return tok
+
+
+def _normalize_trainer_spec(model: Path) -> None:
+    """Make the saved model a function of the training data and settings only.
+
+    sentencepiece records its ``model_prefix`` (here a random temporary directory) and
+    ``num_threads`` in the model file, so two identical trainings gave different bytes and
+    hence different fingerprints. Neither field affects encoding; both are fixed here.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # pragma: no cover - protobuf missing: keep the file as written
+        return
+    proto = pb.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.trainer_spec.model_prefix = "tokenizer"
+    proto.trainer_spec.num_threads = 1
+    model.write_bytes(proto.SerializeToString())
 
 
 def _sha256_file(path: Path) -> str:
