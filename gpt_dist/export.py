@@ -42,6 +42,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from gpt_dist.config import ModelConfig
+from gpt_dist.export_hf import from_hf, hf_config, to_hf  # re-exported
 
 NATIVE_FORMAT = "gpt_dist-native"
 WEIGHTS = "model.safetensors"
@@ -376,61 +377,24 @@ def _copy_tokenizer(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Native names/layout -> GPT2LMHeadModel (gpt2) or OpenAIGPTLMHeadModel (gpt1) weights."""
-    nh, hd, h = cfg.n_head, cfg.head_dim, cfg.n_embd
-    out: dict[str, torch.Tensor] = {}
-    emb = {"wte.weight": "tokens_embed.weight", "wpe.weight": "positions_embed.weight"} if cfg.arch == "gpt1" else {}
-    for name, t in state.items():
-        key = "transformer." + emb.get(name, name)
-        if name.endswith("attn.c_attn.weight"):           # rows (head, qkv, hd) -> (qkv, head, hd)
-            t = t.reshape(nh, 3, hd, h).transpose(0, 1).reshape(3 * h, h)
-        elif name.endswith("attn.c_attn.bias"):
-            t = t.reshape(nh, 3, hd).transpose(0, 1).reshape(3 * h)
-        if t.dim() == 2 and re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
-            t = t.t()                                     # Linear [out, in] -> Conv1D [in, out]
-        out[key] = t.contiguous()
-    return out
+def _hf_tokenizer(out: Path, cfg: ModelConfig) -> dict[str, Any]:
+    """Hugging Face tokenizer files for the tokenizer copied into ``out`` (hf exports)."""
+    import sys
 
+    from gpt_dist.export_hf import write_hf_tokenizer
 
-def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of ``to_hf`` (also reads original GPT-2 / OpenAI GPT checkpoints)."""
-    nh, hd, h = cfg.n_head, cfg.head_dim, cfg.n_embd
-    emb = {"tokens_embed.weight": "wte.weight", "positions_embed.weight": "wpe.weight"}
-    out: dict[str, torch.Tensor] = {}
-    for key, t in hf.items():
-        name = key[len("transformer."):] if key.startswith("transformer.") else key
-        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue                                      # tied head / causal-mask buffers
-        name = emb.get(name, name)
-        if t.dim() == 2 and re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
-            t = t.t()
-        if name.endswith("attn.c_attn.weight"):
-            t = t.reshape(3, nh, hd, h).transpose(0, 1).reshape(3 * h, h)
-        elif name.endswith("attn.c_attn.bias"):
-            t = t.reshape(3, nh, hd).transpose(0, 1).reshape(3 * h)
-        out[name] = t.contiguous()
-    return out
+    try:
+        from gpt_dist.tokenizer import load_tokenizer
 
-
-def hf_config(cfg: ModelConfig, eod_id: Optional[int]) -> dict[str, Any]:
-    """config.json for transformers (dropouts as trained; evaluation uses eval())."""
-    common = dict(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
-                  n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.ln_eps,
-                  initializer_range=cfg.init_std, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                  attn_pdrop=cfg.attn_dropout, bos_token_id=eod_id, eos_token_id=eod_id,
-                  tie_word_embeddings=True)
-    if cfg.arch == "gpt2":
-        from transformers import GPT2Config
-
-        c = GPT2Config(activation_function="gelu_new", n_inner=4 * cfg.n_embd, **common)
-        c.architectures = ["GPT2LMHeadModel"]
-    else:
-        from transformers import OpenAIGPTConfig
-
-        c = OpenAIGPTConfig(afn="gelu", **common)  # OpenAI GPT's "gelu" is the tanh approximation
-        c.architectures = ["OpenAIGPTLMHeadModel"]
-    return c.to_dict()
+        tok = load_tokenizer(out)
+    except Exception as exc:  # not one of our tokenizers: the weights are still exported
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        print(f"export: warning: no Hugging Face tokenizer written ({reason})", file=sys.stderr)
+        return {"files": [], "skipped": reason}
+    if tok.vocab_size > cfg.vocab_size:
+        raise ExportError(f"{out}: tokenizer has {tok.vocab_size} tokens, the model's vocabulary {cfg.vocab_size}")
+    files = write_hf_tokenizer(tok, out, cfg.n_ctx)
+    return {"files": files, "kind": tok.kind, "fingerprint": tok.fingerprint}
 
 
 def _write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -472,6 +436,10 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fm
                                    "dtype": dtype, "training_config": training_config})
     else:
         _write_safetensors(to_hf(cast, cfg), out / WEIGHTS, {"format": "pt"})
+        if copied:
+            hf_tok = _hf_tokenizer(out, cfg)
+            info = {**(info or {}), "hf_tokenizer": hf_tok}
+            copied = sorted(set(copied) | set(hf_tok.get("files", [])))
         conf = hf_config(cfg, eod_id)
         conf["torch_dtype"] = conf["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
         _write_json(out / CONFIG, conf)
