@@ -192,7 +192,8 @@ class ParallelContext:
             ps.initialize_model_parallel(
                 tensor_model_parallel_size=self.tp,
                 pipeline_model_parallel_size=self.pp,
-                distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+                # a float is fine: megatron-core only builds timedelta(minutes=...) from it
+                distributed_timeout_minutes=timeout_s / 60,
                 create_gloo_process_groups=False,
             )
         self.topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)

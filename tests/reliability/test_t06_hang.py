@@ -2,7 +2,7 @@
 
 (a) rank 1 SIGKILLed at step 3: the survivor's next collective fails at once.
 (b) rank 1 sleeps 600 s at step 3 outside any collective: the survivor's collective times
-out (GPT_DIST_PG_TIMEOUT=15 s; megatron-core's groups round it up to 1 minute), it exits,
+out (GPT_DIST_PG_TIMEOUT=15 s, also for megatron-core's groups), it exits,
 and torchrun terminates the sleeper (SIGTERM only sets the trainer's stop flag, so after
 torchrun's termination grace it is SIGKILLed). In both, the harness asserts that no process
 of the job's session is left. The restart-and-continue variant is T2.
@@ -37,4 +37,4 @@ def test_hung_rank_times_out(rel_tmp, data):
                    env={"GPT_DIST_TEST_KILL_AT": "3:1:hang", "GPT_DIST_PG_TIMEOUT": "15"})
     assert res.rc != 0, res.describe()
     assert re.search(r"(?i)timed? ?out", res.output), res.describe()
-    assert _detect_latency(res) < 60 + 40 + 30, res.describe()
+    assert _detect_latency(res) < 15 + 40 + 30, res.describe()
