@@ -144,7 +144,7 @@ def read_docs(prefix: str) -> list[np.ndarray]:
     out = []
     for s in list_shards(prefix):
         ds = IndexedDataset(s, mmap=True)
-        out += [ds[i] for i in range(len(ds))]
+        out += [np.array(ds[i]) for i in range(len(ds))]  # copies: views die with the dataset
     return out
 
 
