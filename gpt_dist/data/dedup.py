@@ -86,15 +86,26 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
+def affine32_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's ``MinHash(num_perm, seed, scheme="affine32").permutations``: odd
+    multipliers ``a`` and offsets ``b`` (uint32) drawn from ``RandomState(seed)``.
+
+    Computed here because importing datasketch costs ~2.5 s (it pulls in scipy) in every
+    preprocessing worker; tests/data_tools/test_dedup.py checks the values are equal.
+    """
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
 class MinHasher:
     """Band keys of one document: ``bands`` uint64 values, equal for similar documents."""
 
     def __init__(self, cfg: DedupConfig) -> None:
-        from datasketch import MinHash
-
         self.cfg = cfg
         self.bands, self.rows = optimal_bands(cfg.threshold, cfg.num_perm)
-        a, b = MinHash(num_perm=self.bands * self.rows, seed=cfg.seed, scheme="affine32").permutations
+        a, b = affine32_permutations(self.bands * self.rows, cfg.seed)
         self._a = np.asarray(a, dtype=np.uint32)[:, None]
         self._b = np.asarray(b, dtype=np.uint32)[:, None]
         with np.errstate(over="ignore"):

@@ -227,10 +227,6 @@ class Preprocessor:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             manifest["already_complete"] = True
             return manifest
-        # megatron-core (and torch) take seconds to import: do it before the clock starts
-        # and before workers fork, so no batch waits on it
-        import megatron.core.datasets.indexed_dataset  # noqa: F401
-
         self.counts: Counter[str] = state.counts
         self.dedup = Deduplicator(self.cfg.dedup, self.bands)
         for keys in state.keys:
@@ -292,12 +288,20 @@ class Preprocessor:
         try:
             if self.cfg.workers <= 0:  # in-process: for debugging and profiling
                 init_worker(wcfg, in_child=False)
+                self._import_writer()
                 for batch in batches:
                     self._consume(batch, process_batch(self._payload(batch)), progress)
                 return
             self._stream_pool(wcfg, batches, progress)
         finally:
             progress.close()
+
+    def _import_writer(self) -> None:
+        """megatron-core (and torch) take seconds to import: do it after the workers have
+        forked (they never need it) and before the clock starts, so no batch waits on it.
+        Strict runs import it lazily with the first shard, so bad input fails fast."""
+        if not self.cfg.strict:
+            import megatron.core.datasets.indexed_dataset  # noqa: F401
 
     def _payload(self, batch: list[RawRecord]) -> list[tuple[bytes | None, str | None, str]]:
         return [(r.data, r.error, self.files[r.file].kind) for r in batch]
@@ -311,6 +315,7 @@ class Preprocessor:
         try:
             for f in [pool.submit(ping) for _ in range(self.cfg.workers)]:
                 f.result()
+            self._import_writer()
             progress.start()
             self.t_started = progress.t0  # excludes worker start-up (fork + tokenizer load)
             exhausted = False

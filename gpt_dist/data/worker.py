@@ -42,9 +42,13 @@ _STATE: dict[str, Any] = {}
 
 def init_worker(cfg: WorkerConfig, in_child: bool = True) -> None:
     """Load the tokenizer once per process. Children ignore SIGINT: the parent decides
-    how to stop, so Ctrl-C never leaves half-written results behind."""
+    how to stop, so Ctrl-C never leaves half-written results behind. SIGTERM gets its
+    default action back: forked children inherit the parent's handler (which turns it into
+    KeyboardInterrupt), and the pool terminates the survivors with SIGTERM when a worker
+    dies, which then printed a traceback per worker."""
     if in_child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from gpt_dist.tokenizer import load_tokenizer
 

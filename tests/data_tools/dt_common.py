@@ -198,3 +198,85 @@ def make_t10_corpus(dt_tmp: Path, base_docs: list[str]) -> T10Corpus:
 
 def t10_prefix(dt_tmp: Path, name: str) -> str:
     return str(dt_tmp / "t10" / name / "out")
+
+
+# ---- shard mutations (T11 and inspect_shards) ----------------------------------------------
+
+HEADER = 34  # magic 9, version 8, dtype code 1, sequence count 8, document count 8
+
+
+def _counts(idx: Path) -> tuple[int, int]:
+    import struct
+
+    data = idx.read_bytes()
+    _, _, n_seq, n_doc = struct.unpack("<QBQQ", data[9:HEADER])
+    return n_seq, n_doc
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def mutate(prefix: str, case: str, other: str | None = None) -> None:
+    """Damage shard ``prefix`` in one way (``other``: a second, larger shard)."""
+    import shutil
+    import struct
+
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    n_seq, n_doc = _counts(idx)
+    itemsize = 2  # the test shards are uint16
+    if case == "truncate_bin":
+        with open(bin_, "r+b") as f:
+            f.truncate(bin_.stat().st_size - itemsize)
+    elif case == "swap_bin":
+        assert other is not None and Path(other + ".bin").stat().st_size > bin_.stat().st_size
+        shutil.copyfile(other + ".bin", bin_)
+    elif case == "bad_magic":
+        _patch(idx, 0, b"XXIDIDX\x00\x00")
+    elif case == "truncate_idx":
+        with open(idx, "r+b") as f:
+            f.truncate(idx.stat().st_size - 8)
+    elif case == "dtype_float":
+        _patch(idx, 17, bytes([6]))  # float64: not a token type
+    elif case == "dtype_int32":
+        _patch(idx, 17, bytes([4]))  # int32: reinterprets the bytes
+    elif case == "doc_idx_decreasing":
+        assert n_doc >= 3
+        _patch(idx, HEADER + 12 * n_seq + 8 * 2, struct.pack("<q", 0))
+        _patch(idx, HEADER + 12 * n_seq + 8 * 1, struct.pack("<q", 2))
+    elif case == "doc_idx_last":
+        _patch(idx, HEADER + 12 * n_seq + 8 * (n_doc - 1), struct.pack("<q", n_seq - 1))
+    elif case == "pointers_overlap":
+        assert n_seq >= 2
+        _patch(idx, HEADER + 4 * n_seq + 8, struct.pack("<q", 0))
+    elif case == "edit_length":  # an edited .idx: one document longer, so the .bin looks short
+        length = struct.unpack("<i", idx.read_bytes()[HEADER:HEADER + 4])[0]
+        _patch(idx, HEADER, struct.pack("<i", length + 1))
+    elif case == "edit_token":  # same size, different content: only the hash sees it
+        data = bytearray(bin_.read_bytes()[:2])
+        data[0] ^= 0x01
+        _patch(bin_, 0, bytes(data))
+    else:
+        raise ValueError(case)
+
+
+# the check each mutation must be rejected by (ShardFormatError message "(check: ...)")
+MUTATION_CHECKS = {
+    "truncate_bin": "bin size", "swap_bin": "bin size", "bad_magic": "idx magic", "truncate_idx": "idx size",
+    "dtype_float": "dtype code", "dtype_int32": "pointers", "doc_idx_decreasing": "document_indices",
+    "doc_idx_last": "document_indices", "pointers_overlap": "pointers", "edit_length": "pointers",
+}
+
+
+def copy_shards(src_prefix: str, dest_dir: Path) -> str:
+    """Copy every file of an output prefix into ``dest_dir``; returns the new prefix."""
+    import shutil
+
+    dest_dir.mkdir(parents=True)
+    name = Path(src_prefix).name
+    for p in Path(src_prefix).parent.glob(name + "*"):
+        if p.is_file():
+            shutil.copyfile(p, dest_dir / p.name)
+    return str(dest_dir / name)

@@ -128,3 +128,15 @@ def test_restore_reproduces_decisions(base_docs: list[str], hasher: MinHasher) -
 def test_pipeline_counts_planted_duplicates(multi_run) -> None:
     dup = multi_run.manifest["counts"]["duplicates"]
     assert dup == {"exact": multi_run.planted["exact"], "near": multi_run.planted["near"]}
+
+
+def test_permutations_equal_datasketch() -> None:
+    from datasketch import MinHash
+
+    from gpt_dist.data.dedup import affine32_permutations
+
+    for num_perm, seed in ((117, 1), (128, 7)):
+        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        ours = affine32_permutations(num_perm, seed)
+        assert np.array_equal(ours[0], a) and np.array_equal(ours[1], b)
+        assert ours[0].dtype == np.uint32 and (ours[0] % 2 == 1).all()
