@@ -167,7 +167,7 @@ def test_index_cache_key_follows_shard_content(tiny) -> None:
     work, prefix, _ = tiny
     p = c.copy_shards(prefix, work / "cache_key")
     shards = indexed.list_shards(p)
-    base = dict(seq_len=64, seed=1, num_samples=100, split="98,2,0")
+    base = {"seq_len": 64, "seed": 1, "num_samples": 100, "split": "98,2,0"}
     key = indexed.index_cache_key(shards, **base)
     assert key == indexed.index_cache_key(list(shards), **base)  # deterministic
     for change in ({"seq_len": 128}, {"seed": 2}, {"num_samples": 101}, {"split": "90,10,0"}):
