@@ -145,17 +145,35 @@ def model_config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
 # --------------------------------------------------------------------------- reading checkpoints
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """Plain-data DeepSpeed classes its ZeRO optimizer files pickle (an int enum, the loss
+    scaler's attributes): allowed by the weights-only unpickler, which builds them without
+    running their code. Anything else in a file is still refused."""
+    out: list[Any] = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    return out
+
+
 def _torch_load(path: Path) -> Any:
     """One checkpoint file, tensors only (no arbitrary unpickling), memory-mapped if possible."""
     if not path.is_file():
         raise ExportError(f"{path}: missing checkpoint file")
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/truncated zip, an unpickling refusal, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path}: cannot load checkpoint file ({type(exc).__name__}: {first[:200]})") from None

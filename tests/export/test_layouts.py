@@ -1,0 +1,116 @@
+"""The same weights exported from TP=1, TP=2 and ZeRO-3 checkpoints are identical; export ->
+import under another layout -> export is bitwise; exporting reads one shard at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import BASE_CONFIG, ROOT, native_state, random_model, train
+
+# the tests' model (BASE_CONFIG) with random weights, LayerNorms and biases included
+MODEL = {k: v for k, v in BASE_CONFIG["model"].items()}
+FROZEN = {"optimizer.lr": 1e-30, "optimizer.weight_decay": 0.0, "training.train_steps": 1,
+          "checkpoint.save_interval": 1, "training.eval_interval": 100}
+
+
+def _tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+
+
+def _same(a_dir, b_dir):
+    a, b = _tensors(a_dir / "model.safetensors"), _tensors(b_dir / "model.safetensors")
+    assert set(a) == set(b)
+    return [k for k in a if not (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))]
+
+
+@pytest.fixture(scope="module")
+def source(ctx, tmp_path_factory):
+    """A native export of random weights, written from a TP=1 model in this process."""
+    from gpt_dist.config import ModelConfig
+    from gpt_dist.export import export_state
+
+    cfg = ModelConfig(**MODEL)
+    root = tmp_path_factory.mktemp("layouts")
+    export_state(native_state(random_model(cfg, seed=11), cfg), cfg, root / "e0")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "zero3_dp2"])  # TP=1: the memory test
+def test_exports_of_every_layout_are_identical(toy_data, source, layout):
+    """init_from the export into the layout, one step with lr 1e-30 (a no-op in fp32), save,
+    export again: bit for bit the source (TP merge, vocabulary padding, ZeRO-3 gather)."""
+    from gpt_dist.export import export_checkpoint, load_native
+
+    run = source / layout
+    over = dict(FROZEN, **{"checkpoint.init_from": str(source / "e0")})
+    if layout == "tp2":
+        over["parallel.tp"] = 2
+    if layout == "zero3_dp2":
+        over["deepspeed.zero_optimization"] = {"stage": 3}
+    train(toy_data, run, nproc=2, **over)
+    manifest = json.loads(next((run / "checkpoints").glob("global_step1/manifest.json")).read_text())
+    assert manifest["layout"]["tp"] == (2 if layout == "tp2" else 1)
+    assert manifest["layout"]["dp"] == (2 if layout == "zero3_dp2" else 1)
+    export_checkpoint(run, source / f"{layout}_export")
+    assert _same(source / "e0", source / f"{layout}_export") == []
+    info = json.loads((source / f"{layout}_export" / "export.json").read_text())
+    assert info["source"]["zero_stage"] == (3 if layout == "zero3_dp2" else 1)
+    cfg, _ = load_native(source / f"{layout}_export")
+    assert cfg.vocab_size == 500
+
+
+_MEASURE = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[3])
+import torch, safetensors.torch, deepspeed.utils.zero_to_fp32  # noqa: F401  (imports not measured)
+import gpt_dist.export as E, gpt_dist.training.checkpoint  # noqa: F401
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+E.export_checkpoint(sys.argv[1], sys.argv[2])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_kib": before, "after_kib": after}))
+"""
+
+
+@pytest.mark.slow
+def test_export_memory_is_bounded_by_one_shard(ctx, toy_data, tmp_path):
+    """A TP=1 ZeRO-1 checkpoint of a bigger model (init_from a random export, a no-op step)
+    whose optimizer state (fp32 partition + Adam moments) is 3x the model: its export is the
+    source bit for bit, and the export's peak memory stays below the model + the largest file
+    it reads."""
+    from gpt_dist.config import ModelConfig
+    from gpt_dist.export import export_state
+
+    big = {"model.n_embd": 512, "model.n_layer": 6, "model.n_head": 8}
+    cfg = ModelConfig(**dict(MODEL, n_embd=512, n_layer=6, n_head=8))
+    export_state(native_state(random_model(cfg, seed=5), cfg), cfg, tmp_path / "e0")
+    run = tmp_path / "big"
+    train(toy_data, run, nproc=1, **big, **FROZEN, **{"checkpoint.init_from": str(tmp_path / "e0")})
+    tag = run / "checkpoints" / "global_step1"
+    model_files = list(tag.glob("*model_states.pt"))
+    optim_bytes = sum(p.stat().st_size for p in tag.glob("*optim_states.pt"))
+    shard = max(p.stat().st_size for p in model_files)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run([sys.executable, "-c", _MEASURE, str(run), str(tmp_path / "e"), str(ROOT)],
+                         cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    peak = (m["after_kib"] - m["before_kib"]) * 1024
+    model_bytes = (tmp_path / "e" / "model.safetensors").stat().st_size
+    bound = model_bytes + shard + 32 * 2**20
+    print(f"export peak +{peak / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB, largest shard "
+          f"{shard / 2**20:.0f} MiB, optimizer state {optim_bytes / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
+    assert optim_bytes + model_bytes > bound      # loading the optimizer state would fail the test
+    assert peak < bound
+    assert _same(tmp_path / "e0", tmp_path / "e") == []
