@@ -340,6 +340,10 @@ class Preprocessor:
 
     def _consume(self, batch: list[RawRecord], results: list[tuple[Any, ...]], progress: _Progress) -> None:
         counts = self.counts
+        if self.cfg.strict:  # fail on a batch's first bad record before writing any of it
+            for rec, res in zip(batch, results):
+                if res[0] == REJECT:
+                    self._reject(rec, res[1], res[2], res[3])
         for rec, res in zip(batch, results):
             counts["records"] += 1
             counts["input_bytes"] += len(rec.data or b"")

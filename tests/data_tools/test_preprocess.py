@@ -275,3 +275,17 @@ def test_resume_after_sigkill_gives_identical_shards(plain, sp_dir: Path, dt_tmp
     assert m["timing"]["resumed_from_shard"] >= 1
     assert shard_bytes(prefix) == shard_bytes(ref)
     assert not glob.glob(glob.escape(prefix) + "*.tmp")
+
+
+def test_strict_bad_line_after_complete_shards_leaves_nothing(plain, sp_dir: Path, dt_tmp: Path) -> None:
+    """Strict mode holds every finished shard back until the end: a bad last line leaves
+    no .bin/.idx at all (the fast path, a bad line in the first batch, is T10's)."""
+    corpus, _ = plain
+    bad = dt_tmp / "plain" / "strict_late.jsonl"
+    lines = corpus.read_text().splitlines()
+    bad.write_text("\n".join(lines) + '\n{"text": 3}\n')
+    prefix = str(dt_tmp / "plain" / "strict_late" / "out")
+    with pytest.raises(PreprocessError, match=f"{bad}:{len(lines) + 1}: 'text' is int"):
+        preprocess(plain_cfg(bad, sp_dir, prefix, strict=True))
+    left = os.listdir(Path(prefix).parent)
+    assert not [p for p in left if p.endswith((".bin", ".idx", ".tmp", ".meta.json"))], left
