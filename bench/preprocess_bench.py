@@ -133,6 +133,7 @@ def main() -> int:
         input_mb = corpus.stat().st_size / 1e6
         import megatron.core.datasets.indexed_dataset  # noqa: F401 - import outside any timing
 
+        load_before = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
         best_pipe, best_bare, manifest = None, None, None
         for _ in range(args.repeats):
             m = pipeline(corpus, tok_dir, work / "out", args.workers)
@@ -154,8 +155,9 @@ def main() -> int:
             (f"bare sentencepiece: {best_bare:.2f} s, {bare_mbs:.2f} MB/s of text, {bare_tps:,.0f} tokens/s "
             f"({bare_tokens:,} tokens)"),
             (f"ratio pipeline / bare (text MB/s over the same documents): {ratio:.2f} (target >= 0.8: "
-            f"{'met' if ratio >= 0.8 else 'NOT met'})"),
-            f"machine: {desc}",
+            f"{'met' if ratio >= 0.8 else 'NOT met'}); tokens/s ratio {pipe_tps / bare_tps:.2f} (the pipeline "
+            f"tokenizes only the {c['documents']} documents that survive filters and dedup)"),
+            f"machine: {desc}; load average before the run {load_before}",
         ]
         print("\n".join(lines))
         if not args.no_append:
