@@ -289,3 +289,28 @@ def test_strict_bad_line_after_complete_shards_leaves_nothing(plain, sp_dir: Pat
         preprocess(plain_cfg(bad, sp_dir, prefix, strict=True))
     left = os.listdir(Path(prefix).parent)
     assert not [p for p in left if p.endswith((".bin", ".idx", ".tmp", ".meta.json"))], left
+
+
+def test_truncated_gzip_and_text_bom(base_docs: list[str], sp_dir: Path, dt_tmp: Path, sp_tok) -> None:
+    """A corrupt .gz keeps the documents before the damage and rejects the rest of that
+    file; a text file's BOM is dropped; the other inputs are unaffected."""
+    import gzip
+
+    src = dt_tmp / "gz_cases"
+    src.mkdir()
+    docs = base_docs[150:170]
+    blob = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in docs).encode())
+    (src / "a_truncated.jsonl.gz").write_bytes(blob[: len(blob) * 2 // 3])
+    (src / "b.txt").write_bytes(b"\xef\xbb\xbf" + base_docs[170].encode())
+    prefix = str(dt_tmp / "gz_cases_out" / "out")
+    m = preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(sp_dir), output_prefix=prefix,
+                                    workers=0, progress=False))
+    rejects = [json.loads(x) for x in Path(prefix + ".rejected.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["unreadable"]
+    assert rejects[0]["file"].endswith("a_truncated.jsonl.gz")
+    decoded = [sp_tok.decode(d.tolist()) for d in read_docs(prefix)]
+    n_ok = len(decoded) - 1
+    assert 0 < n_ok < len(docs)
+    assert decoded[:n_ok] == docs[:n_ok]  # every complete line before the damage is kept
+    assert decoded[-1] == base_docs[170]  # BOM dropped, text kept
+    assert m["counts"]["documents"] == len(decoded)
