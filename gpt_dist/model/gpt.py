@@ -316,7 +316,7 @@ class Embedding(nn.Module):
             spec.padded_vocab, cfg.n_embd, config=spec.megatron,
             init_method=spec.init("wte.weight", cfg.init_std))
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)
-        spec.init("wpe.weight", cfg.init_std)(self.wpe.weight)
+        _init_partitioned(self.wpe.weight, spec.init("wpe.weight", cfg.init_std))
 
     def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         s = input_ids.shape[1]
@@ -326,6 +326,22 @@ class Embedding(nn.Module):
         if self.sequence_parallel:
             x = seq_split(x)                                     # [s/tp, b, h]
         return _dropout(x, self.dropout, self.training, self.sequence_parallel)
+
+
+def _init_partitioned(param: nn.Parameter, init: Callable[[torch.Tensor], None]) -> None:
+    """Initialise a parameter after its module's ``__init__`` returned.
+
+    Under ZeRO-3's ``zero.Init`` that parameter is already partitioned (its ``.data`` is
+    empty), so writing into it directly would silently keep the module's default init: gather
+    it, initialise (the same on every rank: seeded by name), re-partition from DP rank 0.
+    """
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
+            init(param)
+    else:
+        init(param)
 
 
 class LMHead(nn.Module):
