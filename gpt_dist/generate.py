@@ -1,7 +1,9 @@
 """Text generation from an export (native or Hugging Face GPT-2/GPT-1 directory) with a KV cache.
 
-One process, TP=1: the export holds full tensors, so a model of any training layout loads
-here. The prompt is run once to fill the cache; each new token then costs one position
+One process (TP=1), or N processes under ``torchrun``/``deepspeed`` that split the same
+``GPT`` N ways (tensor parallel; ``load_state_into_model`` slices the full tensors, the
+vocabulary-parallel logits are all-gathered, every rank continues with TP rank 0's token).
+The export holds full tensors, so a model of any training layout loads here. The prompt is run once to fill the cache; each new token then costs one position
 (``GPT.forward(ids, kv_cache=cache)``). When the sequence reaches the model's context
 (``n_ctx``) the cache is rebuilt from the last ``n_ctx - 1`` tokens (a sliding window).
 
@@ -28,23 +30,31 @@ class LoadedModel:
     cfg: ModelConfig
     eod_id: Optional[int]
     tokenizer: Any = None
+    tp: int = 1
+    tp_rank: int = 0
 
 
-def _ensure_parallel_state(device: str) -> None:
-    """megatron-core's layers need its (size-1) parallel groups even in one process."""
+def _ensure_parallel_state(device: str) -> tuple[int, int]:
+    """megatron-core's layers need its parallel groups even in one process. Under torchrun /
+    deepspeed with N processes the model is split N ways (tensor parallel). -> (tp, tp_rank)."""
+    import os
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if dist.is_initialized() and ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != 1:
-            raise RuntimeError("generation runs with tensor parallel size 1 (the export is whole)")
-        return
-    from gpt_dist import rng
-    from gpt_dist.config import ParallelConfig
-    from gpt_dist.parallel import ParallelContext
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        from gpt_dist import rng
+        from gpt_dist.config import ParallelConfig
+        from gpt_dist.parallel import ParallelContext
 
-    ParallelContext.from_env(ParallelConfig(), device=device)
-    rng.seed_all(0)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ParallelContext.from_env(ParallelConfig(tp=world), device=device)
+        rng.seed_all(0)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if dist.get_world_size() != tp:
+        raise RuntimeError(f"generation runs tensor parallel only: world size {dist.get_world_size()} "
+                           f"!= tensor parallel size {tp}")
+    return tp, ps.get_tensor_model_parallel_rank()
 
 
 def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torch.dtype] = None,
@@ -57,9 +67,9 @@ def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torc
 
     export_dir = Path(export_dir)
     cfg, state = load_native(export_dir)
-    _ensure_parallel_state(device)
-    model = build_model(cfg)
-    load_state_into_model(model, state, 0, 1, cfg)
+    tp, tp_rank = _ensure_parallel_state(device)
+    model = build_model(cfg, tp=tp)
+    load_state_into_model(model, state, tp_rank, tp, cfg)   # this rank's TP slice
     del state
     model = model.to(device=device, dtype=dtype).eval()
     eod: Optional[int] = None
@@ -78,7 +88,7 @@ def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torc
             tok = None
         if tok is not None and eod is None:
             eod = tok.eod_id
-    return LoadedModel(model, cfg, eod if isinstance(eod, int) else None, tok)
+    return LoadedModel(model, cfg, eod if isinstance(eod, int) else None, tok, tp, tp_rank)
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -106,6 +116,32 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[i
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _last_logits(model: Any, cfg: ModelConfig, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """[b, V] logits of the last position; under TP the vocabulary shards are all-gathered."""
+    from megatron.core import parallel_state as ps
+
+    out = model(ids, kv_cache=cache)[:, -1]
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        import torch.distributed as dist  # (megatron's gather allocates on CUDA)
+
+        parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+        out = torch.cat(parts, dim=-1)
+    return out[:, : cfg.vocab_size]
+
+
+def _sync_token(tok: torch.Tensor) -> torch.Tensor:
+    """Under TP every rank continues with TP rank 0's token (sampling seeds may differ)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        import torch.distributed as dist
+
+        tok = tok.contiguous()
+        dist.broadcast(tok, ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+    return tok
+
+
 @torch.no_grad()
 def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tokens: int,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -128,10 +164,10 @@ def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tok
     gen.manual_seed(seed if seed is not None else torch.seed())
     seq = prompt[:, -(cfg.n_ctx - 1):].to(device) if prompt.shape[1] >= cfg.n_ctx else prompt.to(device)
     cache = KVCache() if use_cache else None
-    logits = model(seq, kv_cache=cache)[:, -1, : cfg.vocab_size]
+    logits = _last_logits(model, cfg, seq, cache)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        tok = next_token(logits.float(), temperature, top_k, top_p, gen)
+        tok = _sync_token(next_token(logits.float(), temperature, top_k, top_p, gen))
         if eos_id is not None:
             tok = torch.where(done, torch.full_like(tok, eos_id), tok)
             done |= tok == eos_id
@@ -140,11 +176,11 @@ def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tok
             return
         seq = torch.cat([seq, tok[:, None]], dim=1)
         if cache is not None and cache.length < cfg.n_ctx:
-            logits = model(tok[:, None], kv_cache=cache)[:, -1, : cfg.vocab_size]
+            logits = _last_logits(model, cfg, tok[:, None], cache)
         else:  # context full (or no cache): a fresh pass over the last n_ctx - 1 tokens
             seq = seq[:, -(cfg.n_ctx - 1):] if seq.shape[1] >= cfg.n_ctx else seq
             cache = KVCache() if use_cache else None
-            logits = model(seq, kv_cache=cache)[:, -1, : cfg.vocab_size]
+            logits = _last_logits(model, cfg, seq, cache)
 
 
 def generate(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 50, num_samples: int = 1,

@@ -5,12 +5,17 @@
 
 --temperature 0 is greedy decoding. Tokens stream to stdout as they are produced. An
 export without a tokenizer takes --prompt-ids 1,2,3 and prints token ids.
+
+Tensor parallel (the same parallel GPT as training, the export sliced per rank; rank 0 prints):
+
+    torchrun --nproc-per-node 2 launch/generate.py --model EXPORT_DIR --prompt "..."
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = load_model(args.model, device=args.device)
     except ExportError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if loaded.tp_rank != 0:  # tensor parallel: every rank runs the model, rank 0 prints
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     tok = loaded.tokenizer
     if args.prompt is not None:
         if tok is None:

@@ -76,3 +76,25 @@ def test_cli_streams_token_ids(exports):
     assert res.returncode == 0, res.stderr[-2000:]
     ids = [int(x) for x in res.stdout.split()]
     assert ids[:3] == [5, 17, 42] and len(ids) == 9
+
+
+@pytest.mark.slow
+def test_tp2_generation_streams_the_tp1_tokens(exports):
+    """torchrun --nproc-per-node 2: the export sliced into the TP=2 GPT; rank 0 prints the
+    greedy tokens of the one-process run (and of transformers)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", DS_ACCELERATOR="cpu",
+               GPT_DIST_PG_TIMEOUT="120")
+    args = ["launch/generate.py", "--model", str(exports["gpt2"] / "native"), "--prompt-ids", "5,17,42,7",
+            "--max-new-tokens", "12", "--temperature", "0", "--no-stop"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    tp2 = [int(x) for x in res.stdout.split()]
+    from gpt_dist.generate import generate, load_model
+
+    ref = generate(load_model(exports["gpt2"] / "native"), [5, 17, 42, 7], 12, temperature=0.0, eos_id=None)[0]
+    assert tp2 == [5, 17, 42, 7, *ref]
