@@ -1,0 +1,65 @@
+"""tests/model: the model's layout, built in the test process (no DeepSpeed engine).
+
+* ``meta_model(cfg)`` (a fixture) builds a TP=1 model on the meta device (no memory, no process group):
+  the parameter counts of the full-size configs in a fraction of a second.
+* ``ctx``: a world-size-1 gloo context (megatron-core's groups exist, so the tensor-parallel
+  layers run forward), as tests/export does; os.environ is left as it was found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+
+@contextlib.contextmanager
+def _tp1_without_groups():
+    """megatron-core's TP size/rank getters answer 1/0 without a process group."""
+    from megatron.core import parallel_state as ps
+
+    saved = (ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE, ps._MPU_TENSOR_MODEL_PARALLEL_RANK)
+    ps.set_tensor_model_parallel_world_size(1)
+    ps.set_tensor_model_parallel_rank(0)
+    try:
+        yield
+    finally:
+        ps.set_tensor_model_parallel_world_size(saved[0])
+        ps.set_tensor_model_parallel_rank(saved[1])
+
+
+@pytest.fixture
+def meta_model():
+    """``meta_model(model_cfg)`` -> a TP=1 GPT on the meta device."""
+    from gpt_dist.model.gpt import build_model
+
+    def build(mcfg):
+        with _tp1_without_groups(), torch.device("meta"):
+            return build_model(mcfg)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def ctx():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import deepspeed
+
+    from gpt_dist import rng
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    # DeepSpeed's TorchBackend would JIT-build (or rebuild, when another checkout with other
+    # include paths built it last) its shared-memory inference all-reduce op: a minute of
+    # compiling on 2 cores, for an op nothing here uses; gloo does the collectives
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    saved = dict(os.environ)
+    try:
+        c = ParallelContext.from_env(ParallelConfig(), device="cpu")
+    finally:  # RANK/WORLD_SIZE/MASTER_PORT must not leak into later subprocess launches
+        os.environ.clear()
+        os.environ.update(saved)
+    rng.seed_all(0)
+    return c

@@ -1,0 +1,216 @@
+"""Every multi-process measurement of tests/training in ONE launch (process start-up and the
+DeepSpeed import cost ~15 s per launch on 2 cores; the runs themselves take seconds).
+
+    python tests/training/_parallel_worker.py OUT DATA_PREFIX PORT_A PORT_B PORT_C
+
+torch.multiprocessing starts 4 processes; they go through three worlds one after another,
+tearing down megatron-core's groups and the process group between them:
+
+A. world 4 (ranks 0-3), tp=2 x dp=2:
+   * ``tp2_{arch}.pt``: one forward + backward of the TP=2 GPT-1 and GPT-2 models (dropout 0,
+     the same batch on every rank): the loss and every gradient gathered over the TP group
+     into the full (unsharded) tensor;
+   * ``tp2dp2_zero3/``: ``pretrain`` for 10 steps with ZeRO-3.
+B. world 2 (ranks 0-1), tp=1 x dp=2: ``pretrain`` for 10 steps with ZeRO-0, 1, 2 and 3
+   (``dp2_zero{S}/``), one after another in the same process group, reseeded each time.
+C. world 1 (rank 0): ``dp1_zero0/`` (10 steps, the same global batch as B) and
+   ``tp1_{arch}.pt`` (the TP=1 forward + backward that A's must equal).
+
+Every run is the real trainer (``gpt_dist.training.loop.pretrain`` with the context passed
+in), which writes its losses to RUN/metrics.jsonl; the test compares them. A failing rank
+writes ``error_rank{R}_{phase}.txt`` and the tests show it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+T_START = float(os.environ.get("GPT_DIST_TEST_T0", time.time()))
+VOCAB, EOD = 500, 499
+STEPS = 10
+
+BASE: dict = {
+    "run": {"name": "par", "dir": "UNSET"},
+    "model": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 32, "n_ctx": 16,
+              "vocab_size": VOCAB, "dropout": 0.0, "attn_dropout": 0.0},
+    "parallel": {"tp": 1, "pp": 1},
+    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
+    "schedule": {"warmup_steps": 3, "decay": "cosine"},
+    "data": {"prefixes": ["UNSET"], "tokenizer": "", "seq_len": 16, "split": "90,10,0"},
+    "training": {"train_steps": STEPS, "micro_batch_size": 2, "global_batch_size": 8,
+                 "precision": "fp32", "device": "cpu", "eval_interval": STEPS, "eval_steps": 1,
+                 "deterministic": True, "seed": 1234},
+    "checkpoint": {"save_interval": 1000, "keep_last": 1},
+    "logging": {"log_interval": 1000, "progress_bar": False, "tensorboard": False},
+    # DeepSpeed's default buckets are 5e8 elements: a 2 GB torch.empty per bucket that takes
+    # seconds on a loaded 2-core machine; the toy model has 45k parameters
+    "deepspeed": {"zero_optimization": {"stage": 0, "reduce_bucket_size": 200_000,
+                                        "allgather_bucket_size": 200_000,
+                                        "stage3_prefetch_bucket_size": 200_000}},
+}
+
+
+def _config(out: Path, data: str, name: str, *, tp: int, stage: int):
+    from gpt_dist.config import config_from_dict
+
+    raw = json.loads(json.dumps(BASE))
+    raw["run"]["dir"] = str(out / name)
+    raw["data"]["prefixes"] = [data]
+    raw["parallel"]["tp"] = tp
+    raw["deepspeed"]["zero_optimization"]["stage"] = stage
+    return config_from_dict(raw)
+
+
+def _init(rank: int, world: int, port: int, tp: int):
+    """A fresh process group + megatron-core groups of this size."""
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return ParallelContext.from_env(ParallelConfig(tp=tp), device="cpu", timeout_s=240)
+
+
+def _teardown(ctx) -> None:
+    import gc
+
+    gc.collect()
+    ctx.destroy()
+
+
+TIMES: dict[str, float] = {}
+
+
+def _timed(name: str, fn, *args, **kw):
+    t0 = time.monotonic()
+    out = fn(*args, **kw)
+    TIMES[name] = round(time.monotonic() - t0, 2)
+    return out
+
+
+def _train(ctx, out: Path, data: str, name: str, *, stage: int) -> None:
+    import gpt_dist.training.loop as L
+
+    _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage), ctx)
+
+
+def _forward_backward(ctx, arch: str) -> dict:
+    """Loss and full gradients of one forward + backward (TP shards gathered)."""
+    import torch.distributed as dist
+
+    from gpt_dist import rng
+    from gpt_dist.config import ModelConfig
+    from gpt_dist.model.gpt import analytic_parameters, build_model, count_parameters
+
+    mcfg = ModelConfig(arch=arch, n_layer=2, n_head=4, n_embd=32, n_ctx=16, vocab_size=VOCAB,
+                       dropout=0.0, attn_dropout=0.0)
+    rng.seed_all(5, tp_rank=ctx.tp_rank)
+    model = build_model(mcfg, tp=ctx.tp, seed=99).train()
+    g = torch.Generator().manual_seed(11)  # the same batch on every rank
+    ids = torch.randint(0, VOCAB, (3, 16), generator=g)
+    labels = torch.randint(0, VOCAB, (3, 16), generator=g)
+    loss = model(ids, labels)
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        grad = p.grad.detach().clone()
+        if ctx.tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(grad) for _ in range(ctx.tp)]
+            dist.all_gather(parts, grad.contiguous(), group=ctx.tp_group)
+            grad = torch.cat(parts, dim=p.partition_dim)
+        grads[name] = grad
+    return {"loss": float(loss.item()), "grads": grads, "padded_vocab": mcfg.padded_vocab_size(ctx.tp),
+            "count": count_parameters(model, mcfg, tp=ctx.tp), "analytic": analytic_parameters(mcfg)}
+
+
+def _guard(out: Path, rank: int, phase: str, fn) -> bool:
+    try:
+        fn()
+        return True
+    except BaseException:  # noqa: BLE001 - report anything (SystemExit too), never hang the peers
+        (out / f"error_rank{rank}_{phase}.txt").write_text(traceback.format_exc())
+        return False
+
+
+def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
+    TIMES["start"] = round(time.time() - T_START, 2)
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="240")
+    torch.set_num_threads(1)
+    outp = Path(out)
+    import gpt_dist.training.loop as L
+
+    L.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "toy")  # toy shards: ids < 500, 499 = EOD
+    import gpt_dist.training.metrics as M
+
+    M.plot_loss = lambda run_dir: None  # loss.png: matplotlib costs seconds per run, not tested here
+
+    # ---- A: world 4, tp=2 x dp=2
+    ctx = None
+
+    def phase_a() -> None:
+        nonlocal ctx
+        ctx = _timed("init_A", _init, rank, 4, ports[0], tp=2)
+        for arch in ("gpt1", "gpt2"):
+            res = _forward_backward(ctx, arch)
+            if rank == 0:
+                torch.save(res, outp / f"tp2_{arch}.pt")
+        _train(ctx, outp, data, "tp2dp2_zero3", stage=3)
+        _teardown(ctx)
+
+    if not _guard(outp, rank, "A", phase_a) or rank >= 2:
+        return
+
+    # ---- B: world 2, tp=1 x dp=2, ZeRO-0..3 in the same process group
+    def phase_b() -> None:
+        ctx = _timed("init_B", _init, rank, 2, ports[1], tp=1)
+        for stage in (0, 1, 2, 3):
+            _train(ctx, outp, data, f"dp2_zero{stage}", stage=stage)
+        _teardown(ctx)
+
+    if not _guard(outp, rank, "B", phase_b) or rank >= 1:
+        return
+
+    # ---- C: world 1: the DP=1 run and the TP=1 forward/backward references
+    def phase_c() -> None:
+        ctx = _timed("init_C", _init, 0, 1, ports[2], tp=1)
+        _train(ctx, outp, data, "dp1_zero0", stage=0)
+        for arch in ("gpt1", "gpt2"):
+            torch.save(_forward_backward(ctx, arch), outp / f"tp1_{arch}.pt")
+        _teardown(ctx)
+
+    if _guard(outp, rank, "C", phase_c):
+        (outp / "times.json").write_text(json.dumps(TIMES, indent=1))
+        (outp / "done").write_text("ok\n")
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    out_dir, data_prefix = sys.argv[1], sys.argv[2]
+    port_list = [int(p) for p in sys.argv[3:6]]
+    os.makedirs(out_dir, exist_ok=True)
+    os.environ["GPT_DIST_TEST_T0"] = str(T_START)
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    # import DeepSpeed, megatron-core and the trainer once, then fork: 4 processes that each
+    # import them cost ~4x the CPU time on a 2-core machine (nothing distributed exists yet)
+    import deepspeed
+    import megatron.core.tensor_parallel  # noqa: F401
+
+    import gpt_dist.parallel
+    import gpt_dist.training.loop
+    import gpt_dist.training.metrics  # noqa: F401
+
+    # DeepSpeed's TorchBackend JIT-builds its shared-memory all-reduce op (used by inference
+    # only) into ~/.cache/torch_extensions; concurrent sessions with other include paths keep
+    # rebuilding it (60-130 s each under load). gloo does everything these tests need.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    TIMES["imports"] = round(time.time() - T_START, 2)
+    mp.start_processes(worker, args=(out_dir, data_prefix, port_list), nprocs=4, join=True,
+                       start_method="fork")
