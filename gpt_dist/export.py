@@ -444,7 +444,7 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fm
     check_state(state, cfg, "export")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    copied = _copy_tokenizer(tokenizer_dir, out) if tokenizer_dir is not None else []
+    copied = _copy_tokenizer(Path(tokenizer_dir), out) if tokenizer_dir is not None else []
     if eod_id is None:
         eod_id = _tokenizer_eod(out) if copied else None
     cast = {k: v.to(DTYPES[dtype]) for k, v in state.items()}

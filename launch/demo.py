@@ -60,6 +60,9 @@ def stage_export() -> None:
     if (ROOT / "launch" / "generate.py").exists():
         run([PY, "launch/generate.py", "--model", "exports/tiny_cpu", "--prompt", "The function returns",
              "--max-new-tokens", "40", "--num-samples", "2", "--seed", "1"])
+    # the Hugging Face directory, loaded by transformers itself (AutoModelForCausalLM + AutoTokenizer)
+    run([PY, "launch/hf_check.py", "--model", "exports/tiny_cpu_hf", "--prompt", "The function returns",
+         "--max-new-tokens", "30"], HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
 
 
 def main() -> int:

@@ -105,3 +105,24 @@ def test_native_export_has_no_hf_tokenizer_and_fake_tokenizer_is_skipped(ctx, sp
     export_state(state, cfg, tmp_path / "h", "hf", tokenizer_dir=fake)   # weights still exported
     info = json.loads((tmp_path / "h" / "export.json").read_text())
     assert info["hf_tokenizer"]["files"] == [] and "skipped" in info["hf_tokenizer"]
+
+
+def test_hf_check_script_loads_the_export(ctx, sp_tok, tmp_path, capsys):
+    """launch/hf_check.py (make demo's Hugging Face step): transformers' greedy continuation
+    equals launch/generate.py's on the same directory."""
+    import importlib.util
+
+    from gpt_dist.export import export_state
+    from gpt_dist.tokenizer import load_tokenizer
+
+    from .conftest import ROOT
+
+    cfg = small_cfg(vocab_size=load_tokenizer(sp_tok).vocab_size, n_ctx=48)
+    export_state(native_state(random_model(cfg, seed=4), cfg), cfg, tmp_path / "hf", "hf", tokenizer_dir=sp_tok)
+    spec = importlib.util.spec_from_file_location("hf_check", ROOT / "launch" / "hf_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", str(tmp_path / "hf"), "--prompt", "Line 3: the quick", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in out and "greedy: Line 3: the quick" in out
+    assert "same prompt ids as gpt_dist's tokenizer: True; same continuation as launch/generate.py: True" in out
