@@ -10,9 +10,12 @@ A. world 4 (ranks 0-3), tp=2 x dp=2:
    * ``tp2_{arch}.pt``: one forward + backward of the TP=2 GPT-1 and GPT-2 models (dropout 0,
      the same batch on every rank): the loss and every gradient gathered over the TP group
      into the full (unsharded) tensor;
-   * ``tp2dp2_zero3/``: ``pretrain`` for 10 steps with ZeRO-3.
+   * ``tp2dp2_zero3/``: ``pretrain`` for 10 steps with ZeRO-3;
+   * ``tp2dp2_zero3_drop/``: the same with dropout 0.1, and ``tp2dp2_zero3_drop_resumed/``:
+     stopped after step 5 (its final checkpoint) and started again, resuming to step 10.
 B. world 2 (ranks 0-1), tp=1 x dp=2: ``pretrain`` for 10 steps with ZeRO-0, 1, 2 and 3
-   (``dp2_zero{S}/``), one after another in the same process group, reseeded each time.
+   (``dp2_zero{S}/``), one after another in the same process group (``pretrain`` reseeds);
+   ``dp2_zero2_resumed/``: ZeRO-2 stopped after step 5 and resumed.
 C. world 1 (rank 0): ``dp1_zero0/`` (10 steps, the same global batch as B) and
    ``tp1_{arch}.pt`` (the TP=1 forward + backward that A's must equal).
 
@@ -42,7 +45,7 @@ BASE: dict = {
               "vocab_size": VOCAB, "dropout": 0.0, "attn_dropout": 0.0},
     "parallel": {"tp": 1, "pp": 1},
     "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
-    "schedule": {"warmup_steps": 3, "decay": "cosine"},
+    "schedule": {"warmup_steps": 3, "decay": "cosine", "decay_steps": STEPS},  # also for 5-step runs
     "data": {"prefixes": ["UNSET"], "tokenizer": "", "seq_len": 16, "split": "90,10,0"},
     "training": {"train_steps": STEPS, "micro_batch_size": 2, "global_batch_size": 8,
                  "precision": "fp32", "device": "cpu", "eval_interval": STEPS, "eval_steps": 1,
@@ -57,7 +60,8 @@ BASE: dict = {
 }
 
 
-def _config(out: Path, data: str, name: str, *, tp: int, stage: int):
+def _config(out: Path, data: str, name: str, *, tp: int, stage: int, steps: int = STEPS,
+            dropout: float = 0.0):
     from gpt_dist.config import config_from_dict
 
     raw = json.loads(json.dumps(BASE))
@@ -65,6 +69,8 @@ def _config(out: Path, data: str, name: str, *, tp: int, stage: int):
     raw["data"]["prefixes"] = [data]
     raw["parallel"]["tp"] = tp
     raw["deepspeed"]["zero_optimization"]["stage"] = stage
+    raw["training"]["train_steps"] = steps
+    raw["model"].update(dropout=dropout, attn_dropout=dropout)
     return config_from_dict(raw)
 
 
@@ -95,10 +101,21 @@ def _timed(name: str, fn, *args, **kw):
     return out
 
 
-def _train(ctx, out: Path, data: str, name: str, *, stage: int) -> None:
+def _train(ctx, out: Path, data: str, name: str, *, stage: int, dropout: float = 0.0) -> None:
     import gpt_dist.training.loop as L
 
-    _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage), ctx)
+    _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage, dropout=dropout), ctx)
+
+
+def _train_interrupted(ctx, out: Path, data: str, name: str, *, stage: int, dropout: float = 0.0) -> None:
+    """Stop after step 5 (a checkpoint is written at the last step), then start the same run
+    again for 10 steps: it resumes from global_step5 and logs steps 6-10 after 1-5."""
+    import gpt_dist.training.loop as L
+
+    t0 = time.monotonic()
+    for steps in (5, STEPS):
+        L.pretrain(_config(out, data, name, tp=ctx.tp, stage=stage, steps=steps, dropout=dropout), ctx)
+    TIMES[name] = round(time.monotonic() - t0, 2)
 
 
 def _forward_backward(ctx, arch: str) -> dict:
@@ -162,6 +179,9 @@ def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
             if rank == 0:
                 torch.save(res, outp / f"tp2_{arch}.pt")
         _train(ctx, outp, data, "tp2dp2_zero3", stage=3)
+        # resume with dropout on: the TP-region RNG tracker, per-rank ZeRO-3 partitions
+        _train(ctx, outp, data, "tp2dp2_zero3_drop", stage=3, dropout=0.1)
+        _train_interrupted(ctx, outp, data, "tp2dp2_zero3_drop_resumed", stage=3, dropout=0.1)
         _teardown(ctx)
 
     if not _guard(outp, rank, "A", phase_a) or rank >= 2:
@@ -172,6 +192,7 @@ def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
         ctx = _timed("init_B", _init, rank, 2, ports[1], tp=1)
         for stage in (0, 1, 2, 3):
             _train(ctx, outp, data, f"dp2_zero{stage}", stage=stage)
+        _train_interrupted(ctx, outp, data, "dp2_zero2_resumed", stage=2)
         _teardown(ctx)
 
     if not _guard(outp, rank, "B", phase_b) or rank >= 1:

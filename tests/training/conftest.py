@@ -73,6 +73,11 @@ class Runs:
         assert sorted(train) == list(range(1, len(train) + 1)), (name, sorted(train))
         return [train[s] for s in sorted(train)]
 
+    def steps(self, name: str) -> list[int]:
+        """The step of every training record in the order logged (a restart shows as a repeat)."""
+        recs = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in recs if "loss" in r]
+
     def val_loss(self, name: str) -> float:
         recs = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]
         return [r["val_loss"] for r in recs if "val_loss" in r][-1]
