@@ -193,5 +193,21 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
     ds_engine, ds_opt, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=ctx.mpu() if ctx.pp == 1 else None, dist_init_required=False)
+    _keep_fp32_clip_norm(ds_engine)
     return Engine(ds=ds_engine, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config,
                   guard=guard)
+
+
+def _keep_fp32_clip_norm(ds_engine: Any) -> None:
+    """ZeRO-0 in fp32: DeepSpeed clips with ``clip_fp32_gradients``, which computes the global
+    gradient norm and drops it, so ``get_global_grad_norm()`` stays None and the log showed
+    ``gnorm nan`` for every step. Same computation, the norm kept (ZeRO-1/2/3, fp16 and bf16
+    record it themselves; DeepSpeed calls this only in the ZeRO-0 fp32 case)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        norm = clip_grad_norm_(parameters=ds_engine.module.parameters(),
+                               max_norm=ds_engine.gradient_clipping(), mpu=ds_engine.mpu)
+        ds_engine._global_grad_norm = float(norm)
+
+    ds_engine.clip_fp32_gradients = clip_fp32_gradients

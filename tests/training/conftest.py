@@ -73,6 +73,11 @@ class Runs:
         assert sorted(train) == list(range(1, len(train) + 1)), (name, sorted(train))
         return [train[s] for s in sorted(train)]
 
+    def records(self, name: str) -> list[dict]:
+        """The training records (one per step) of a run, in order."""
+        recs = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in recs if "loss" in r]
+
     def steps(self, name: str) -> list[int]:
         """The step of every training record in the order logged (a restart shows as a repeat)."""
         recs = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]

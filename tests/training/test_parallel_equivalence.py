@@ -77,3 +77,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted(runs, ref, resumed):
 def test_dropout_is_on_in_the_resume_run(runs):
     """Otherwise the RNG restore would go untested: dropout 0.1 changes the losses."""
     assert _max_diff(runs.losses("tp2dp2_zero3"), runs.losses("tp2dp2_zero3_drop")) > 1e-4
+
+
+def test_grad_norm_logged_and_equal_across_layouts(runs):
+    """Every layout logs the same (clipping) gradient norm; ZeRO-0 in fp32 logged nan."""
+    ref = runs.records("dp2_zero1")
+    for name in ("dp2_zero0", "dp2_zero2", "dp2_zero3", "dp1_zero0", "tp2dp2_zero3"):
+        got = runs.records(name)
+        for a, b in zip(ref, got):
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5, (name, a["step"], a["grad_norm"], b["grad_norm"])
