@@ -89,8 +89,12 @@ def status(key):
 
 
 before = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM (the peak) to the current RSS
-    fh.write("5")
+try:
+    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM (the peak) to the current RSS
+        fh.write("5")
+except OSError:
+    print(json.dumps({"skip": "cannot reset the peak RSS (/proc/self/clear_refs)"}))
+    sys.exit(0)
 E.export_checkpoint(sys.argv[1], sys.argv[2])
 print(json.dumps({"before_kib": before, "peak_kib": status("VmHWM")}))
 """
@@ -121,6 +125,8 @@ def test_export_memory_is_bounded_by_one_shard(ctx, toy_data, tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
+    if "skip" in m:
+        pytest.skip(m["skip"])
     peak = (m["peak_kib"] - m["before_kib"]) * 1024
     model_bytes = (tmp_path / "e" / "model.safetensors").stat().st_size
     bound = model_bytes + shard + 32 * 2**20
