@@ -1,7 +1,7 @@
 """Every multi-process measurement of tests/training in ONE launch (process start-up and the
 DeepSpeed import cost ~15 s per launch on 2 cores; the runs themselves take seconds).
 
-    python tests/training/_parallel_worker.py OUT DATA_PREFIX PORT_A PORT_B PORT_C
+    python tests/training/_parallel_worker.py OUT DATA_PREFIX PORT
 
 torch.multiprocessing starts 4 processes; they go through three worlds one after another,
 tearing down megatron-core's groups and the process group between them:
@@ -84,11 +84,23 @@ def _init(rank: int, world: int, port: int, tp: int):
     return ParallelContext.from_env(ParallelConfig(tp=tp), device="cpu", timeout_s=240)
 
 
-def _teardown(ctx) -> None:
+def _teardown(ctx) -> int:
+    """Destroy the groups; returns a free port for the next world, picked by rank 0 now
+    (not at launch: another test could take a port picked a minute earlier)."""
     import gc
+    import socket
 
+    import torch.distributed as dist
+
+    port = [None]
+    if ctx.rank == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = [sock.getsockname()[1]]
+    dist.broadcast_object_list(port, src=0)
     gc.collect()
     ctx.destroy()
+    return int(port[0])
 
 
 TIMES: dict[str, float] = {}
@@ -156,7 +168,7 @@ def _guard(out: Path, rank: int, phase: str, fn) -> bool:
         return False
 
 
-def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
+def worker(rank: int, out: str, data: str, port: int) -> None:
     TIMES["start"] = round(time.time() - T_START, 2)
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="240")
     torch.set_num_threads(1)
@@ -169,10 +181,9 @@ def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
     M.plot_loss = lambda run_dir: None  # loss.png: matplotlib costs seconds per run, not tested here
 
     # ---- A: world 4, tp=2 x dp=2
-    ctx = None
+    ports = [port]
 
     def phase_a() -> None:
-        nonlocal ctx
         ctx = _timed("init_A", _init, rank, 4, ports[0], tp=2)
         for arch in ("gpt1", "gpt2"):
             res = _forward_backward(ctx, arch)
@@ -182,7 +193,7 @@ def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
         # resume with dropout on: the TP-region RNG tracker, per-rank ZeRO-3 partitions
         _train(ctx, outp, data, "tp2dp2_zero3_drop", stage=3, dropout=0.1)
         _train_interrupted(ctx, outp, data, "tp2dp2_zero3_drop_resumed", stage=3, dropout=0.1)
-        _teardown(ctx)
+        ports.append(_teardown(ctx))
 
     if not _guard(outp, rank, "A", phase_a) or rank >= 2:
         return
@@ -193,7 +204,7 @@ def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
         for stage in (0, 1, 2, 3):
             _train(ctx, outp, data, f"dp2_zero{stage}", stage=stage)
         _train_interrupted(ctx, outp, data, "dp2_zero2_resumed", stage=2)
-        _teardown(ctx)
+        ports.append(_teardown(ctx))
 
     if not _guard(outp, rank, "B", phase_b) or rank >= 1:
         return
@@ -214,8 +225,7 @@ def worker(rank: int, out: str, data: str, ports: list[int]) -> None:
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
-    out_dir, data_prefix = sys.argv[1], sys.argv[2]
-    port_list = [int(p) for p in sys.argv[3:6]]
+    out_dir, data_prefix, first_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     os.makedirs(out_dir, exist_ok=True)
     os.environ["GPT_DIST_TEST_T0"] = str(T_START)
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -233,5 +243,5 @@ if __name__ == "__main__":
     # rebuilding it (60-130 s each under load). gloo does everything these tests need.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     TIMES["imports"] = round(time.time() - T_START, 2)
-    mp.start_processes(worker, args=(out_dir, data_prefix, port_list), nprocs=4, join=True,
+    mp.start_processes(worker, args=(out_dir, data_prefix, first_port), nprocs=4, join=True,
                        start_method="fork")
