@@ -3,8 +3,9 @@ DeepSpeed import cost ~15 s per launch on 2 cores; the runs themselves take seco
 
     python tests/training/_parallel_worker.py OUT DATA_PREFIX PORT
 
-torch.multiprocessing starts 4 processes; they go through three worlds one after another,
-tearing down megatron-core's groups and the process group between them:
+The parent imports DeepSpeed, megatron-core and the trainer once and forks 4 processes;
+they go through three worlds one after another, tearing down megatron-core's groups and
+the process group between them (PORT is world A's rendezvous; rank 0 picks B's and C's):
 
 A. world 4 (ranks 0-3), tp=2 x dp=2:
    * ``tp2_{arch}.pt``: one forward + backward of the TP=2 GPT-1 and GPT-2 models (dropout 0,
