@@ -35,9 +35,10 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 
@@ -59,15 +60,13 @@ class ExportError(RuntimeError):
 # --------------------------------------------------------------------------- names & shapes
 
 
-def canonical_name(module_name: str, n_layer: int) -> Optional[str]:
+def canonical_name(module_name: str, n_layer: int) -> str | None:
     """GPT / PipelineModule parameter name -> native export name (None: not a weight)."""
     if module_name.endswith("_extra_state"):
         return None
     name = module_name
-    if name.startswith("module."):
-        name = name[len("module."):]
-    if name.startswith("tied_modules.embed."):       # pipeline: the tied embedding layer
-        name = name[len("tied_modules.embed."):]
+    name = name.removeprefix("module.")
+    name = name.removeprefix("tied_modules.embed.")
     m = re.match(r"^(\d+)\.(.*)$", name)              # pipeline: global layer index
     if m:
         from gpt_dist.pipeline import pipe_name_to_gpt
@@ -77,12 +76,11 @@ def canonical_name(module_name: str, n_layer: int) -> Optional[str]:
             return None
         name = mapped
     for prefix in ("embed.", "head."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+        name = name.removeprefix(prefix)
     return name
 
 
-def module_name(canonical: str, pipeline_layer: Optional[int] = None) -> str:
+def module_name(canonical: str, pipeline_layer: int | None = None) -> str:
     """Native name -> the name in a pp=1 ``GPT``."""
     if canonical.startswith(("wte.", "wpe.")):
         return "embed." + canonical
@@ -91,7 +89,7 @@ def module_name(canonical: str, pipeline_layer: Optional[int] = None) -> str:
     return canonical
 
 
-def tp_dim(name: str) -> Optional[int]:
+def tp_dim(name: str) -> int | None:
     """The dimension a native tensor is split along under TP (None: replicated)."""
     if name == "wte.weight":
         return 0
@@ -174,12 +172,12 @@ def _torch_load(path: Path) -> Any:
                 if "mmap" not in str(exc):
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt/truncated zip, an unpickling refusal, ...
+    except Exception as exc:  # corrupt/truncated zip, an unpickling refusal, ...  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path}: cannot load checkpoint file ({type(exc).__name__}: {first[:200]})") from None
 
 
-def resolve_checkpoint(run_dir: Path, step: Optional[int] = None, check_hash: bool = True) -> tuple[Path, dict[str, Any]]:
+def resolve_checkpoint(run_dir: Path, step: int | None = None, check_hash: bool = True) -> tuple[Path, dict[str, Any]]:
     """(tag directory, verified manifest) of ``run_dir``'s latest or given-step checkpoint.
 
     ``run_dir`` may also be a checkpoint tag directory itself (one holding manifest.json)."""
@@ -333,7 +331,7 @@ def _zero3_state(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     return {k: (v.contiguous() if not torch.is_tensor(v) else v) for k, v in out.items()}
 
 
-def _zero12_master(tag_dir: Path, tp_rank: int, sd: dict[str, Any]) -> Optional[dict[str, torch.Tensor]]:
+def _zero12_master(tag_dir: Path, tp_rank: int, sd: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of a ZeRO-1/2 bf16/fp16 run (None if the optimizer files are absent)."""
     from deepspeed.utils import zero_to_fp32 as z
 
@@ -368,7 +366,7 @@ def gather_checkpoint(tag_dir: Path, manifest: dict[str, Any], prefer_master: bo
 # --------------------------------------------------------------------------- export
 
 
-def _tokenizer_eod(tok_dir: Optional[Path]) -> Optional[int]:
+def _tokenizer_eod(tok_dir: Path | None) -> int | None:
     if tok_dir is None:
         return None
     try:
@@ -377,7 +375,7 @@ def _tokenizer_eod(tok_dir: Optional[Path]) -> Optional[int]:
         return None
     try:
         return int(load_tokenizer(str(tok_dir)).eod_id)
-    except Exception:  # a tokenizer we cannot read: the caller can pass --eod-id
+    except Exception:  # a tokenizer we cannot read: the caller can pass --eod-id  # noqa: BLE001
         return None
 
 
@@ -405,7 +403,7 @@ def _hf_tokenizer(out: Path, cfg: ModelConfig) -> dict[str, Any]:
         from gpt_dist.tokenizer import load_tokenizer
 
         tok = load_tokenizer(out)
-    except Exception as exc:  # not one of our tokenizers: the weights are still exported
+    except Exception as exc:  # not one of our tokenizers: the weights are still exported  # noqa: BLE001
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         print(f"export: warning: no Hugging Face tokenizer written ({reason})", file=sys.stderr)
         return {"files": [], "skipped": reason}
@@ -433,9 +431,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fmt: str = "native",
-                 dtype: str = "fp32", info: Optional[dict[str, Any]] = None,
-                 training_config: Optional[dict[str, Any]] = None, eod_id: Optional[int] = None,
-                 tokenizer_dir: Optional[Path] = None) -> Path:
+                 dtype: str = "fp32", info: dict[str, Any] | None = None,
+                 training_config: dict[str, Any] | None = None, eod_id: int | None = None,
+                 tokenizer_dir: Path | None = None) -> Path:
     """Write a full native state (real vocabulary) as an export directory."""
     if fmt not in ("native", "hf"):
         raise ExportError(f"--format: must be native or hf, got {fmt!r}")
@@ -467,8 +465,8 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fm
     return out
 
 
-def export_checkpoint(run_dir: Path, out: Path, step: Optional[int] = None, fmt: str = "native",
-                      dtype: str = "fp32", eod_id: Optional[int] = None, check_hash: bool = True) -> Path:
+def export_checkpoint(run_dir: Path, out: Path, step: int | None = None, fmt: str = "native",
+                      dtype: str = "fp32", eod_id: int | None = None, check_hash: bool = True) -> Path:
     """``launch/export.py``: verify, gather, merge, strip padding, write."""
     tag_dir, manifest = resolve_checkpoint(Path(run_dir), step, check_hash)
     config = manifest["config"]
@@ -537,11 +535,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            for name in fh.keys():
+            for name in fh:
                 out[name] = fh.get_tensor(name)
     except ExportError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise ExportError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0][:200]})") from None
     del header
     return out, meta
@@ -568,11 +566,11 @@ def _model_config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
         raise ExportError(f"{where}: activation {act!r} is not the tanh GELU gpt_dist uses")
     if mt == "gpt2" and conf.get("n_inner") not in (None, 4 * conf["n_embd"]):
         raise ExportError(f"{where}: n_inner {conf.get('n_inner')} != 4 * n_embd")
-    return model_config_from_dict(dict(
-        arch="gpt2" if mt == "gpt2" else "gpt1", n_layer=conf["n_layer"], n_head=conf["n_head"],
-        n_embd=conf["n_embd"], n_ctx=conf["n_positions"], vocab_size=conf["vocab_size"],
-        ln_eps=conf.get("layer_norm_epsilon", 1e-5), dropout=conf.get("resid_pdrop", 0.1),
-        attn_dropout=conf.get("attn_pdrop", 0.1), init_std=conf.get("initializer_range", 0.02)), where)
+    return model_config_from_dict({
+        "arch": "gpt2" if mt == "gpt2" else "gpt1", "n_layer": conf["n_layer"], "n_head": conf["n_head"],
+        "n_embd": conf["n_embd"], "n_ctx": conf["n_positions"], "vocab_size": conf["vocab_size"],
+        "ln_eps": conf.get("layer_norm_epsilon", 1e-5), "dropout": conf.get("resid_pdrop", 0.1),
+        "attn_dropout": conf.get("attn_pdrop", 0.1), "init_std": conf.get("initializer_range", 0.02)}, where)
 
 
 def load_native(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -597,7 +595,7 @@ def load_native(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 
 
 def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
-                          tp_rank: int, tp: int, cfg: Optional[ModelConfig] = None) -> list[str]:
+                          tp_rank: int, tp: int, cfg: ModelConfig | None = None) -> list[str]:
     """Copy a full native state into ``model`` (a ``GPT`` or a pipeline stage) for its TP rank.
 
     The vocabulary is re-padded with zero rows to the model's padded size. ZeRO-3 parameters
@@ -632,9 +630,8 @@ def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Te
         if hasattr(param, "ds_id"):
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
-                with torch.no_grad():
-                    param.data.copy_(full.to(param.dtype))
+            with deepspeed.zero.GatheredParameters(param, modifier_rank=0), torch.no_grad():
+                param.data.copy_(full.to(param.dtype))
         else:
             with torch.no_grad():
                 param.data.copy_(full.to(param.dtype))

@@ -73,11 +73,11 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
 
 def hf_config(cfg: ModelConfig, eod_id: int | None) -> dict[str, Any]:
     """config.json for transformers (dropouts as trained; evaluation uses eval())."""
-    common = dict(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
-                  n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.ln_eps,
-                  initializer_range=cfg.init_std, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                  attn_pdrop=cfg.attn_dropout, bos_token_id=eod_id, eos_token_id=eod_id,
-                  tie_word_embeddings=True)
+    common = {"vocab_size": cfg.vocab_size, "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd,
+                  "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.ln_eps,
+                  "initializer_range": cfg.init_std, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+                  "attn_pdrop": cfg.attn_dropout, "bos_token_id": eod_id, "eos_token_id": eod_id,
+                  "tie_word_embeddings": True}
     if cfg.arch == "gpt2":
         from transformers import GPT2Config
 
@@ -151,9 +151,9 @@ def _special_kwargs(tok: Any) -> dict[str, Any]:
     from gpt_dist.tokenizer import SPECIAL_TOKENS
 
     eod = SPECIAL_TOKENS["eod"]
-    return dict(eos_token=eod, bos_token=eod,
-                additional_special_tokens=[SPECIAL_TOKENS[k] for k in ("start", "delimiter", "extract")],
-                clean_up_tokenization_spaces=False, split_special_tokens=True)
+    return {"eos_token": eod, "bos_token": eod,
+                "additional_special_tokens": [SPECIAL_TOKENS[k] for k in ("start", "delimiter", "extract")],
+                "clean_up_tokenization_spaces": False, "split_special_tokens": True}
 
 
 def write_hf_tokenizer(tok: Any, out: Path, model_max_length: int | None = None) -> list[str]:

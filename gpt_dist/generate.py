@@ -15,9 +15,10 @@ the smallest set of tokens whose probability reaches p), sampled with a seeded g
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from gpt_dist.config import ModelConfig
 class LoadedModel:
     model: Any
     cfg: ModelConfig
-    eod_id: Optional[int]
+    eod_id: int | None
     tokenizer: Any = None
     tp: int = 1
     tp_rank: int = 0
@@ -57,9 +58,10 @@ def _ensure_parallel_state(device: str) -> tuple[int, int]:
     return tp, ps.get_tensor_model_parallel_rank()
 
 
-def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+def load_model(export_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                with_tokenizer: bool = True) -> LoadedModel:
-    """Build a TP=1 ``GPT`` from an export; the tokenizer too when the directory has one."""
+    """Build a ``GPT`` from an export (TP=1, or this rank's TP slice under torchrun); the
+    tokenizer too when the directory has one."""
     import json
 
     from gpt_dist.export import load_native, load_state_into_model
@@ -72,7 +74,7 @@ def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torc
     load_state_into_model(model, state, tp_rank, tp, cfg)   # this rank's TP slice
     del state
     model = model.to(device=device, dtype=dtype).eval()
-    eod: Optional[int] = None
+    eod: int | None = None
     try:
         conf = json.loads((export_dir / "config.json").read_text())
         eod = conf.get("eod_id", conf.get("eos_token_id"))
@@ -84,14 +86,14 @@ def load_model(export_dir: str | Path, device: str = "cpu", dtype: Optional[torc
             from gpt_dist.tokenizer import load_tokenizer
 
             tok = load_tokenizer(export_dir)
-        except Exception:  # no tokenizer in the export: callers use token ids
+        except Exception:  # no tokenizer in the export: callers use token ids  # noqa: BLE001
             tok = None
         if tok is not None and eod is None:
             eod = tok.eod_id
     return LoadedModel(model, cfg, eod if isinstance(eod, int) else None, tok, tp, tp_rank)
 
 
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """[b, V] logits with everything outside top-k / the top-p nucleus set to -inf."""
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -106,8 +108,8 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits
 
 
-def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-               top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """[b, V] -> [b] token ids."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
@@ -144,8 +146,8 @@ def _sync_token(tok: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 seed: Optional[int] = None, eos_id: Optional[int] = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, eos_id: int | None = None,
                  use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield [b] new token ids, one step at a time. prompt: [b, s] ids (s >= 1).
 
@@ -184,7 +186,7 @@ def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tok
 
 
 def generate(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 50, num_samples: int = 1,
-             on_token: Optional[Callable[[int, int], None]] = None, **sampling: Any) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None, **sampling: Any) -> list[list[int]]:
     """New token ids per sample (prompt excluded); ``on_token(sample, id)`` streams them."""
     prompt = torch.tensor([prompt_ids] * num_samples, dtype=torch.long)
     out: list[list[int]] = [[] for _ in range(num_samples)]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import gpt_dist.training.loop as L  # noqa: E402
-from gpt_dist.config import load_config  # noqa: E402
+import gpt_dist.training.loop as L
+from gpt_dist.config import load_config
 
 L.load_tokenizer_info = lambda cfg: (500, 499, "fake")
 cfg = load_config(sys.argv[1], sys.argv[2:])

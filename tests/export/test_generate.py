@@ -70,7 +70,7 @@ def test_cli_streams_token_ids(exports):
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    res = subprocess.run([sys.executable, "launch/generate.py", "--model", str(exports["gpt2"] / "hf"),
+    res = subprocess.run(check=False, args=[sys.executable, "launch/generate.py", "--model", str(exports["gpt2"] / "hf"),
                           "--prompt-ids", "5,17,42", "--max-new-tokens", "6", "--temperature", "0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -90,7 +90,7 @@ def test_tp2_generation_streams_the_tp1_tokens(exports):
                GPT_DIST_PG_TIMEOUT="120")
     args = ["launch/generate.py", "--model", str(exports["gpt2"] / "native"), "--prompt-ids", "5,17,42,7",
             "--max-new-tokens", "12", "--temperature", "0", "--no-stop"]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    res = subprocess.run(check=False, args=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     tp2 = [int(x) for x in res.stdout.split()]

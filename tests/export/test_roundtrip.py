@@ -25,7 +25,7 @@ def _tensors(path):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+        return {k: fh.get_tensor(k) for k in fh}
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_tp2_export_reimported_into_tp1_is_bitwise_identical(ctx, tp2_run, tmp_p
     from gpt_dist.export import export_state, load_native, load_state_into_model
     from gpt_dist.model.gpt import build_model
 
-    res = subprocess.run([sys.executable, "launch/export.py", "--run", str(tp2_run), "--out", str(tmp_path / "e1")],
+    res = subprocess.run(check=False, args=[sys.executable, "launch/export.py", "--run", str(tp2_run), "--out", str(tmp_path / "e1")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads((tmp_path / "e1" / "export.json").read_text())
@@ -111,7 +111,7 @@ def test_corrupt_checkpoint_files_give_one_line_errors(tp2_run, tmp_path):
     finally:
         del os.environ["GPT_DIST_TRUST_CHECKPOINT"]
     assert "mp_rank_01_model_states.pt: cannot load" in str(err.value) and "\n" not in str(err.value)
-    res = subprocess.run([sys.executable, "launch/export.py", "--run", str(run), "--step", "7",
+    res = subprocess.run(check=False, args=[sys.executable, "launch/export.py", "--run", str(run), "--step", "7",
                           "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert "global_step7" in res.stderr
@@ -120,7 +120,12 @@ def test_corrupt_checkpoint_files_give_one_line_errors(tp2_run, tmp_path):
 def test_truncated_or_misshapen_safetensors_name_the_tensor(ctx, tmp_path):
     from safetensors.torch import save_file
 
-    from gpt_dist.export import ExportError, export_state, load_native, load_state_into_model
+    from gpt_dist.export import (
+        ExportError,
+        export_state,
+        load_native,
+        load_state_into_model,
+    )
     from gpt_dist.model.gpt import build_model
 
     cfg = small_cfg()

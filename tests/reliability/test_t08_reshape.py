@@ -97,8 +97,8 @@ def test_tp2_to_tp1_through_export_keeps_weights_and_loss(rel_tmp, data):
     from gpt_dist.export import export_checkpoint
 
     model = {**h.BASE_CONFIG["model"], **NO_DROPOUT}
-    common = dict(model=model, training__train_steps=2, checkpoint__save_interval=2,
-                  training__eval_interval=2, checkpoint__keep_last=1)
+    common = {"model": model, "training__train_steps": 2, "checkpoint__save_interval": 2,
+                  "training__eval_interval": 2, "checkpoint__keep_last": 1}
     src = c.launch(rel_tmp, data, "t8_tp2", parallel={"tp": 2, "pp": 1}, **common)
     assert src.rc == 0, src.describe()
     src_val = [r for r in h.all_records(src.run_dir) if r.get("step") == 2]
