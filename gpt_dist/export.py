@@ -535,7 +535,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            for name in fh:
+            for name in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
                 out[name] = fh.get_tensor(name)
     except ExportError:
         raise

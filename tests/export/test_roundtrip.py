@@ -25,7 +25,7 @@ def _tensors(path):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh}
+        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
 
 
 @pytest.mark.slow
