@@ -4,7 +4,9 @@
 
 native: GPT-2 names, full tensors, our config (loadable by checkpoint.init_from in any layout,
 and by launch/generate.py). hf: a transformers GPT2LMHeadModel / OpenAIGPTLMHeadModel
-directory (``from_pretrained(DIR)``). Errors are one line naming the file.
+directory with a fast tokenizer (tokenizer.json) whose ids equal the run's tokenizer:
+``AutoModelForCausalLM.from_pretrained(DIR)`` / ``AutoTokenizer.from_pretrained(DIR)`` load it
+offline (launch/hf_check.py shows it). Errors are one line naming the file.
 """
 
 from __future__ import annotations
