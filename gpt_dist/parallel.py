@@ -169,6 +169,11 @@ class ParallelContext:
             timeout_s = float(os.environ.get("GPT_DIST_PG_TIMEOUT", 1800))
         import deepspeed
 
+        if not use_cuda:
+            # DeepSpeed's TorchBackend JIT-compiles its shared-memory all-reduce op at start-up
+            # (60-130 s on a 2-core machine, once per fresh cache) but only its inference
+            # all-reduce ever uses it; training on CPU/gloo never does, so do not build it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized():
             deepspeed.init_distributed(
                 dist_backend="nccl" if use_cuda else "gloo",

@@ -22,8 +22,17 @@ from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.parallel import ParallelContext
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON: generated batch/precision keys + the passed-through section."""
+# DeepSpeed sizes its ZeRO buckets (5e8 elements: a 2 GB buffer each) for GPUs. On a CPU those
+# allocations dominate a small run, so CPU runs default to 5e6 unless the config sets them.
+_CPU_BUCKETS = {"reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000,
+                "stage3_prefetch_bucket_size": 5_000_000}
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: str = "cuda") -> dict[str, Any]:
+    """The DeepSpeed JSON: generated batch/precision keys + the passed-through section.
+
+    ``device`` is the resolved device type: on ``"cpu"`` the ZeRO bucket sizes the config
+    leaves unset default to 5e6 elements instead of DeepSpeed's GPU-sized 5e8."""
     t = cfg.training
     ds = copy.deepcopy(cfg.deepspeed)
     ds.update(
@@ -40,6 +49,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     ds.setdefault("zero_optimization", {"stage": 0})
+    if device == "cpu":
+        ds["zero_optimization"] = {**_CPU_BUCKETS, **ds["zero_optimization"]}
     if cfg.parallel.pp > 1 and cfg.parallel.sequence_parallel:
         # The pipeline engine sends 1/tp of each inter-stage activation per TP rank and
         # all-gathers it on arrival, assuming it is the same on every TP rank. Under sequence
@@ -178,7 +189,7 @@ class Engine:
 def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = None) -> Engine:
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, ctx.world_size)
+    ds_config = deepspeed_config(cfg, ctx.world_size, ctx.device.type)
     if model is None and ctx.pp > 1:
         from gpt_dist.pipeline import build_pipeline_module
 

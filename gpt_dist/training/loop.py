@@ -215,7 +215,10 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
     t = cfg.training
     accum = cfg.grad_accum_steps(ctx.world_size)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    first_step = state.step
     while state.step < t.train_steps:
+        if first_step == 0:
+            _await_signal(state.step + 1, stop)
         if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
             log.write(f"signal received: saving at step {state.step} and exiting")
             save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
@@ -284,6 +287,21 @@ def _state_sha(eng: Engine, ctx: ParallelContext) -> Optional[list[str]]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, mine)
     return out
+
+
+def _await_signal(step: int, stop: StopFlag) -> None:
+    """Test hook: GPT_DIST_TEST_AWAIT_SIGNAL_AT=STEP holds a fresh (not resumed) run before
+    STEP until this rank got SIGTERM/SIGUSR1, at most 120 s. The preemption tests
+    (tests/cluster) signal "mid-run"; without the hold a fast machine finished the 12 tiny
+    steps before the signal landed."""
+    at = os.environ.get("GPT_DIST_TEST_AWAIT_SIGNAL_AT")
+    if not at or int(at) != step:
+        return
+    import time
+
+    deadline = time.monotonic() + 120
+    while not stop.signum and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _maybe_kill(step: int, ctx: ParallelContext) -> None:

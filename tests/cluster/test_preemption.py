@@ -65,7 +65,8 @@ def _job_env(tmp_path: Path, restart: int, job_id: int) -> dict[str, str]:
     env = clean_env(SLURM_JOB_ID=str(job_id), SLURM_JOB_NAME="t15", SLURM_JOB_NODELIST="localhost",
                     SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(ROOT),
                     SLURM_RESTART_COUNT=str(restart), SHIM_LOG=str(tmp_path / "shim.log"),
-                    PYTHON=str(bin_dir / "python-test"), MAX_RESTARTS="3")
+                    PYTHON=str(bin_dir / "python-test"), MAX_RESTARTS="3",
+                    GPT_DIST_TEST_AWAIT_SIGNAL_AT="5")  # a fresh run holds before step 5
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     return env
 

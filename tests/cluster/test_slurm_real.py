@@ -47,11 +47,13 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _submit(slurm, tmp_path: Path, cfg: Path) -> tuple[int, Path]:
+def _submit(slurm, tmp_path: Path, cfg: Path, **extra: str) -> tuple[int, Path]:
     wrapper = tmp_path / "python-test"  # PYTHON: the venv's python with the stand-in tokenizer
     wrapper.write_text(f'#!/bin/bash\nexec "{PY}" "{RUNNER}" "$@"\n')
     wrapper.chmod(0o755)
-    env = clean_env(PYTHON=str(wrapper), SLURM_CONF=slurm.env["SLURM_CONF"], MAX_RESTARTS="2")
+    # extra: GPT_DIST_TEST_AWAIT_SIGNAL_AT=5 (preemption test) holds a fresh run before step 5
+    # until it is signalled, so the signal lands mid-run however fast the machine is
+    env = clean_env(PYTHON=str(wrapper), SLURM_CONF=slurm.env["SLURM_CONF"], MAX_RESTARTS="2", **extra)
     out = tmp_path / "job-%j.out"
     proc = subprocess.run(["sbatch", "--parsable", *SBATCH_ARGS, f"--output={out}", str(SCRIPT),
                            str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -99,7 +101,7 @@ def test_sbatch_two_tasks_trains_and_checkpoints(slurm, tmp_path, reference):
 def test_usr1_preemption_requeues_and_resumes_exactly(slurm, tmp_path, reference):
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.json", reference["toy"], run_dir)
-    job_id, out = _submit(slurm, tmp_path, cfg)
+    job_id, out = _submit(slurm, tmp_path, cfg, GPT_DIST_TEST_AWAIT_SIGNAL_AT="5")
     wait_for(lambda: steps_logged(run_dir) >= 2 or slurm.job(job_id).get("JobState") not in
              ("PENDING", "RUNNING", "CONFIGURING"), 240, "step 2 of the job")
     assert slurm.job(job_id).get("JobState") == "RUNNING", tail(out)
