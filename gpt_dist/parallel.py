@@ -264,6 +264,14 @@ class ParallelContext:
         if dist.is_initialized():
             dist.barrier()
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a decision only rank 0 may take)."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
     def all_reduce_max(self, value: float) -> float:
         """Max of a scalar over all ranks (flags: stop, save-now, non-finite)."""
         if not dist.is_initialized() or self.world_size == 1:

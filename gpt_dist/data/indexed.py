@@ -319,13 +319,16 @@ def list_shards(prefix_or_glob: str) -> list[str]:
 
 
 def shard_fingerprint(prefix: str) -> str:
-    """Content identity of one shard (sha256 hex): from the sidecar's recorded hashes,
-    or computed from the files when there is no sidecar. Changes whenever tokens do."""
+    """Content identity of one shard (sha256 hex): from the sidecar's recorded hashes
+    (lengths checked at open, hashes under data.verify_shards). A shard without a sidecar (another Megatron tool's)
+    is identified by its ``.idx`` hash and ``.bin`` length, not by hashing a possibly huge
+    ``.bin`` at every start: the sample indexes this keys depend only on the document
+    lengths in the ``.idx``."""
     meta = read_sidecar(prefix)
     if meta is not None and meta.get("bin_sha256") and meta.get("idx_sha256"):
         parts = f"{meta['bin_sha256']}:{meta['idx_sha256']}"
     else:
-        parts = f"{sha256_file(prefix + '.bin')}:{sha256_file(prefix + '.idx')}"
+        parts = f"{os.path.getsize(prefix + '.bin')}:{sha256_file(prefix + '.idx')}"
     return hashlib.sha256(parts.encode()).hexdigest()
 
 

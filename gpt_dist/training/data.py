@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from gpt_dist.config import Config
+from gpt_dist.data.indexed import index_cache_key
 from gpt_dist.parallel import ParallelContext
 
 
@@ -58,18 +61,63 @@ def _open_checked(prefix: str, verify_hash: bool) -> None:
     open_indexed(prefix, verify_hash=verify_hash)
 
 
-def _sidecar_key(prefixes: list[str]) -> str:
-    """Cache key part from the shards' recorded lengths/hashes: an edited shard gets a new cache."""
-    h = hashlib.sha256()
-    for p in prefixes:
-        h.update(p.encode())
-        for suffix in (".bin", ".idx"):
-            f = Path(p + suffix)
-            h.update(str(f.stat().st_size).encode() if f.exists() else b"-")
-        meta = Path(p + ".meta.json")
-        if meta.exists():
-            h.update(meta.read_bytes())
-    return h.hexdigest()[:16]
+class IndexCacheError(RuntimeError):
+    """A sample-index cache file that must not be loaded; the message names the file."""
+
+
+def check_cache_files(cache: Path) -> None:
+    """Refuse cache ``.npy`` files that hold Python objects or are truncated.
+
+    megatron-core's ``GPTDataset`` loads its index caches with ``numpy.load(...,
+    allow_pickle=True, mmap_mode="r")``: only numpy's refusal to memory-map object arrays
+    stands between a planted file and unpickling, and a truncated or retyped file fails
+    deep inside numpy or yields wrong samples. Reading the header ourselves (never the
+    payload) and accepting only integer arrays whose file size matches the header is the
+    ``allow_pickle=False`` check megatron-core lacks, with an error that names the file."""
+    import numpy as np
+
+    for f in sorted(cache.glob("*.npy")):
+        with open(f, "rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(fh)
+            except ValueError as exc:
+                raise IndexCacheError(f"{f}: not a numpy index file ({exc}); delete {cache} to rebuild it") from None
+            if dtype.hasobject or dtype.kind not in "iu":
+                raise IndexCacheError(f"{f}: index cache holds dtype {dtype} (only integer arrays are "
+                                      f"loaded, never pickled objects); delete {cache} to rebuild it")
+            want = fh.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if f.stat().st_size != want:
+            raise IndexCacheError(f"{f}: {f.stat().st_size} bytes, its header implies {want}; "
+                                  f"delete {cache} to rebuild it")
+
+
+def _build_with_cache(ctx: ParallelContext, cache: Path, build: Any) -> Any:
+    """Run ``build(path_to_cache)`` so that the cache directory appears whole or not at all.
+
+    megatron-core writes its ``.npy`` indexes in place (rank 0, then a barrier): a crash
+    mid-write leaves files that the next run takes for a cache hit, and two jobs sharing a
+    cache directory write the same files at once (Megatron-DeepSpeed #356, Megatron-LM
+    #907). Here a missing cache is built in a private ``KEY.building-TOKEN`` directory and
+    renamed to ``KEY`` (atomic) once every rank has loaded it; if another job published
+    ``KEY`` first, ours is dropped (same key, same content). Left-over ``.building-*``
+    directories of crashed runs are never read."""
+    token = ctx.broadcast_object(None if cache.is_dir() else os.urandom(6).hex())
+    if token is None:
+        check_cache_files(cache)
+        return build(str(cache))
+    tmp = cache.with_name(f"{cache.name}.building-{token}")
+    out = build(str(tmp))  # every rank has loaded (mmap) its arrays when this returns
+    ctx.barrier()
+    if ctx.rank == 0:
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # published meanwhile by another job: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    ctx.barrier()
+    return out
 
 
 def _checked_split(split: str, prefixes: list[str]) -> str:
@@ -108,8 +156,6 @@ def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: i
     prefixes = resolve_prefixes(d.prefixes)
     for p in prefixes:
         _open_checked(p, d.verify_shards)
-    cache = Path(d.cache_dir) if d.cache_dir else cfg.run_dir / "data_cache"
-    cache = cache / _sidecar_key(prefixes)
     weights: list[float] | None = None
     if d.weights is not None:  # expand per-prefix weights over each prefix's shards
         weights = []
@@ -119,14 +165,23 @@ def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: i
     split = _checked_split(d.split, prefixes)
     eval_samples = (t.train_steps // t.eval_interval + 1) * t.eval_steps * t.global_batch_size
     sizes = [t.train_steps * t.global_batch_size, eval_samples, 0]
-    ds_cfg = GPTDatasetConfig(
-        random_seed=t.seed, sequence_length=d.seq_len, blend=(prefixes, weights), split=split,
-        path_to_cache=str(cache), tokenizer=_MegatronTokenizerView(vocab_size, eod_id),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False, mmap_bin_files=True,
-    )
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, ds_cfg).build()
+    # the key covers the shards' content (recorded hashes), seq_len, seed, sample counts and
+    # split: an edited shard or a changed setting gets a fresh cache, never a stale one
+    key = index_cache_key(prefixes, seq_len=d.seq_len, seed=t.seed, num_samples=sum(sizes), split=split)
+    cache = (Path(d.cache_dir) if d.cache_dir else cfg.run_dir / "data_cache") / key[:16]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(path_to_cache: str) -> tuple[Any, Any]:
+        ds_cfg = GPTDatasetConfig(
+            random_seed=t.seed, sequence_length=d.seq_len, blend=(prefixes, weights), split=split,
+            path_to_cache=path_to_cache, tokenizer=_MegatronTokenizerView(vocab_size, eod_id),
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, mmap_bin_files=True,
+        )
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_cfg).build()
+        return train, valid
+
+    train, valid = _build_with_cache(ctx, cache, build)
     return Datasets(train=train, valid=valid, eod_id=eod_id)
 
 

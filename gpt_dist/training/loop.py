@@ -336,6 +336,7 @@ def pretrain(cfg: Config, ctx: Optional[ParallelContext] = None) -> TrainState:
     stop.install()
     if t_det := cfg.training.deterministic:
         torch.use_deterministic_algorithms(t_det)
+    owns_ctx = ctx is None
     ctx = ctx or ParallelContext.from_env(cfg.parallel, device=cfg.training.device)
     rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
     vocab, eod, fingerprint = load_tokenizer_info(cfg)
@@ -364,8 +365,20 @@ def pretrain(cfg: Config, ctx: Optional[ParallelContext] = None) -> TrainState:
     except NonFiniteLossError as exc:
         log.write(f"error: {exc}")
         log.close()
+        _shutdown(ctx, owns_ctx)
         sys.exit(EXIT_NONFINITE)
     finally:
         stop.restore()
     log.close()
+    _shutdown(ctx, owns_ctx)
     return state
+
+
+def _shutdown(ctx: ParallelContext, owns_ctx: bool) -> None:
+    """Tear the process groups down in order after a finished run. Left to interpreter exit,
+    gloo's threads were occasionally destroyed while joinable ("terminate called without an
+    active exception", SIGABRT after the last checkpoint was already committed), which
+    turned a completed run into a failed job."""
+    if owns_ctx:
+        ctx.barrier()
+        ctx.destroy()
