@@ -96,7 +96,7 @@ def hf_config(cfg: ModelConfig, eod_id: int | None) -> dict[str, Any]:
 
 
 def _error(msg: str) -> Exception:
-    from gpt_dist.export import ExportError
+    from gpt_dist.export.names import ExportError
 
     return ExportError(msg)
 

@@ -1,0 +1,202 @@
+"""Loading exports back (safetensors only) into a model or a DeepSpeed engine of any layout."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt_dist.config import ModelConfig
+from gpt_dist.export.hf import from_hf
+from gpt_dist.export.names import (
+    CONFIG,
+    NATIVE_FORMAT,
+    WEIGHTS,
+    ExportError,
+    canonical_name,
+    check_state,
+    expected_shapes,
+    model_config_from_dict,
+    tp_dim,
+)
+
+# --------------------------------------------------------------------------- loading exports
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and bounds-check the header so a truncated file names the first missing tensor."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ExportError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise ExportError(f"{path}: truncated or corrupt safetensors header (length {n}, file {size} bytes)")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: corrupt safetensors header")
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise ExportError(f"{path}: tensor {name}: corrupt header entry")
+        if offsets[1] > data:
+            raise ExportError(f"{path}: truncated: tensor {name} needs bytes {offsets[0]}..{offsets[1]} "
+                              f"of the data section, the file has {data}")
+    return header
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    header = _safetensors_header(path)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            for name in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
+                out[name] = fh.get_tensor(name)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    del header
+    return out, meta
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ExportError(f"{path}: not a JSON object")
+    return obj
+
+
+def _model_config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
+    mt = conf.get("model_type")
+    if mt not in ("gpt2", "openai-gpt"):
+        raise ExportError(f"{where}: model_type {mt!r} is neither gpt2 nor openai-gpt")
+    act = conf.get("activation_function" if mt == "gpt2" else "afn", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu" if mt == "openai-gpt" else "gelu_new"):
+        raise ExportError(f"{where}: activation {act!r} is not the tanh GELU gpt_dist uses")
+    if mt == "gpt2" and conf.get("n_inner") not in (None, 4 * conf["n_embd"]):
+        raise ExportError(f"{where}: n_inner {conf.get('n_inner')} != 4 * n_embd")
+    return model_config_from_dict({
+        "arch": "gpt2" if mt == "gpt2" else "gpt1", "n_layer": conf["n_layer"], "n_head": conf["n_head"],
+        "n_embd": conf["n_embd"], "n_ctx": conf["n_positions"], "vocab_size": conf["vocab_size"],
+        "ln_eps": conf.get("layer_norm_epsilon", 1e-5), "dropout": conf.get("resid_pdrop", 0.1),
+        "attn_dropout": conf.get("attn_pdrop", 0.1), "init_std": conf.get("initializer_range", 0.02)}, where)
+
+
+def load_native(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, full fp32-or-as-saved native state) of a native or HF GPT-2/GPT-1 export."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise ExportError(f"{export_dir}: not a directory")
+    conf = _read_json(export_dir / CONFIG)
+    weights = export_dir / WEIGHTS
+    if not weights.exists():
+        pickles = [p.name for p in export_dir.glob("*.bin")] + [p.name for p in export_dir.glob("*.pt")]
+        hint = f" (found {pickles}: pickle files are not loaded; convert to safetensors)" if pickles else ""
+        raise ExportError(f"{weights}: missing{hint}")
+    state, _ = read_safetensors(weights)
+    if conf.get("format") == NATIVE_FORMAT:
+        cfg = model_config_from_dict(conf.get("model", {}), str(export_dir / CONFIG))
+    else:
+        cfg = _model_config_from_hf(conf, str(export_dir / CONFIG))
+        state = from_hf(state, cfg)
+    check_state(state, cfg, str(weights))
+    return cfg, state
+
+
+def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
+                          tp_rank: int, tp: int, cfg: ModelConfig | None = None) -> list[str]:
+    """Copy a full native state into ``model`` (a ``GPT`` or a pipeline stage) for its TP rank.
+
+    The vocabulary is re-padded with zero rows to the model's padded size. ZeRO-3 parameters
+    are gathered, written and re-partitioned. Returns the native names loaded."""
+    n_layer = cfg.n_layer if cfg is not None else getattr(getattr(model, "spec", None), "cfg", ModelConfig()).n_layer
+    loaded = []
+    for name, param in model.named_parameters():
+        canon = canonical_name(name, n_layer)
+        if canon is None:
+            continue
+        if canon not in full_state:
+            raise ExportError(f"load: the export has no tensor {canon} (model parameter {name})")
+        full = full_state[canon]
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        dim = tp_dim(canon)
+        if canon == "wte.weight":
+            padded = shape[0] * tp
+            if full.shape[0] > padded or full.dim() != 2:
+                raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model vocabulary "
+                                  f"is padded to {padded}")
+            if full.shape[0] < padded:
+                full = torch.cat([full, full.new_zeros(padded - full.shape[0], full.shape[1])])
+        if dim is not None and tp > 1:
+            if full.dim() <= dim or full.shape[dim] % tp:
+                raise ExportError(f"load: tensor {canon} of shape {tuple(full.shape)} cannot be split "
+                                  f"{tp} ways along dim {dim}")
+            per = full.shape[dim] // tp
+            full = full.narrow(dim, tp_rank * per, per)
+        if tuple(full.shape) != shape:
+            raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model parameter "
+                              f"{name} expects {shape} (tp rank {tp_rank} of {tp})")
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(param, modifier_rank=0), torch.no_grad():
+                param.data.copy_(full.to(param.dtype))
+        else:
+            with torch.no_grad():
+                param.data.copy_(full.to(param.dtype))
+        loaded.append(canon)
+    return loaded
+
+
+def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
+    """``checkpoint.init_from``: load an export into a freshly built engine of any layout.
+
+    Every rank reads the export (safetensors, memory-mapped) and keeps its TP slice. Under
+    bf16/fp16 with ZeRO 1-2 the optimizer's fp32 master partitions are refreshed from the
+    module weights so the first step starts from the loaded values."""
+    mcfg, state = load_native(Path(path))
+    from gpt_dist.config import ARCH_KEYS
+
+    diff = [f"model.{k}: export {getattr(mcfg, k)!r} != config {getattr(cfg.model, k)!r}"
+            for k in ARCH_KEYS if getattr(mcfg, k) != getattr(cfg.model, k)]
+    if diff:
+        raise ExportError(f"{path}: incompatible with this run's model: " + "; ".join(diff))
+    module = eng.ds.module
+    loaded = set(load_state_into_model(module, state, ctx.tp_rank, ctx.tp, cfg.model))
+    if not eng.is_pipeline or ctx.pp == 1:
+        missing = set(expected_shapes(mcfg)) - loaded
+        if missing:
+            raise ExportError(f"{path}: model parameters not loaded: {sorted(missing)[:5]}")
+    _refresh_master_weights(eng)
+
+
+def _refresh_master_weights(eng: Any) -> None:
+    """Copy module weights into ZeRO-1/2's fp32 master partitions (bf16/fp16 runs)."""
+    opt = getattr(eng.ds, "optimizer", None)
+    if opt is None:
+        return
+    if hasattr(opt, "refresh_fp32_params"):
+        opt.refresh_fp32_params()
