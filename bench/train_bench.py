@@ -69,8 +69,15 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
 
-    from gpt_dist.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainingConfig
-    from gpt_dist.config import DataConfig, ParallelConfig
+    from gpt_dist.config import (
+        Config,
+        DataConfig,
+        ModelConfig,
+        OptimizerConfig,
+        ParallelConfig,
+        ScheduleConfig,
+        TrainingConfig,
+    )
     from gpt_dist.model.gpt import GPT, ModelSpec
     from gpt_dist.parallel import ParallelContext
     from gpt_dist.rng import seed_all

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):
@@ -116,7 +116,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     warmup_steps: int = 2000
     decay: Literal["cosine", "linear", "constant"] = "cosine"
-    decay_steps: Optional[int] = None
+    decay_steps: int | None = None
     """Steps from start to the end of decay; default: training.train_steps."""
 
 
@@ -124,7 +124,7 @@ class ScheduleConfig:
 class DataConfig:
     prefixes: list[str] = field(default_factory=list)
     """Shard prefixes written by data_tools/preprocess.py (PREFIX or PREFIX_00000)."""
-    weights: Optional[list[float]] = None
+    weights: list[float] | None = None
     """Blend weights, one per prefix (default: by size)."""
     tokenizer: str = ""
     """Tokenizer directory (data_tools/train_tokenizer.py or GPT-2 encoder.json + vocab.bpe)."""
@@ -132,7 +132,7 @@ class DataConfig:
     """train,valid,test proportions of the documents (megatron-core convention)."""
     seq_len: int = 1024
     num_workers: int = 0
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where megatron-core's sample-index caches go (default: RUN_DIR/data_cache)."""
     verify_shards: bool = False
     """Check every shard's sha256 at start (length is always checked)."""
@@ -181,7 +181,7 @@ class CheckpointConfig:
     """auto: resume from the run's newest committed checkpoint if there is one."""
     on_corrupt: Literal["fail", "fallback"] = "fail"
     """A checkpoint that fails verification: stop, or fall back to the previous committed one."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """An export (native or Hugging Face) to initialise weights from, in any parallel layout."""
     on_disk_full: Literal["fail", "continue"] = "fail"
     """A save that fails for lack of space: stop the run, or drop the save and keep training."""
@@ -192,7 +192,7 @@ class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Peak dense TFLOP/s per device for MFU (default: looked up from the GPU name, else none)."""
 
 

@@ -157,7 +157,7 @@ class ParallelContext:
         """Initialise torch.distributed (via DeepSpeed) and megatron-core's groups."""
         launcher = discover_launch_env()
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         if use_cuda:
             torch.cuda.set_device(local_rank)
@@ -166,7 +166,7 @@ class ParallelContext:
             dev = torch.device("cpu")
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if timeout_s is None:
-            timeout_s = float(os.environ.get("GPT_DIST_PG_TIMEOUT", 1800))
+            timeout_s = float(os.environ.get("GPT_DIST_PG_TIMEOUT", "1800"))
         import deepspeed
 
         if not use_cuda:

@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from gpt_dist.config import Config
-from gpt_dist.model.gpt import (Block, Embedding, LayerNorm, ModelSpec, lm_loss, mask_padded_vocab,
-                                seq_gather)
+from gpt_dist.model.gpt import Block, Embedding, LayerNorm, ModelSpec, lm_loss, mask_padded_vocab, seq_gather
 from gpt_dist.parallel import ParallelContext
 
 

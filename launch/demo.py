@@ -52,14 +52,10 @@ def stage_pretrain() -> None:
 
 
 def stage_export() -> None:
-    if not (ROOT / "launch" / "export.py").exists():
-        print("\n(export stage not available yet)")
-        return
     run([PY, "launch/export.py", "--run", "runs/tiny_cpu", "--out", "exports/tiny_cpu"])
     run([PY, "launch/export.py", "--run", "runs/tiny_cpu", "--out", "exports/tiny_cpu_hf", "--format", "hf"])
-    if (ROOT / "launch" / "generate.py").exists():
-        run([PY, "launch/generate.py", "--model", "exports/tiny_cpu", "--prompt", "The function returns",
-             "--max-new-tokens", "40", "--num-samples", "2", "--seed", "1"])
+    run([PY, "launch/generate.py", "--model", "exports/tiny_cpu", "--prompt", "The function returns",
+         "--max-new-tokens", "40", "--num-samples", "2", "--seed", "1"])
     # the Hugging Face directory, loaded by transformers itself (AutoModelForCausalLM + AutoTokenizer)
     run([PY, "launch/hf_check.py", "--model", "exports/tiny_cpu_hf", "--prompt", "The function returns",
          "--max-new-tokens", "30"], HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")

@@ -27,8 +27,9 @@ layer to the token embedding and use GELU (tanh approximation, as the released w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -223,7 +224,7 @@ class Attention(nn.Module):
             cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         if self.manual_sp:  # the linear all-reduces its input gradient: take our slice back
             x = seq_gather(x, reduce_grad=False)
@@ -296,7 +297,7 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel)
         self.mlp = MLP(spec, f"{prefix}.mlp")
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         if self.pre_ln:   # GPT-2
             x = x + self.attn(self.ln_1(x), kv_cache, self.layer_idx)
             return x + self.mlp(self.ln_2(x))
@@ -383,7 +384,7 @@ def mask_padded_vocab(logits: torch.Tensor, vocab: int, padded: int, tp: int) ->
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-            loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+            loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """L1 of GPT-1: mean over tokens of -log P(u_i | u_<i); logits [s, b, V/tp], labels [b, s]."""
     losses = _tp().vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
     if loss_mask is None:
@@ -403,9 +404,9 @@ class GPT(nn.Module):
         self.head = LMHead(spec)
         self.checkpoint_every = 0  # set by the trainer: recompute every k-th block
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [b, s] -> scalar loss (with labels) or vocab-parallel logits [b, s, V/tp]."""
         offset = kv_cache.length if kv_cache is not None else 0
         x = self.embed(input_ids, offset)                        # [s, b, h]

@@ -63,7 +63,7 @@ import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,7 +126,7 @@ def _key_path(root: Path) -> Path:
     return Path(root) / KEY_FILE
 
 
-def manifest_key(root: Path, create: bool = False) -> Optional[bytes]:
+def manifest_key(root: Path, create: bool = False) -> bytes | None:
     """The run's HMAC key; created (0600, O_EXCL) when ``create`` and absent."""
     path = _key_path(root)
     if create and not os.path.lexists(path):
@@ -189,7 +189,7 @@ def _check_signature(mpath: Path, manifest: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- test hooks
 
 
-def _hook(name: str, step: int, rank: int) -> Optional[list[str]]:
+def _hook(name: str, step: int, rank: int) -> list[str] | None:
     """``STEP:RANK[:...]`` specs (comma-separated) of a fault-injection variable that match."""
     spec = os.environ.get(name)
     if not spec:
@@ -205,7 +205,7 @@ def _hook(name: str, step: int, rank: int) -> Optional[list[str]]:
     return None
 
 
-def _crash_hook(step: int, rank: int, phase: str, partial: Optional[Path] = None, data: bytes = b"") -> None:
+def _crash_hook(step: int, rank: int, phase: str, partial: Path | None = None, data: bytes = b"") -> None:
     parts = _hook("GPT_DIST_TEST_CRASH_IN_SAVE", step, rank)
     if parts and parts[2] == phase:
         if partial is not None:
@@ -263,7 +263,7 @@ def _hash_files(tag_dir: Path, ctx: ParallelContext) -> dict[str, dict[str, Any]
 
 def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_state: dict[str, Any],
          extra_manifest: dict[str, Any], rng_state: dict[str, Any], keep_last: int,
-         on_disk_full: str = "fail") -> Optional[Path]:
+         on_disk_full: str = "fail") -> Path | None:
     """Save, verify and commit ``global_step{step}``; returns its path (None if dropped)."""
     root = ckpt_root(run_dir)
     tag = tag_for(step)
@@ -393,7 +393,7 @@ def verify(tag_dir: Path, check_hash: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def read_latest(root: Path) -> Optional[str]:
+def read_latest(root: Path) -> str | None:
     path = root / "latest"
     if not path.exists():
         return None
@@ -410,7 +410,7 @@ class Found:
     skipped: list[str]
 
 
-def find_resumable(run_dir: Path, on_corrupt: str = "fail", check_hash: bool = True) -> Optional[Found]:
+def find_resumable(run_dir: Path, on_corrupt: str = "fail", check_hash: bool = True) -> Found | None:
     """The checkpoint to resume from: ``latest`` if it verifies; else fail or fall back."""
     root = ckpt_root(run_dir)
     skipped: list[str] = []
@@ -436,7 +436,7 @@ def find_resumable(run_dir: Path, on_corrupt: str = "fail", check_hash: bool = T
     raise CheckpointCorruptError(f"{root}: no valid checkpoint ({'; '.join(skipped) or 'none committed'})")
 
 
-def load_rng(tag_dir: Path, rank: int) -> Optional[dict[str, Any]]:
+def load_rng(tag_dir: Path, rank: int) -> dict[str, Any] | None:
     path = tag_dir / f"rng_rank_{rank:05d}.pt"
     if not path.exists():
         return None

@@ -21,7 +21,6 @@ from gpt_dist.config import Config
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.parallel import ParallelContext
 
-
 # DeepSpeed sizes its ZeRO buckets (5e8 elements: a 2 GB buffer each) for GPUs. On a CPU those
 # allocations dominate a small run, so CPU runs default to 5e6 unless the config sets them.
 _CPU_BUCKETS = {"reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000,
@@ -201,7 +200,7 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     guard = NonFiniteGuard(optimizer, ctx.device)  # after LambdaLR, which re-wraps .step
-    ds_engine, ds_opt, _, ds_sched = deepspeed.initialize(
+    ds_engine, _, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=ctx.mpu() if ctx.pp == 1 else None, dist_init_required=False)
     _keep_fp32_clip_norm(ds_engine)

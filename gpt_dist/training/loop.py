@@ -8,12 +8,12 @@ the uninterrupted one exactly (tests/training/test_resume.py, tests/reliability/
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     tokens_seen: int = 0
-    last_val_loss: Optional[float] = None
+    last_val_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -144,7 +144,7 @@ def evaluate(cfg: Config, ctx: ParallelContext, eng: Engine, dataset: Any) -> fl
 
 def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
                batches: Iterator[dict[str, torch.Tensor]],
-               inject: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[float, bool]:
+               inject: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, bool]:
     """One optimizer step over the micro-batches; returns (global mean loss, skipped).
 
     ``eng.ds.step()`` after each micro-batch is DeepSpeed's contract: it applies the update at
@@ -180,7 +180,7 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
     return float(loss_mean.item()), skipped
 
 
-def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: Optional[int]) -> None:
+def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: int | None) -> None:
     """A skipped fp32/bf16 step still counts: advance the LR schedule DeepSpeed did not.
 
     ZeRO-1/2 check gradients for inf/NaN even in fp32 and, finding one, skip both the update
@@ -200,7 +200,7 @@ def _pipe_iter(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Any]:
         yield b["tokens"], (b["labels"], b["loss_mask"])
 
 
-def _loss_injector(step: int, ctx: ParallelContext) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def _loss_injector(step: int, ctx: ParallelContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Fault injection for the reliability suite: GPT_DIST_TEST_INF_STEPS=8,9 RANK=1."""
     steps = os.environ.get("GPT_DIST_TEST_INF_STEPS")
     if not steps or step not in {int(s) for s in steps.split(",")}:
@@ -257,7 +257,7 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
     return state
 
 
-def _state_sha(eng: Engine, ctx: ParallelContext) -> Optional[list[str]]:
+def _state_sha(eng: Engine, ctx: ParallelContext) -> list[str] | None:
     """Test hook (GPT_DIST_TEST_STATE_SHA=1): per rank, a sha256 of the parameters this rank
     holds and the inner optimizer's state (ZeRO partitions included), gathered on all ranks;
     lets the reliability suite assert "unchanged across a skipped step" and exact resumes."""
@@ -328,7 +328,7 @@ def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
     return tok.vocab_size, tok.eod_id, tok.fingerprint
 
 
-def pretrain(cfg: Config, ctx: Optional[ParallelContext] = None) -> TrainState:
+def pretrain(cfg: Config, ctx: ParallelContext | None = None) -> TrainState:
     """Everything ``launch/pretrain.py`` does after parsing: returns the final train state."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -32,7 +32,7 @@ def flops_per_token(cfg: Config) -> float:
     return 72 * l * h * h + 12 * l * h * s + 6 * h * v
 
 
-def peak_tflops(cfg: Config, device: torch.device) -> Optional[float]:
+def peak_tflops(cfg: Config, device: torch.device) -> float | None:
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops
     if device.type == "cuda":
@@ -71,7 +71,7 @@ class RunLogger:
             return
         run_dir = self.cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
         if self.cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -166,7 +166,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, fl
     return train, val
 
 
-def plot_loss(run_dir: Path) -> Optional[Path]:
+def plot_loss(run_dir: Path) -> Path | None:
     """loss.png beside metrics.jsonl: training loss per step and validation loss."""
     train, val = read_metrics(run_dir)
     if not train:

@@ -27,11 +27,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     fake = os.environ.get("GPT_DIST_TEST_FAKE_TOKENIZER")
     if fake:
-        import gpt_dist.training.loop as loop
+        from gpt_dist.training import loop
 
         vocab, eod = (int(x) for x in fake.split(","))
         loop.load_tokenizer_info = lambda cfg: (vocab, eod, f"test-vocab-{vocab}-{eod}")
-    import gpt_dist.parallel as parallel
+    from gpt_dist import parallel
 
     discover = parallel.discover_launch_env
 

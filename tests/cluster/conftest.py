@@ -17,8 +17,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster_helpers import (ROOT, STEPS, build_toy_shards, clean_env, losses,  # noqa: E402
-                             run_logged, tail, torchrun_cmd, write_config)
+from cluster_helpers import (
+    ROOT,
+    STEPS,
+    build_toy_shards,
+    clean_env,
+    losses,
+    run_logged,
+    tail,
+    torchrun_cmd,
+    write_config,
+)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from cluster_helpers import BIN, PY, ROOT, clean_env, losses, pretrain_args, run_logged, tail, write_config
 
 pytestmark = pytest.mark.slow

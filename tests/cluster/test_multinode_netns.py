@@ -16,7 +16,6 @@ import subprocess
 import time
 
 import pytest
-
 from cluster_helpers import BIN, ROOT, STEPS, clean_env, losses, pretrain_args, tail, write_config
 
 pytestmark = pytest.mark.slow

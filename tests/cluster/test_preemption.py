@@ -20,9 +20,19 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cluster_helpers import (PY, ROOT, RUNNER, STEPS, clean_env, free_port, losses, steps_logged, tail,
-                      wait_for, write_config)
+from cluster_helpers import (
+    PY,
+    ROOT,
+    RUNNER,
+    STEPS,
+    clean_env,
+    free_port,
+    losses,
+    steps_logged,
+    tail,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

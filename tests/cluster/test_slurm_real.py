@@ -18,11 +18,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import _slurm
-from cluster_helpers import (PY, ROOT, RUNNER, STEPS, clean_env, losses, steps_logged, tail, wait_for,
-                      write_config)
+import pytest
+from cluster_helpers import PY, ROOT, RUNNER, STEPS, clean_env, losses, steps_logged, tail, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import HERE, ROOT, launch, metrics, overrides
+
 from gpt_dist.config import ConfigError, load_config, validate
 
 TOL = 1e-5

@@ -23,8 +23,8 @@ def _record_attempt(run_dir) -> None:
 
 
 def main(argv: list[str]) -> int:
-    import gpt_dist.training.loop as loop
     from gpt_dist.config import ConfigError, load_config
+    from gpt_dist.training import loop
     from gpt_dist.training.checkpoint import CheckpointError
 
     loop.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "reliability-toy")

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "_runner.py"
@@ -120,7 +120,7 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def torchrun(config: Path, run_dir: Path, *, nproc: int = 2, max_restarts: int = 0,
-             timeout: float = 240, env: Optional[dict[str, str]] = None,
+             timeout: float = 240, env: dict[str, str] | None = None,
              extra_args: tuple[str, ...] = ()) -> Result:
     """Run ``torchrun`` on the runner; kill the whole session on timeout; no survivors."""
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -167,7 +167,7 @@ def count_restarts(run_dir: Path) -> int:
 
 
 def python_single(config: Path, run_dir: Path, *, timeout: float = 120,
-                  env: Optional[dict[str, str]] = None) -> Result:
+                  env: dict[str, str] | None = None) -> Result:
     """A one-process run without torchrun (RANK=0, WORLD_SIZE=1)."""
     full_env = base_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(_free_port()), **(env or {}))
@@ -214,7 +214,7 @@ COMPARED = ("loss", "grad_norm", "lr", "skipped", "consumed_samples", "samples_s
 
 
 def diff_runs(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]],
-              steps: Optional[list[int]] = None, keys: tuple[str, ...] = COMPARED) -> list[str]:
+              steps: list[int] | None = None, keys: tuple[str, ...] = COMPARED) -> list[str]:
     """Exact differences between two runs' records (key sets first, then values with ==)."""
     out = []
     steps = steps if steps is not None else sorted(set(a) | set(b))
