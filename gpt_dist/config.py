@@ -353,6 +353,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
+        if isinstance(value, tuple):  # data.split=90,10,0 is the string "90,10,0", not a tuple
+            value = raw
     node = data
     for i, key in enumerate(keys[:-1]):
         if keys[0] == "deepspeed" or key in node or i == 0:

@@ -86,3 +86,12 @@ def test_launcher_bad_config_exits_2(tmp_path):
 def test_gpt2_124m_analytic_parameters():
     from gpt_dist.model.gpt import analytic_parameters
     assert analytic_parameters(load_config(os.path.join(ROOT, "configs", "gpt2_124m.json")).model) == 124_439_808
+
+
+def test_set_values_are_typed_by_json_then_literal_then_string():
+    cfg = load_config(TINY, ["data.split=90,10,0", "training.train_steps=7", "optimizer.lr=1e-4",
+                             'data.prefixes=["a", "b"]', "run.name=x y", "training.deterministic=false"])
+    assert cfg.data.split == "90,10,0"  # a comma list is the string, never a tuple
+    assert cfg.training.train_steps == 7 and cfg.optimizer.lr == 1e-4
+    assert cfg.data.prefixes == ["a", "b"] and cfg.run.name == "x y"
+    assert cfg.training.deterministic is False

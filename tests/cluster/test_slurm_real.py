@@ -45,7 +45,7 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _submit(slurm, tmp_path: Path, cfg: Path, **extra: str) -> tuple[int, Path]:
+def _submit(slurm, tmp_path: Path, cfg: Path, *args: str, **extra: str) -> tuple[int, Path]:
     wrapper = tmp_path / "python-test"  # PYTHON: the venv's python with the stand-in tokenizer
     wrapper.write_text(f'#!/bin/bash\nexec "{PY}" "{RUNNER}" "$@"\n')
     wrapper.chmod(0o755)
@@ -54,7 +54,7 @@ def _submit(slurm, tmp_path: Path, cfg: Path, **extra: str) -> tuple[int, Path]:
     env = clean_env(PYTHON=str(wrapper), SLURM_CONF=slurm.env["SLURM_CONF"], MAX_RESTARTS="2", **extra)
     out = tmp_path / "job-%j.out"
     proc = subprocess.run(["sbatch", "--parsable", *SBATCH_ARGS, f"--output={out}", str(SCRIPT),
-                           str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           str(cfg), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr + slurm.logs()
     job_id = int(proc.stdout.strip().split(";")[0])
     return job_id, tmp_path / f"job-{job_id}.out"
@@ -120,3 +120,24 @@ def test_usr1_preemption_requeues_and_resumes_exactly(slurm, tmp_path, reference
     assert f"resumed from {tag} (step {k}," in text, tail(out)
     assert sorted(p.name for p in tag.glob("rng_rank_*.pt")) == ["rng_rank_00000.pt", "rng_rank_00001.pt"]
     assert losses(run_dir) == reference["losses"]  # the resumed run is bit-exact
+
+
+def test_sbatch_the_shipped_tiny_cpu_config(slurm, tmp_path):
+    """The documented command itself, ``sbatch slurm/pretrain.sh configs/tiny_cpu.json``, with
+    a real sentencepiece tokenizer and shards built here (no stand-in tokenizer), shortened
+    with ``--set`` arguments that the script passes through to launch/pretrain.py."""
+    from gpt_dist.data.testing import build_tiny_corpus_and_shards
+
+    prefix, tok = build_tiny_corpus_and_shards(tmp_path / "data", n_docs=120, vocab_size=512,
+                                              shard_tokens=10**9)
+    run_dir = tmp_path / "run"
+    sets = [f"data.prefixes=[\"{prefix}\"]", f"data.tokenizer={tok}", f"run.dir={run_dir}",
+            "data.split=90,10,0", "training.train_steps=6", "training.eval_interval=3", "checkpoint.save_interval=3"]
+    job_id, out = _submit(slurm, tmp_path, ROOT / "configs" / "tiny_cpu.json", "--set", *sets,
+                          GPT_DIST_TEST_FAKE_TOKENIZER="")
+    job = _wait_done(slurm, job_id, out, timeout=300)
+    assert job["JobState"] == "COMPLETED" and job.get("ExitCode") == "0:0", f"{job}\n{tail(out)}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step6", tail(out)
+    saved = __import__("json").loads((run_dir / "config.json").read_text())
+    assert saved["model"]["n_layer"] == 4 and saved["training"]["train_steps"] == 6  # tiny_cpu + --set
+    assert steps_logged(run_dir) == 6
