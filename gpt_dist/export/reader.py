@@ -22,7 +22,7 @@ from gpt_dist.export.names import (
 
 def _deepspeed_safe_globals() -> list[Any]:
     """Plain-data DeepSpeed classes its ZeRO optimizer files pickle (an int enum, the loss
-    scaler's attributes): allowed by the weights-only unpickler, which builds them without
+    scaler's attributes, the bf16 optimizer's fragment addresses): allowed by the weights-only unpickler, which builds them without
     running their code. Anything else in a file is still refused."""
     out: list[Any] = []
     try:
@@ -32,6 +32,9 @@ def _deepspeed_safe_globals() -> list[Any]:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
         out += [LossScaler, DynamicLossScaler]
+        from deepspeed.utils.tensor_fragment import fragment_address  # bf16 optimizer: (numel, start)
+
+        out.append(fragment_address)
     except ImportError:
         pass
     return out
