@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpt_dist.utils import fsync_dir, sha256_file
+
 if TYPE_CHECKING:  # megatron-core imports torch: keep it out of light-weight callers
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -67,20 +69,6 @@ def sidecar_path(prefix: str) -> Path:
     return Path(prefix + ".meta.json")
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Make renames in ``path`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: str | Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -95,14 +83,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:
