@@ -127,7 +127,7 @@ def test_pretrain_cli_dry_run(tmp_path):
         path.write_text(json.dumps({**GPT2_XL, "deepspeed": {"zero_optimization": {"stage": 1}}}))
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(path),
                            "--dry-run", "--nodes", "2", "--gpus-per-node", "8"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rank grid" in proc.stdout and "world=16" in proc.stdout
     assert "memory per GPU" in proc.stdout and "train_batch_size" in proc.stdout

@@ -75,7 +75,7 @@ def test_two_namespaces_one_rank_each_match_single_host(tmp_path, reference, net
                    *pretrain_args(cfg)]
             log = tmp_path / f"node{node}.log"
             logs.append(log)
-            procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"),
+            procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"),  # noqa: SIM115
                                           stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.time() + 300
         while any(p.poll() is None for p in procs) and time.time() < deadline:

@@ -54,7 +54,7 @@ def _submit(slurm, tmp_path: Path, cfg: Path, *args: str, **extra: str) -> tuple
     env = clean_env(PYTHON=str(wrapper), SLURM_CONF=slurm.env["SLURM_CONF"], MAX_RESTARTS="2", **extra)
     out = tmp_path / "job-%j.out"
     proc = subprocess.run(["sbatch", "--parsable", *SBATCH_ARGS, f"--output={out}", str(SCRIPT),
-                           str(cfg), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           str(cfg), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr + slurm.logs()
     job_id = int(proc.stdout.strip().split(";")[0])
     return job_id, tmp_path / f"job-{job_id}.out"
@@ -71,7 +71,7 @@ def _wait_done(slurm, job_id: int, out: Path, timeout: float) -> dict[str, str]:
         if state == "PENDING" and job.get("Reason") == "BeginTime":
             slurm.scontrol("update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(1)
-    subprocess.run(["scancel", str(job_id)], env=slurm.env, timeout=30)
+    subprocess.run(["scancel", str(job_id)], env=slurm.env, timeout=30, check=False)
     pytest.fail(f"job {job_id} did not finish in {timeout} s: {slurm.job(job_id)}\n{tail(out)}\n"
                 + slurm.logs())
 

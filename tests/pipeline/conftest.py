@@ -56,7 +56,7 @@ def launch(nproc: int, args: list[str], *, env: dict[str, str] | None = None,
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", *script]
-    proc = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     log = Path(log_to) if log_to else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)

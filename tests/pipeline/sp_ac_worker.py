@@ -95,7 +95,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         # dropout really is on: same weights and data, dropout 0 vs 0.1 differ
         result["dropout_active"] = _diff(base, _run(ctx, drop, sp=False))
         ctx.destroy()
-    except BaseException:  # report, don't hang the other rank's test
+    except BaseException:  # noqa: BLE001 - report, don't hang the other rank's test
         result["error"] = traceback.format_exc()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -46,7 +46,7 @@ def test_pp_with_zero23_launcher_prints_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config",
                            str(HERE / "base.json"), "--set", "parallel.pp=2",
                            "deepspeed.zero_optimization.stage=3", f"run.dir={tmp_path}"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("pretrain:")]
     assert len(errors) == 1 and "ZeRO-1 with pp" in errors[0], proc.stderr[-2000:]

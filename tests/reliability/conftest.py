@@ -15,7 +15,7 @@ from tests.reliability import harness as h
 
 STEPS = 12
 SAVE = 4
-COMMON = dict(training__train_steps=STEPS, checkpoint__save_interval=SAVE, checkpoint__keep_last=3)
+COMMON = {"training__train_steps": STEPS, "checkpoint__save_interval": SAVE, "checkpoint__keep_last": 3}
 STATE_SHA = {"GPT_DIST_TEST_STATE_SHA": "1"}
 
 

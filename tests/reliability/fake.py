@@ -25,7 +25,7 @@ class FakeCtx:
     tp: int = 1
     pp: int = 1
     dp: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable
 
     @property
     def is_main(self) -> bool:

@@ -56,7 +56,7 @@ def run(tmp_path) -> Path:
 
 
 def test_intact_checkpoint_loads(run):
-    eng, state, log = _resume(run)
+    eng, state, _log = _resume(run)
     assert eng.loads == ["global_step10"] and state.step == 10 and state.consumed_samples == 80
     assert torch.equal(eng.weight, torch.arange(6, dtype=torch.float32) + 2)
 

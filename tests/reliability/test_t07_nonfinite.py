@@ -92,8 +92,8 @@ def _scaler(monkeypatch, **kw):
     from deepspeed.runtime.fp16 import loss_scaler
 
     monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)
-    args = dict(init_scale=2.0**16, scale_window=4, min_scale=1.0, delayed_shift=1,
-                consecutive_hysteresis=False, raise_error_at_min_scale=True)
+    args = {"init_scale": 2.0**16, "scale_window": 4, "min_scale": 1.0, "delayed_shift": 1,
+                "consecutive_hysteresis": False, "raise_error_at_min_scale": True}
     args.update(kw)
     return loss_scaler.DynamicLossScaler(**args)
 

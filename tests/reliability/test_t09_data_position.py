@@ -33,7 +33,7 @@ class IdDataset:
 class Ctx:
     dp_rank: int
     dp: int = 2
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable
 
 
 CFG = config_from_dict({"training": {"micro_batch_size": 3, "global_batch_size": 12}})

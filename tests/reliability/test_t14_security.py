@@ -138,7 +138,7 @@ def test_trust_override_accepts_foreign_but_intact_checkpoint(tmp_path, monkeypa
     with pytest.raises(ckpt.CheckpointUntrustedError, match="no manifest key"):
         _resume(tmp_path)
     monkeypatch.setenv(ckpt.TRUST_ENV, "1")
-    eng, state, _ = _resume(tmp_path)
+    eng, _state, _ = _resume(tmp_path)
     assert eng.loads == ["global_step10"]
 
 
@@ -193,7 +193,7 @@ def test_symlinked_step_dir_rejected(tmp_path):
     (root / "latest").write_text("global_step8")
     with pytest.raises(ckpt.CheckpointCorruptError, match="resolves outside"):
         _resume(run)
-    eng, state, log = _resume(run, on_corrupt="fallback")
+    eng, _state, _log = _resume(run, on_corrupt="fallback")
     assert eng.loads == ["global_step4"]
     # retention never follows the link: the outside checkpoint is untouched
     ckpt._retention(root, keep_last=1, newest="global_step4")
