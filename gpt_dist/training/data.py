@@ -116,7 +116,6 @@ def _build_with_cache(ctx: ParallelContext, cache: Path, build: Any) -> Any:
             os.rename(tmp, cache)
         except OSError:  # published meanwhile by another job: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
-    ctx.barrier()
     return out
 
 

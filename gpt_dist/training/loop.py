@@ -215,10 +215,10 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
     t = cfg.training
     accum = cfg.grad_accum_steps(ctx.world_size)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    first_step = state.step
+    hold_at = _await_signal_step() if state.step == 0 else None  # test hook, read once
     while state.step < t.train_steps:
-        if first_step == 0:
-            _await_signal(state.step + 1, stop)
+        if state.step + 1 == hold_at:
+            _await_signal(stop)
         if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
             log.write(f"signal received: saving at step {state.step} and exiting")
             save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
@@ -289,14 +289,16 @@ def _state_sha(eng: Engine, ctx: ParallelContext) -> list[str] | None:
     return out
 
 
-def _await_signal(step: int, stop: StopFlag) -> None:
+def _await_signal_step() -> int | None:
     """Test hook: GPT_DIST_TEST_AWAIT_SIGNAL_AT=STEP holds a fresh (not resumed) run before
     STEP until this rank got SIGTERM/SIGUSR1, at most 120 s. The preemption tests
     (tests/cluster) signal "mid-run"; without the hold a fast machine finished the 12 tiny
     steps before the signal landed."""
     at = os.environ.get("GPT_DIST_TEST_AWAIT_SIGNAL_AT")
-    if not at or int(at) != step:
-        return
+    return int(at) if at else None
+
+
+def _await_signal(stop: StopFlag) -> None:
     import time
 
     deadline = time.monotonic() + 120
