@@ -23,7 +23,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "ruff>=0.6", "scikit-learn>=1.3", "scipy>=1.10"],
         "mpi": ["mpich"],
     },
 )
