@@ -7,6 +7,10 @@
     layer L+2     TiedLayerSpec("embed", Embedding, forward_fn=logits)  x -> logits [s,b,V/tp]
     loss_fn       vocab_parallel_cross_entropy(logits, (labels, loss_mask))
 
+    fine-tuning:  layer L+2 returns (logits, x); layer L+3 TaskHeadPipe (GPT-1's W_y) passes
+                  them on; loss_fn = TaskHead.objective(logits, x, (labels, loss_mask,
+                  extract_pos, task_labels)): the last stage computes both heads.
+
     e.g. pp=2, n_layer=4, partition by parameters:
       stage 0: embed, h.0, h.1           stage 1: h.2, h.3, ln_f, embed (tied copy)
 
@@ -27,7 +31,8 @@ import torch
 from torch import nn
 
 from gpt_dist.config import Config
-from gpt_dist.model.gpt import Block, Embedding, LayerNorm, ModelSpec, lm_loss, mask_padded_vocab, seq_gather
+from gpt_dist.model.gpt import Block, Embedding, LayerNorm, ModelSpec, init_task_head, lm_loss, vocab_parallel_logits
+from gpt_dist.model.heads import TaskHead
 from gpt_dist.parallel import ParallelContext
 
 
@@ -61,14 +66,12 @@ class FinalNorm(nn.Module):
 
 def _tied_logits(embed: Embedding, x: torch.Tensor) -> torch.Tensor:
     """Last stage: hidden [s, b, h] -> vocab-parallel logits [s, b, V/tp] with the tied wte."""
-    from megatron.core import tensor_parallel as tp
+    return vocab_parallel_logits(x, embed.wte.weight, embed.vocab_size, embed.padded_vocab, embed.tp,
+                                 embed.sequence_parallel)
 
-    if embed.sequence_parallel:
-        x = seq_gather(x, reduce_grad=True)
-    else:
-        x = tp.copy_to_tensor_model_parallel_region(x)
-    logits = torch.nn.functional.linear(x, embed.wte.weight)
-    return mask_padded_vocab(logits, embed.vocab_size, embed.padded_vocab, embed.tp)
+
+def _tied_logits_and_hidden(embed: Embedding, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tied_logits(embed, x), x
 
 
 def _loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -76,24 +79,61 @@ def _loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> to
     return lm_loss(logits, target, loss_mask)
 
 
-def build_pipeline_module(cfg: Config, ctx: ParallelContext) -> Any:
+class TaskHeadPipe(TaskHead):
+    """GPT-1's W_y on the last stage: passes (logits, hidden) on; ``TaskLoss`` applies it."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec.cfg.n_embd, spec.task, spec.sequence_parallel,
+                         init=lambda lin: init_task_head(lin, spec))
+
+    def forward(self, outputs: Any) -> Any:  # type: ignore[override]
+        return outputs
+
+
+class TaskLoss:
+    """The pipeline's loss function under fine-tuning: ``TaskHead.objective`` of the last
+    stage's head. DeepSpeed's engine keeps only the scalar loss, so the parts ([L1, L2]) and
+    task logits of each micro-batch are kept in ``records`` for the objective to read."""
+
+    def __init__(self) -> None:
+        self.head: TaskHead | None = None
+        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        assert self.head is not None, "TaskLoss called on a stage without the task head"
+        logits, hidden = outputs
+        lm_labels, lm_mask, extract_pos, task_labels = labels
+        loss, parts, task_logits = self.head.objective(logits, hidden, lm_labels, lm_mask, extract_pos, task_labels)
+        self.records.append((parts, task_logits, task_labels.detach()))
+        return loss
+
+
+def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) -> Any:
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    spec = ModelSpec(cfg.model, tp=ctx.tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                     seed=cfg.training.seed)
+    task = spec.task is not None
     layers = [TiedLayerSpec("embed", EmbeddingPipe, spec, tied_weight_attr="wte.weight")]
     layers += [LayerSpec(BlockPipe, spec, i) for i in range(cfg.model.n_layer)]
     layers += [LayerSpec(FinalNorm, spec),
-               TiedLayerSpec("embed", EmbeddingPipe, spec, forward_fn=_tied_logits,
+               TiedLayerSpec("embed", EmbeddingPipe, spec,
+                             forward_fn=_tied_logits_and_hidden if task else _tied_logits,
                              tied_weight_attr="wte.weight")]
+    loss_fn: Any = _loss
+    if task:
+        layers.append(LayerSpec(TaskHeadPipe, spec))
+        loss_fn = TaskLoss()
     # DeepSpeed checkpoints chunks of `interval` consecutive layers of a stage. Only chunks made
     # of blocks: DeepSpeed's (reentrant) checkpoint gives no gradient to a chunk whose input does
     # not require one, i.e. one that starts with the embedding on the first stage.
     interval = cfg.parallel.checkpoint_every if cfg.parallel.activation_checkpointing == "full" else 0
-    return PipelineModule(layers=layers, loss_fn=_loss, topology=ctx.topology,
-                          partition_method=cfg.parallel.pipeline_partition,
-                          activation_checkpoint_interval=interval,
-                          checkpointable_layers=["BlockPipe"])
+    module = PipelineModule(layers=layers, loss_fn=loss_fn, topology=ctx.topology,
+                            partition_method=cfg.parallel.pipeline_partition,
+                            activation_checkpoint_interval=interval,
+                            checkpointable_layers=["BlockPipe"])
+    if task:
+        heads = [f for f in module.forward_funcs if isinstance(f, TaskHeadPipe)]
+        loss_fn.head = heads[0] if heads else None
+    return module
 
 
 def pipe_name_to_gpt(layer_idx: int, local_name: str, n_layer: int) -> str | None:
@@ -104,6 +144,8 @@ def pipe_name_to_gpt(layer_idx: int, local_name: str, n_layer: int) -> str | Non
         return f"h.{layer_idx - 1}.{local_name}"
     if layer_idx == n_layer + 1:
         return local_name.replace("ln_f.", "head.ln_f.")    # GPT's LMHead holds ln_f
+    if layer_idx == n_layer + 3:
+        return "task_head." + local_name                    # fine-tuning: W_y
     return None                                             # the tied embedding on the last stage
 
 
@@ -113,4 +155,6 @@ def gpt_name_to_pipe(name: str, n_layer: int) -> tuple[int, str]:
         return int(m.group(1)) + 1, m.group(2)
     if name.startswith("head.ln_f."):
         return n_layer + 1, name[len("head."):]
+    if name.startswith("task_head."):
+        return n_layer + 3, name[len("task_head."):]
     return 0, name

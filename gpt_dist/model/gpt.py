@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt_dist.config import ModelConfig
+from gpt_dist.model.heads import TaskHead, TaskHeadSpec
+from gpt_dist.model.sequence_parallel import seq_gather, seq_split
 from gpt_dist.rng import param_generator, tp_region
 
 
@@ -43,89 +45,6 @@ def _tp() -> Any:
     from megatron.core import tensor_parallel
 
     return tensor_parallel
-
-
-# ---------------------------------------------------------------- sequence-parallel regions
-# megatron-core's sequence mappings allocate on ``torch.cuda.current_device()``; these are the
-# same operations on any device (gloo on CPU, NCCL on GPU), along dim 0 = the sequence.
-
-
-def _tp_group_size() -> tuple[Any, int, int]:
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_tensor_model_parallel_rank())
-
-
-def _all_gather_seq(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    group, n, _ = _tp_group_size()
-    x = x.contiguous()
-    if x.is_cuda:
-        out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)
-        return out
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=0)
-
-
-def _slice_seq(x: torch.Tensor) -> torch.Tensor:
-    _, n, r = _tp_group_size()
-    step = x.shape[0] // n
-    return x[r * step:(r + 1) * step].contiguous()
-
-
-def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    group, n, _ = _tp_group_size()
-    x = x.contiguous()
-    if x.is_cuda:
-        out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, x, group=group)
-        return out
-    x = x.clone()
-    dist.all_reduce(x, group=group)  # gloo has no reduce-scatter
-    return _slice_seq(x)
-
-
-class _SeqGather(torch.autograd.Function):
-    """All-gather along the sequence. Backward: this rank's slice of the gradient, summed over
-    TP first when every rank holds a partial gradient (``reduce_grad``, Megatron's
-    ``tensor_parallel_output_grad``)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, reduce_grad: bool) -> torch.Tensor:  # type: ignore[override]
-        ctx.reduce_grad = reduce_grad
-        return _all_gather_seq(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return (_reduce_scatter_seq(g) if ctx.reduce_grad else _slice_seq(g)), None
-
-
-class _SeqSplit(torch.autograd.Function):
-    """Keep this rank's sequence slice of a TP-replicated tensor; backward all-gathers."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _slice_seq(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _all_gather_seq(g)
-
-
-def seq_gather(x: torch.Tensor, reduce_grad: bool = True) -> torch.Tensor:
-    """[s/tp, b, h] -> [s, b, h] over the TP group."""
-    return _SeqGather.apply(x, reduce_grad)
-
-
-def seq_split(x: torch.Tensor) -> torch.Tensor:
-    """[s, b, h] (identical on the TP ranks) -> this rank's [s/tp, b, h]."""
-    return _SeqSplit.apply(x)
 
 
 @dataclass
@@ -136,6 +55,8 @@ class ModelSpec:
     tp: int = 1
     sequence_parallel: bool = False
     seed: int = 1234
+    task: TaskHeadSpec | None = None
+    """Fine-tuning: add GPT-1's linear head W_y (``gpt_dist.model.heads``)."""
     megatron: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -346,7 +267,10 @@ def _init_partitioned(param: nn.Parameter, init: Callable[[torch.Tensor], None])
 
 
 class LMHead(nn.Module):
-    """Final LN (GPT-2) and the tied output layer; holds no weight of its own."""
+    """Final LN (GPT-2) and the tied output layer; holds no weight of its own.
+
+    The one LM head: ``GPT`` calls it whole; the pipeline view (``pipeline.py``) runs ``norm``
+    as its own layer and ``vocab_parallel_logits`` on the last stage's tied embedding copy."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -355,16 +279,30 @@ class LMHead(nn.Module):
         self.sequence_parallel = spec.sequence_parallel
         self.vocab_size, self.padded_vocab, self.tp = cfg.vocab_size, spec.padded_vocab, spec.tp
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden state h_L: after ln_f for GPT-2, the last block's output for GPT-1."""
+        return self.ln_f(x) if self.ln_f is not None else x
+
+    def logits(self, hidden: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden [s, b, h] -> vocab-parallel logits [s, b, V/tp], padding masked."""
+        return vocab_parallel_logits(hidden, wte, self.vocab_size, self.padded_vocab, self.tp,
+                                     self.sequence_parallel)
+
     def forward(self, x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
         """[s, b, h] -> vocab-parallel logits [s, b, V/tp]; padding rows masked out."""
-        if self.ln_f is not None:
-            x = self.ln_f(x)
-        if self.sequence_parallel:  # each rank's vocab shard gives a partial gradient of x
-            x = seq_gather(x, reduce_grad=True)
-        else:
-            x = _tp().copy_to_tensor_model_parallel_region(x)
-        logits = F.linear(x, wte)                                # [s, b, V/tp]
-        return mask_padded_vocab(logits, self.vocab_size, self.padded_vocab, self.tp)
+        return self.logits(self.norm(x), wte)
+
+
+def vocab_parallel_logits(x: torch.Tensor, wte: torch.Tensor, vocab: int, padded: int, tp: int,
+                          sequence_parallel: bool) -> torch.Tensor:
+    """Normalised hidden [s(/tp), b, h] -> this rank's logits [s, b, V/tp] with the tied ``wte``
+    shard (the output layer of both the plain and the pipeline model)."""
+    if sequence_parallel:  # each rank's vocab shard gives a partial gradient of x
+        x = seq_gather(x, reduce_grad=True)
+    else:
+        x = _tp().copy_to_tensor_model_parallel_region(x)
+    logits = F.linear(x, wte)                                    # [s, b, V/tp]
+    return mask_padded_vocab(logits, vocab, padded, tp)
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab: int, padded: int, tp: int) -> torch.Tensor:
@@ -402,12 +340,19 @@ class GPT(nn.Module):
         self.embed = Embedding(spec)
         self.h = nn.ModuleList(Block(spec, i) for i in range(spec.cfg.n_layer))
         self.head = LMHead(spec)
+        self.task_head = (TaskHead(spec.cfg.n_embd, spec.task, spec.sequence_parallel,
+                                   init=lambda lin: init_task_head(lin, spec))
+                          if spec.task is not None else None)
         self.checkpoint_every = 0  # set by the trainer: recompute every k-th block
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids [b, s] -> scalar loss (with labels) or vocab-parallel logits [b, s, V/tp]."""
+                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                extract_pos: torch.Tensor | None = None,
+                task_labels: torch.Tensor | None = None) -> Any:
+        """input_ids [b, s] -> scalar loss (with labels) or vocab-parallel logits [b, s, V/tp].
+
+        Fine-tuning (``extract_pos`` [b] and ``task_labels`` [B] given): the head's
+        ``(L3, [L1, L2], task logits [B, n])``, see ``TaskHead.objective``."""
         offset = kv_cache.length if kv_cache is not None else 0
         x = self.embed(input_ids, offset)                        # [s, b, h]
         for i, block in enumerate(self.h):
@@ -419,10 +364,21 @@ class GPT(nn.Module):
                 x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
-        logits = self.head(x, self.embed.wte.weight)             # [s, b, V/tp]
+        hidden = self.head.norm(x)                               # h_L [s, b, h]
+        logits = self.head.logits(hidden, self.embed.wte.weight)  # [s, b, V/tp]
+        if extract_pos is not None:
+            if self.task_head is None:
+                raise ValueError("extract_pos given to a model without a task head")
+            return self.task_head.objective(logits, hidden, labels, loss_mask, extract_pos, task_labels)
         if labels is None:
             return logits.transpose(0, 1)                        # [b, s, V/tp]
         return lm_loss(logits, labels, loss_mask)
+
+
+def init_task_head(linear: nn.Linear, spec: ModelSpec) -> None:
+    """W_y ~ N(0, init_std) seeded by its name, bias 0 (also inside ZeRO-3's ``zero.Init``)."""
+    _init_partitioned(linear.weight, spec.init("task_head.linear.weight", spec.cfg.init_std))
+    _init_partitioned(linear.bias, lambda t: t.data.zero_())
 
 
 class KVCache:

@@ -8,7 +8,6 @@ documents them. Nobody hand-writes a second DeepSpeed JSON.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from gpt_dist.config import Config
-from gpt_dist.model.gpt import GPT, ModelSpec
+from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
 from gpt_dist.parallel import ParallelContext
 
 # DeepSpeed sizes its ZeRO buckets (5e8 elements: a 2 GB buffer each) for GPUs. On a CPU those
@@ -100,42 +99,6 @@ def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.dev
                              fused=device.type == "cuda")
 
 
-def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> GPT:
-    """Build the pp=1 model; under ZeRO-3 inside ``zero.Init`` so no rank holds it whole."""
-    import deepspeed
-
-    spec = ModelSpec(cfg.model, tp=ctx.tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                     seed=cfg.training.seed)
-    init: Any = contextlib.nullcontext()
-    if cfg.zero_stage == 3:
-        init = deepspeed.zero.Init(data_parallel_group=ctx.dp_group, config_dict_or_path=ds_config,
-                                   mpu=ctx.mpu(), remote_device=None)
-    with init:
-        model = GPT(spec)
-    if cfg.parallel.activation_checkpointing == "full":
-        configure_activation_checkpointing(cfg, ctx)
-        model.checkpoint_every = cfg.parallel.checkpoint_every
-    return model
-
-
-def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> None:
-    """DeepSpeed's checkpointing API with our mpu; the RNG tracker (gpt_dist.rng) is the one it
-    saves and restores around the recomputation, so dropout masks are identical.
-
-    ``partition_activations`` splits each saved block input over the TP ranks and all-gathers
-    it before recomputing; that assumes the input is the same on every TP rank. Under sequence
-    parallelism it is not (each rank holds its own sequence slice, already 1/tp of the whole),
-    and partitioning would rebuild a mix of the ranks' slices: wrong gradients. So sequence
-    parallelism switches it off (Megatron refuses the same combination).
-    """
-    import deepspeed
-
-    partition = cfg.parallel.partition_activations and not cfg.parallel.sequence_parallel
-    deepspeed.checkpointing.configure(
-        ctx.mpu(), partition_activations=partition,
-        contiguous_checkpointing=False, checkpoint_in_cpu=False, synchronize=False, profile=False)
-
-
 class NonFiniteGuard:
     """Skip the optimizer update on every rank when any rank has a non-finite gradient.
 
@@ -189,13 +152,7 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
     import deepspeed
 
     ds_config = deepspeed_config(cfg, ctx.world_size, ctx.device.type)
-    if model is None and ctx.pp > 1:
-        from gpt_dist.pipeline import build_pipeline_module
-
-        if cfg.parallel.activation_checkpointing == "full":
-            configure_activation_checkpointing(cfg, ctx)
-        model = build_pipeline_module(cfg, ctx)
-    elif model is None:
+    if model is None:
         model = build_model(cfg, ctx, ds_config)
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

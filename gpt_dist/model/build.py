@@ -1,0 +1,75 @@
+"""Model construction in one place: the spec from the run config, and the plain (pp=1) or
+pipeline model built from it, inside ZeRO-3's ``zero.Init`` when the run shards parameters.
+
+Training (``training/engine.py``), fine-tuning and evaluation all build through here, so a
+spec field (sequence parallelism, the seed, the fine-tuning head) cannot differ between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import nn
+
+from gpt_dist.config import Config
+from gpt_dist.model.gpt import GPT, ModelSpec
+from gpt_dist.model.heads import TaskHeadSpec
+from gpt_dist.parallel import ParallelContext
+
+
+def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
+    """GPT-1's head from the ``finetune`` section (None when pretraining)."""
+    ft = getattr(cfg, "finetune", None)
+    if ft is None:
+        return None
+    return TaskHeadSpec(task=ft.task, n_out=ft.head_outputs(), dropout=ft.classifier_dropout,
+                        lm_coef=ft.lm_coef)
+
+
+def model_spec(cfg: Config, tp: int) -> ModelSpec:
+    return ModelSpec(cfg.model, tp=tp, sequence_parallel=cfg.parallel.sequence_parallel,
+                     seed=cfg.training.seed, task=task_head_spec(cfg))
+
+
+def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> nn.Module:
+    """The pp=1 ``GPT`` or, with pp > 1, DeepSpeed's ``PipelineModule`` of the same blocks.
+
+    Under ZeRO-3 the pp=1 model is built inside ``zero.Init``, so no rank ever holds it whole."""
+    import deepspeed
+
+    spec = model_spec(cfg, ctx.tp)
+    full_ac = cfg.parallel.activation_checkpointing == "full"
+    if full_ac:
+        configure_activation_checkpointing(cfg, ctx)
+    if ctx.pp > 1:
+        from gpt_dist.pipeline import build_pipeline_module
+
+        return build_pipeline_module(cfg, ctx, spec)
+    init: Any = contextlib.nullcontext()
+    if cfg.zero_stage == 3:
+        init = deepspeed.zero.Init(data_parallel_group=ctx.dp_group, config_dict_or_path=ds_config,
+                                   mpu=ctx.mpu(), remote_device=None)
+    with init:
+        model = GPT(spec)
+    if full_ac:
+        model.checkpoint_every = cfg.parallel.checkpoint_every
+    return model
+
+
+def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> None:
+    """DeepSpeed's checkpointing API with our mpu; the RNG tracker (gpt_dist.rng) is the one it
+    saves and restores around the recomputation, so dropout masks are identical.
+
+    ``partition_activations`` splits each saved block input over the TP ranks and all-gathers
+    it before recomputing; that assumes the input is the same on every TP rank. Under sequence
+    parallelism it is not (each rank holds its own sequence slice, already 1/tp of the whole),
+    and partitioning would rebuild a mix of the ranks' slices: wrong gradients. So sequence
+    parallelism switches it off (Megatron refuses the same combination).
+    """
+    import deepspeed
+
+    partition = cfg.parallel.partition_activations and not cfg.parallel.sequence_parallel
+    deepspeed.checkpointing.configure(
+        ctx.mpu(), partition_activations=partition,
+        contiguous_checkpointing=False, checkpoint_in_cpu=False, synchronize=False, profile=False)
