@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from gpt_dist.config_finetune import FinetuneConfig
+
 
 class ConfigError(ValueError):
     """A config problem; the message is one line naming the key and the fix."""
@@ -216,6 +218,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Passed through to DeepSpeed (zero_optimization, offload, ...); batch keys are generated."""
+    finetune: FinetuneConfig | None = None
+    """GPT-1 fine-tuning (``gpt_dist/config_finetune.py``); absent for pretraining."""
 
     # ------------------------------------------------------------------ derived values
     @property
