@@ -4,12 +4,13 @@ A shard ``PREFIX_00000`` is three files::
 
     PREFIX_00000.bin        tokens, uint16 (vocabulary < 65,500) or int32, one sequence
                             per document, each ending with the end-of-document token
-    PREFIX_00000.idx        megatron-core's index (written by IndexedDatasetBuilder):
-                            magic MMIDIDX, version 1, dtype code, sequence and document
-                            counts, int32 lengths, int64 byte pointers, int64
-                            document_indices
+    PREFIX_00000.idx        megatron-core's index, byte for byte what its
+                            IndexedDatasetBuilder writes (written here without importing
+                            it, see ShardWriter): magic MMIDIDX, version 1, dtype code,
+                            sequence and document counts, int32 lengths, int64 byte
+                            pointers, int64 document_indices
     PREFIX_00000.meta.json  the sidecar: .bin/.idx byte lengths and sha256, dtype,
-                            counts, tokenizer fingerprint
+                            counts, largest token id, tokenizer fingerprint
 
 Why the sidecar: megatron-core 0.16.1 does not tie an ``.idx`` to its ``.bin``. A
 ``.bin`` truncated by a few tokens opens fine and fails on the last document; a larger
@@ -86,42 +87,107 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 class ShardWriter:
-    """Writes one shard through megatron-core's ``IndexedDatasetBuilder`` to ``.tmp``
-    names; :meth:`finalize` fsyncs and writes the sidecar, :meth:`commit` renames."""
+    """Writes one shard in megatron-core's ``.bin``/``.idx`` format to ``.tmp`` names;
+    :meth:`finalize` writes the index, fsyncs and writes the sidecar, :meth:`commit` renames.
+
+    Why by hand and not through megatron-core's ``IndexedDatasetBuilder``: importing
+    ``megatron.core.datasets.indexed_dataset`` runs megatron-core's package ``__init__``
+    (torch, its optimizer, FSDP, transformer config...), about 5 s before preprocessing
+    reads a byte, for a format that is a 34-byte header and three numpy arrays. The bytes
+    are the builder's, exactly (tests/data_tools/test_format.py writes the same documents
+    both ways and compares, then reads ours back with megatron-core's ``IndexedDataset``
+    and ``GPTDataset``): megatron-core stays the reader and the reference.
+    """
 
     def __init__(self, prefix: str, vocab_size: int, eod_id: int, tokenizer_fingerprint: str,
-                 extra: dict[str, Any] | None = None) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+                 extra: dict[str, Any] | None = None, dtype: type[np.integer] | None = None) -> None:
         self.prefix = prefix
-        self.dtype = token_dtype(vocab_size)
+        self.dtype = dtype or token_dtype(vocab_size)
         self.meta: dict[str, Any] = {"vocab_size": vocab_size, "eod_id": eod_id,
                                      "tokenizer_fingerprint": tokenizer_fingerprint, **(extra or {})}
         self.num_documents = 0
         self.num_tokens = 0
-        self._builder = IndexedDatasetBuilder(prefix + ".bin" + TMP, dtype=self.dtype)
+        self.max_token_id = -1
+        self._lengths: list[int] = []  # one per sequence
+        self._doc_idx: list[int] = [0]  # sequence index where each document ends
+        self._sha = hashlib.sha256()
+        self._bin = open(prefix + ".bin" + TMP, "wb")  # noqa: SIM115 - closed in finalize/abort
         self._finalized = False
 
+    def _append(self, buf: bytes | memoryview) -> None:
+        self._bin.write(buf)
+        self._sha.update(buf)
+
     def add_document(self, tokens: np.ndarray) -> None:
-        """Append one document (its end-of-document token already included)."""
-        self._builder.add_document(tokens, [len(tokens)])
+        """Append one document (its end-of-document token already included) as one sequence."""
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:  # a cast must not wrap ids around (megatron-core's builder does)
+            info = np.iinfo(self.dtype)
+            if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+                raise ShardFormatError(f"{self.prefix}.bin: token id outside {np.dtype(self.dtype).name} "
+                                       "(check: token dtype)")
+            arr = arr.astype(self.dtype)
+        arr = np.ascontiguousarray(arr)
+        if arr.size:
+            self._append(memoryview(arr).cast("B"))
+            top = int(arr.max())
+            self.max_token_id = max(self.max_token_id, top)
+        self._lengths.append(int(arr.size))
+        self._doc_idx.append(len(self._lengths))
         self.num_documents += 1
-        self.num_tokens += len(tokens)
+        self.num_tokens += int(arr.size)
+
+    def add_shard(self, prefix: str, info: dict[str, Any]) -> None:
+        """Append every document of a validated shard (``info`` from :func:`validate_shard`):
+        megatron-core's ``add_index``, with its dtype ``assert`` as a real check."""
+        if np.dtype(info["dtype"]) != np.dtype(self.dtype):
+            raise ShardFormatError(f"{prefix}.idx: dtype {info['dtype']} != {np.dtype(self.dtype).name} "
+                                   "(check: merge dtype)")
+        lengths, doc_idx = read_index_arrays(prefix)
+        offset = len(self._lengths)
+        self._lengths.extend(int(x) for x in lengths)
+        self._doc_idx.extend(int(x) + offset for x in doc_idx[1:])
+        with open(prefix + ".bin", "rb") as f:
+            while chunk := f.read(1 << 22):
+                self._append(chunk)
+        top = (info.get("sidecar") or {}).get("max_token_id")
+        self.max_token_id = max(self.max_token_id, int(top) if top is not None else scan_max_token_id(prefix))
+        self.num_documents += len(doc_idx) - 1
+        self.num_tokens += int(lengths.sum(dtype=np.int64))
+
+    def _index_bytes(self) -> bytes:
+        """The ``.idx`` as megatron-core's ``_IndexWriter`` writes it (multimodal=False: no modes)."""
+        code = {v: k for k, v in TOKEN_DTYPES.items()}[self.dtype]
+        lengths = np.asarray(self._lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
+        doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
+        header = INDEX_MAGIC + struct.pack("<Q", INDEX_VERSION) + struct.pack("<B", code)
+        header += struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_idx))
+        return header + lengths.tobytes() + pointers.tobytes() + doc_idx.tobytes()
 
     def finalize(self) -> dict[str, Any]:
         """Write the index and the sidecar (all still ``.tmp``); returns the sidecar."""
         bin_tmp, idx_tmp = self.prefix + ".bin" + TMP, self.prefix + ".idx" + TMP
-        self._builder.finalize(idx_tmp)
-        fsync_file(bin_tmp)
-        fsync_file(idx_tmp)
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        idx = self._index_bytes()
+        with open(idx_tmp, "wb") as f:
+            f.write(idx)
+            f.flush()
+            os.fsync(f.fileno())
         code = {v: k for k, v in TOKEN_DTYPES.items()}[self.dtype]
         self.meta.update({
             "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
             "dtype": np.dtype(self.dtype).name, "dtype_code": code,
-            "bin_bytes": os.path.getsize(bin_tmp), "bin_sha256": sha256_file(bin_tmp),
-            "idx_bytes": os.path.getsize(idx_tmp), "idx_sha256": sha256_file(idx_tmp),
-            "num_sequences": self.num_documents, "num_documents": self.num_documents,
+            "bin_bytes": os.path.getsize(bin_tmp), "bin_sha256": self._sha.hexdigest(),
+            "idx_bytes": len(idx), "idx_sha256": hashlib.sha256(idx).hexdigest(),
+            "num_sequences": len(self._lengths), "num_documents": self.num_documents,
             "num_tokens": self.num_tokens,
+            # None for an empty shard: no token to bound
+            "max_token_id": self.max_token_id if self.max_token_id >= 0 else None,
         })
         atomic_write_json(str(sidecar_path(self.prefix)) + TMP, self.meta)
         self._finalized = True
@@ -139,7 +205,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the temporary files of an unfinished shard."""
         try:
-            self._builder.data_file.close()
+            self._bin.close()
         except (AttributeError, OSError):
             pass
         remove_shard_files(self.prefix, committed=False)
@@ -321,6 +387,32 @@ def index_cache_key(prefixes: list[str], seq_len: int, seed: int, num_samples: i
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def read_index_arrays(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence lengths, document indices) of a shard's ``.idx`` (copies; call
+    :func:`validate_shard` first: this trusts the header)."""
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(HEADER_BYTES)
+        _, _, n_seq, n_doc = struct.unpack("<QBQQ", header[9:])
+        lengths = np.fromfile(f, dtype=np.int32, count=n_seq)
+        f.seek(HEADER_BYTES + 12 * n_seq)
+        doc_idx = np.fromfile(f, dtype=np.int64, count=n_doc)
+    return lengths, doc_idx
+
+
+def scan_max_token_id(prefix: str, chunk_tokens: int = 1 << 24) -> int | None:
+    """The largest token id in a shard's ``.bin`` (None when it holds no token), read through
+    a memory map in chunks: the fallback for shards whose sidecar does not record it
+    (other Megatron tools'). One sequential pass at memory speed, bounded memory."""
+    info = validate_shard(prefix)
+    if info["num_tokens"] == 0:
+        return None
+    mm = np.memmap(prefix + ".bin", mode="r", dtype=np.dtype(info["dtype"]))
+    try:
+        return max(int(mm[i:i + chunk_tokens].max()) for i in range(0, len(mm), chunk_tokens))
+    finally:
+        del mm
+
+
 def merge_shards(prefixes: list[str], out_prefix: str) -> dict[str, Any]:
     """Concatenate shards into one (documents and ``document_indices`` in order).
 
@@ -328,8 +420,6 @@ def merge_shards(prefixes: list[str], out_prefix: str) -> dict[str, Any]:
     megatron-core's ``add_index`` only ``assert``s the dtype, which ``-O`` removes, and
     a mixed merge would reinterpret token bytes.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     if not prefixes:
         raise ShardFormatError(f"{out_prefix}: nothing to merge")
     infos = [validate_shard(p) for p in prefixes]
@@ -340,19 +430,15 @@ def merge_shards(prefixes: list[str], out_prefix: str) -> dict[str, Any]:
     if len(fps) != 1:
         raise ShardFormatError(f"{out_prefix}: cannot merge shards of different tokenizers (check: merge tokenizer)")
     first = infos[0]["sidecar"] or {}
-    dtype = np.dtype(infos[0]["dtype"]).type
-    builder = IndexedDatasetBuilder(out_prefix + ".bin" + TMP, dtype=dtype)
-    for p in prefixes:
-        builder.add_index(p)
-    writer = ShardWriter.__new__(ShardWriter)
-    writer.prefix, writer.dtype, writer._builder = out_prefix, dtype, builder
-    writer.meta = {k: first.get(k) for k in ("vocab_size", "eod_id", "tokenizer_fingerprint")}
-    writer.meta["merged_from"] = [os.path.basename(p) for p in prefixes]
-    writer.num_documents = sum(i["num_documents"] for i in infos)
-    writer.num_tokens = sum(i["num_tokens"] for i in infos)
-    writer._finalized = False
-    meta = writer.finalize()
-    meta["num_sequences"] = sum(i["num_sequences"] for i in infos)
-    atomic_write_json(str(sidecar_path(out_prefix)) + TMP, meta)
-    writer.commit()
+    writer = ShardWriter(out_prefix, first.get("vocab_size") or 0, first.get("eod_id"),
+                         first.get("tokenizer_fingerprint"), {"merged_from": [os.path.basename(p) for p in prefixes]},
+                         dtype=np.dtype(infos[0]["dtype"]).type)
+    try:
+        for p, info in zip(prefixes, infos):
+            writer.add_shard(p, info)
+        meta = writer.finalize()
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
     return meta

@@ -288,20 +288,12 @@ class Preprocessor:
         try:
             if self.cfg.workers <= 0:  # in-process: for debugging and profiling
                 init_worker(wcfg, in_child=False)
-                self._import_writer()
                 for batch in batches:
                     self._consume(batch, process_batch(self._payload(batch)), progress)
                 return
             self._stream_pool(wcfg, batches, progress)
         finally:
             progress.close()
-
-    def _import_writer(self) -> None:
-        """megatron-core (and torch) take seconds to import: do it after the workers have
-        forked (they never need it) and before the clock starts, so no batch waits on it.
-        Strict runs import it lazily with the first shard, so bad input fails fast."""
-        if not self.cfg.strict:
-            import megatron.core.datasets.indexed_dataset  # noqa: F401
 
     def _payload(self, batch: list[RawRecord]) -> list[tuple[bytes | None, str | None, str]]:
         return [(r.data, r.error, self.files[r.file].kind) for r in batch]
@@ -315,7 +307,6 @@ class Preprocessor:
         try:
             for f in [pool.submit(ping) for _ in range(self.cfg.workers)]:
                 f.result()
-            self._import_writer()
             progress.start()
             self.t_started = progress.t0  # excludes worker start-up (fork + tokenizer load)
             exhausted = False
