@@ -1,0 +1,8 @@
+"""GPT-1 supervised fine-tuning (Radford et al. 2018, §3.2-3.3, Figure 1).
+
+This package holds the parts that do not touch the model: task files and their input
+transformations (:mod:`.tasks`), batching, epoch order and data-parallel sharding
+(:mod:`.batches`) and the task metrics (:mod:`.metrics`). Keeping them free of the engine
+lets them be tested exhaustively on a CPU in a second, and lets ``launch/predict.py`` and
+the training loop share one definition of what the model sees.
+"""
