@@ -30,6 +30,7 @@ Every file is opened safely: checkpoint files with ``torch.load(weights_only=Tru
 
 from gpt_dist.export.hf import from_hf, hf_config, to_hf
 from gpt_dist.export.loader import (
+    load_export,
     load_into_engine,
     load_native,
     load_state_into_model,
@@ -68,6 +69,7 @@ __all__ = [
     "from_hf",
     "gather_checkpoint",
     "hf_config",
+    "load_export",
     "load_into_engine",
     "load_native",
     "load_state_into_model",

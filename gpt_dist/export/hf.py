@@ -58,6 +58,9 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     for key, t in hf.items():
         name = key.removeprefix("transformer.")
+        if name.startswith("multiple_choice_head.summary."):  # GPT2DoubleHeadsModel's mc head
+            out["task_head.linear." + name.removeprefix("multiple_choice_head.summary.")] = t.contiguous()
+            continue
         if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
             continue                                      # tied head / causal-mask buffers
         name = emb.get(name, name)
@@ -71,23 +74,32 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
     return out
 
 
-def hf_config(cfg: ModelConfig, eod_id: int | None) -> dict[str, Any]:
-    """config.json for transformers (dropouts as trained; evaluation uses eval())."""
+def hf_config(cfg: ModelConfig, eod_id: int | None, task: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json for transformers (dropouts as trained; evaluation uses eval()).
+
+    A multiple-choice head (``task``) makes it a DoubleHeads model: the summary is the
+    ``cls_index`` token's state (our extract token, ``mc_token_ids``) through dropout and
+    one linear output, exactly GPT-1's W_y."""
     common = {"vocab_size": cfg.vocab_size, "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd,
                   "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.ln_eps,
                   "initializer_range": cfg.init_std, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "attn_pdrop": cfg.attn_dropout, "bos_token_id": eod_id, "eos_token_id": eod_id,
                   "tie_word_embeddings": True}
+    summary: dict[str, Any] = {}
+    if task is not None:
+        summary = {"summary_type": "cls_index", "summary_use_proj": True, "summary_proj_to_labels": True,
+                   "summary_activation": None, "summary_first_dropout": float(task["dropout"]),
+                   "num_labels": 1}
     if cfg.arch == "gpt2":
         from transformers import GPT2Config
 
-        c = GPT2Config(activation_function="gelu_new", n_inner=4 * cfg.n_embd, **common)
-        c.architectures = ["GPT2LMHeadModel"]
+        c = GPT2Config(activation_function="gelu_new", n_inner=4 * cfg.n_embd, **common, **summary)
+        c.architectures = ["GPT2DoubleHeadsModel" if task else "GPT2LMHeadModel"]
     else:
         from transformers import OpenAIGPTConfig
 
-        c = OpenAIGPTConfig(afn="gelu", **common)  # OpenAI GPT's "gelu" is the tanh approximation
-        c.architectures = ["OpenAIGPTLMHeadModel"]
+        c = OpenAIGPTConfig(afn="gelu", **common, **summary)  # OpenAI GPT's "gelu" is the tanh approximation
+        c.architectures = ["OpenAIGPTDoubleHeadsModel" if task else "OpenAIGPTLMHeadModel"]
     return c.to_dict()
 
 

@@ -14,6 +14,7 @@ from gpt_dist.export.hf import from_hf
 from gpt_dist.export.names import (
     CONFIG,
     NATIVE_FORMAT,
+    TASK_PREFIX,
     WEIGHTS,
     ExportError,
     canonical_name,
@@ -106,7 +107,16 @@ def _model_config_from_hf(conf: dict[str, Any], where: str) -> ModelConfig:
 
 
 def load_native(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, full fp32-or-as-saved native state) of a native or HF GPT-2/GPT-1 export."""
+    """(model config, full fp32-or-as-saved native state) of a native or HF GPT-2/GPT-1 export.
+
+    A fine-tuned export's state includes GPT-1's head (``task_head.linear.*``); its task is
+    ``export_task(export_dir)``."""
+    cfg, state, _ = load_export(export_dir)
+    return cfg, state
+
+
+def load_export(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(model config, native state, task head info or None) of a native or HF export."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ExportError(f"{export_dir}: not a directory")
@@ -117,21 +127,33 @@ def load_native(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
         hint = f" (found {pickles}: pickle files are not loaded; convert to safetensors)" if pickles else ""
         raise ExportError(f"{weights}: missing{hint}")
     state, _ = read_safetensors(weights)
+    task: dict[str, Any] | None
     if conf.get("format") == NATIVE_FORMAT:
         cfg = model_config_from_dict(conf.get("model", {}), str(export_dir / CONFIG))
+        task = conf.get("task")
     else:
         cfg = _model_config_from_hf(conf, str(export_dir / CONFIG))
         state = from_hf(state, cfg)
-    check_state(state, cfg, str(weights))
-    return cfg, state
+        task = None
+        if "task_head.linear.weight" in state:  # a DoubleHeads model: multiple choice
+            task = {"task": "multiple_choice", "n_out": 1, "label_names": None, "regression": False,
+                    "lm_coef": 0.5, "dropout": float(conf.get("summary_first_dropout", 0.1))}
+    check_state(state, cfg, str(weights), task)
+    return cfg, state, task
 
 
 def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
-                          tp_rank: int, tp: int, cfg: ModelConfig | None = None) -> list[str]:
+                          tp_rank: int, tp: int, cfg: ModelConfig | None = None,
+                          grow_vocab: bool = False) -> list[str]:
     """Copy a full native state into ``model`` (a ``GPT`` or a pipeline stage) for its TP rank.
 
-    The vocabulary is re-padded with zero rows to the model's padded size. ZeRO-3 parameters
-    are gathered, written and re-partitioned. Returns the native names loaded."""
+    The vocabulary is re-padded with zero rows to the model's padded size. With
+    ``grow_vocab`` (fine-tuning: start/delimiter/extract appended after a pretrained
+    vocabulary) an export with fewer rows than ``cfg.vocab_size`` fills the old rows and the
+    new ones keep the model's own N(0, init_std) initialisation (seeded by name, so the same
+    in every layout). Parameters the state lacks under the ``task_head.`` prefix (a pretrained
+    export has no fine-tuning head) keep their initialisation. ZeRO-3 parameters are
+    gathered, written and re-partitioned. Returns the native names loaded."""
     n_layer = cfg.n_layer if cfg is not None else getattr(getattr(model, "spec", None), "cfg", ModelConfig()).n_layer
     loaded = []
     for name, param in model.named_parameters():
@@ -139,36 +161,70 @@ def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Te
         if canon is None:
             continue
         if canon not in full_state:
+            if canon.startswith(TASK_PREFIX):
+                continue
             raise ExportError(f"load: the export has no tensor {canon} (model parameter {name})")
         full = full_state[canon]
         shape = tuple(getattr(param, "ds_shape", param.shape))
         dim = tp_dim(canon)
-        if canon == "wte.weight":
-            padded = shape[0] * tp
-            if full.shape[0] > padded or full.dim() != 2:
-                raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model vocabulary "
-                                  f"is padded to {padded}")
-            if full.shape[0] < padded:
-                full = torch.cat([full, full.new_zeros(padded - full.shape[0], full.shape[1])])
-        if dim is not None and tp > 1:
-            if full.dim() <= dim or full.shape[dim] % tp:
-                raise ExportError(f"load: tensor {canon} of shape {tuple(full.shape)} cannot be split "
-                                  f"{tp} ways along dim {dim}")
-            per = full.shape[dim] // tp
-            full = full.narrow(dim, tp_rank * per, per)
-        if tuple(full.shape) != shape:
-            raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model parameter "
-                              f"{name} expects {shape} (tp rank {tp_rank} of {tp})")
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(param, modifier_rank=0), torch.no_grad():
-                param.data.copy_(full.to(param.dtype))
-        else:
+        with _gathered(param):
+            if canon == "wte.weight":
+                full = _vocab_rows(full, param, shape[0] * tp, tp_rank, tp, cfg, grow_vocab)
+            if dim is not None and tp > 1:
+                if full.dim() <= dim or full.shape[dim] % tp:
+                    raise ExportError(f"load: tensor {canon} of shape {tuple(full.shape)} cannot be split "
+                                      f"{tp} ways along dim {dim}")
+                per = full.shape[dim] // tp
+                full = full.narrow(dim, tp_rank * per, per)
+            if tuple(full.shape) != shape:
+                raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model parameter "
+                                  f"{name} expects {shape} (tp rank {tp_rank} of {tp})")
             with torch.no_grad():
                 param.data.copy_(full.to(param.dtype))
         loaded.append(canon)
     return loaded
+
+
+def _gathered(param: torch.nn.Parameter) -> Any:
+    """ZeRO-3: the whole parameter on every rank for the block, re-partitioned from rank 0."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(param, modifier_rank=0)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter, padded: int, tp_rank: int, tp: int,
+                cfg: ModelConfig | None, grow_vocab: bool) -> torch.Tensor:
+    """The export's token embedding brought to the model's padded vocabulary (full rows)."""
+    if full.shape[0] > padded or full.dim() != 2:
+        raise ExportError(f"load: tensor wte.weight has shape {tuple(full.shape)}, model vocabulary "
+                          f"is padded to {padded}")
+    vocab = cfg.vocab_size if cfg is not None else full.shape[0]
+    if full.shape[0] < vocab:
+        if not grow_vocab:
+            raise ExportError(f"load: the export has {full.shape[0]} token rows, the model {vocab}; "
+                              "only fine-tuning grows the vocabulary")
+        # the new real rows: this model's own seeded init (the TP shard's rows, gathered)
+        own = _full_rows(param.data, tp_rank, tp)
+        full = torch.cat([full, own[full.shape[0]:vocab].to(full.dtype)])
+    if full.shape[0] < padded:
+        full = torch.cat([full, full.new_zeros(padded - full.shape[0], full.shape[1])])
+    return full
+
+
+def _full_rows(shard: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """All TP shards of the vocab-parallel embedding (gathered over the TP group)."""
+    if tp == 1:
+        return shard.detach().clone()
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    parts = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(parts, shard.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts)
 
 
 def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
@@ -176,16 +232,27 @@ def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
 
     Every rank reads the export (safetensors, memory-mapped) and keeps its TP slice. Under
     bf16/fp16 with ZeRO 1-2 the optimizer's fp32 master partitions are refreshed from the
-    module weights so the first step starts from the loaded values."""
-    mcfg, state = load_native(Path(path))
+    module weights so the first step starts from the loaded values. A fine-tuning run
+    (``cfg.finetune``) may start from an export with a smaller vocabulary (it grows, see
+    ``load_state_into_model``) and without a task head (W_y keeps its initialisation)."""
+    mcfg, state, task = load_export(Path(path))
     from gpt_dist.config import ARCH_KEYS
 
+    finetune = getattr(cfg, "finetune", None) is not None
     diff = [f"model.{k}: export {getattr(mcfg, k)!r} != config {getattr(cfg.model, k)!r}"
-            for k in ARCH_KEYS if getattr(mcfg, k) != getattr(cfg.model, k)]
+            for k in ARCH_KEYS if getattr(mcfg, k) != getattr(cfg.model, k)
+            and not (k == "vocab_size" and finetune and mcfg.vocab_size < cfg.model.vocab_size)]
     if diff:
         raise ExportError(f"{path}: incompatible with this run's model: " + "; ".join(diff))
+    mine = None
+    if finetune:
+        ft = cfg.finetune
+        mine = (ft.task, ft.head_outputs())
+    if task is None or mine != (task.get("task"), task.get("n_out")):
+        # pretraining, or another task's head: W_y starts from its initialisation
+        state = {k: v for k, v in state.items() if not k.startswith(TASK_PREFIX)}
     module = eng.ds.module
-    loaded = set(load_state_into_model(module, state, ctx.tp_rank, ctx.tp, cfg.model))
+    loaded = set(load_state_into_model(module, state, ctx.tp_rank, ctx.tp, cfg.model, grow_vocab=finetune))
     if not eng.is_pipeline or ctx.pp == 1:
         missing = set(expected_shapes(mcfg)) - loaded
         if missing:

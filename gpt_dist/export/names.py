@@ -65,8 +65,25 @@ def tp_dim(name: str) -> int | None:
     return None
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every native tensor of a model with this config and its full shape (real vocabulary)."""
+TASK_PREFIX = "task_head."
+
+
+def task_info(training_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fine-tuning head an export carries, from the run config's ``finetune`` section:
+    ``{"task", "n_out", "label_names", "regression", "lm_coef", "dropout"}`` (None: no head)."""
+    ft = (training_config or {}).get("finetune")
+    if not ft:
+        return None
+    from gpt_dist.config_finetune import FinetuneConfig
+
+    f = FinetuneConfig(**ft)
+    return {"task": f.task, "n_out": f.head_outputs(), "label_names": f.label_names,
+            "regression": f.regression, "lm_coef": f.lm_coef, "dropout": f.classifier_dropout}
+
+
+def expected_shapes(cfg: ModelConfig, task: dict[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every native tensor of a model with this config and its full shape (real vocabulary);
+    with ``task`` (``task_info``) also GPT-1's head W_y."""
     h = cfg.n_embd
     out: dict[str, tuple[int, ...]] = {"wte.weight": (cfg.vocab_size, h), "wpe.weight": (cfg.n_ctx, h)}
     for i in range(cfg.n_layer):
@@ -82,11 +99,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.arch == "gpt2":
         out["ln_f.weight"] = (h,)
         out["ln_f.bias"] = (h,)
+    if task is not None:
+        out[TASK_PREFIX + "linear.weight"] = (int(task["n_out"]), h)
+        out[TASK_PREFIX + "linear.bias"] = (int(task["n_out"]),)
     return out
 
 
-def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    want = expected_shapes(cfg)
+def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str,
+                task: dict[str, Any] | None = None) -> None:
+    want = expected_shapes(cfg, task)
     missing = [k for k in want if k not in state]
     if missing:
         raise ExportError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")

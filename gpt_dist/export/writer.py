@@ -23,6 +23,7 @@ from gpt_dist.export.names import (
     ExportError,
     check_state,
     model_config_from_dict,
+    task_info,
 )
 from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
 
@@ -97,12 +98,22 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fm
                  dtype: str = "fp32", info: dict[str, Any] | None = None,
                  training_config: dict[str, Any] | None = None, eod_id: int | None = None,
                  tokenizer_dir: Path | None = None) -> Path:
-    """Write a full native state (real vocabulary) as an export directory."""
+    """Write a full native state (real vocabulary) as an export directory.
+
+    A fine-tuned state (``training_config`` has a ``finetune`` section) carries GPT-1's head
+    ``task_head.linear.*``; its native config.json records the task under ``"task"``. In
+    Hugging Face format only multiple choice has a matching model (``GPT2DoubleHeadsModel`` /
+    ``OpenAIGPTDoubleHeadsModel``: one score per choice at the extract token); the other
+    task types are native-only and refused with a one-line error."""
     if fmt not in ("native", "hf"):
         raise ExportError(f"--format: must be native or hf, got {fmt!r}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
-    check_state(state, cfg, "export")
+    task = task_info(training_config)
+    check_state(state, cfg, "export", task)
+    if fmt == "hf" and task is not None and task["task"] != "multiple_choice":
+        raise ExportError(f"{out}: a fine-tuned {task['task']} model has no Hugging Face class with the same "
+                          "head (GPT2DoubleHeadsModel is multiple choice); export it with --format native")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     copied = _copy_tokenizer(Path(tokenizer_dir), out) if tokenizer_dir is not None else []
@@ -112,19 +123,19 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fm
     if fmt == "native":
         _write_safetensors(cast, out / WEIGHTS, {"format": "pt", "gpt_dist": NATIVE_FORMAT})
         _write_json(out / CONFIG, {"format": NATIVE_FORMAT, "model": asdict(cfg), "eod_id": eod_id,
-                                   "dtype": dtype, "training_config": training_config})
+                                   "dtype": dtype, "training_config": training_config, "task": task})
     else:
         _write_safetensors(to_hf(cast, cfg), out / WEIGHTS, {"format": "pt"})
         if copied:
             hf_tok = _hf_tokenizer(out, cfg)
             info = {**(info or {}), "hf_tokenizer": hf_tok}
             copied = sorted(set(copied) | set(hf_tok.get("files", [])))
-        conf = hf_config(cfg, eod_id)
+        conf = hf_config(cfg, eod_id, task)
         conf["torch_dtype"] = conf["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
         _write_json(out / CONFIG, conf)
     _write_json(out / EXPORT_INFO, {"format": fmt if fmt == "hf" else NATIVE_FORMAT, "dtype": dtype,
                                     "eod_id": eod_id, "model": asdict(cfg), "tokenizer_files": copied,
-                                    **(info or {})})
+                                    "task": task, **(info or {})})
     return out
 
 
@@ -138,7 +149,7 @@ def export_checkpoint(run_dir: Path, out: Path, step: int | None = None, fmt: st
     wte = state.get("wte.weight")
     if wte is not None and wte.shape[0] >= cfg.vocab_size:
         state["wte.weight"] = wte[: cfg.vocab_size].clone()
-    check_state(state, cfg, str(tag_dir))
+    check_state(state, cfg, str(tag_dir), task_info(config))
     ts = manifest.get("train_state", {}) or {}
     tok = config.get("data", {}).get("tokenizer") or ""
     tok_dir = Path(tok) if tok and Path(tok).is_dir() and any(Path(tok).iterdir()) else None
