@@ -154,6 +154,10 @@ _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", l
                type(None): "null"}
 
 
+def _a(task: str) -> str:
+    return f"{'an' if task[0] in 'aeiou' else 'a'} {task}"
+
+
 def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), "value")
 
@@ -165,10 +169,10 @@ def _parse(obj: Any, spec: TaskSpec, label_index: dict[str, int], require_labels
     texts: list[str] = []
     for name in FIELDS[spec.task]:
         if name not in obj:
-            msg = f'missing field "{name}" for a {spec.task} task'
+            msg = f'missing field "{name}" for {_a(spec.task)} task'
             looks = [t for t, f in FIELDS.items() if t != spec.task and all(k in obj for k in f)]
             if looks:
-                msg += f"; the fields ({', '.join(sorted(obj))}) look like a {looks[0]} task"
+                msg += f"; the fields ({', '.join(sorted(obj))}) look like {_a(looks[0])} task"
             raise _Bad(msg)
         value = obj[name]
         if name == "choices":
