@@ -11,16 +11,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
-#: Validation metrics each task type reports (the first is the default for checkpoint selection).
-TASK_METRICS = {
-    "classification": ("accuracy", "f1", "mcc"),
-    "entailment": ("accuracy", "f1", "mcc"),
-    "similarity": ("accuracy", "f1", "mcc"),
-    "similarity_regression": ("pearson", "spearman"),
-    "multiple_choice": ("accuracy",),
-}
-
-
 def _error(msg: str) -> Exception:
     from gpt_dist.config import ConfigError  # config.py imports this module
 
@@ -100,7 +90,13 @@ class FinetuneConfig:
         return self.classes()
 
     def metrics(self) -> tuple[str, ...]:
-        return TASK_METRICS["similarity_regression" if self.regression else self.task]
+        """What validation reports (``gpt_dist.finetune.metrics.metric_names``, tested equal)."""
+        if self.regression:
+            return ("pearson", "spearman")
+        if self.task == "multiple_choice":
+            return ("accuracy",)
+        f1 = "f1" if self.classes() == 2 else "f1_macro"
+        return ("accuracy", f1) if self.task == "similarity" else ("accuracy", f1, "mcc")
 
     def selection_metric(self) -> str:
         return self.metric or self.metrics()[0]

@@ -227,6 +227,27 @@ def _full_rows(shard: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def load_model_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """``load_export`` for an export directory; for a run directory (or one of its
+    ``global_stepN`` directories) the latest committed checkpoint, verified and read in
+    whatever layout wrote it, without writing an export first."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return load_export(path)
+    from gpt_dist.export.names import model_config_from_dict, task_info
+    from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
+
+    tag_dir, manifest = resolve_checkpoint(path)
+    config = manifest["config"]
+    cfg = model_config_from_dict(config.get("model", {}), str(tag_dir / "manifest.json"))
+    state = gather_checkpoint(tag_dir, manifest)
+    if "wte.weight" in state:
+        state["wte.weight"] = state["wte.weight"][: cfg.vocab_size]
+    task = task_info(config)
+    check_state(state, cfg, str(tag_dir), task)
+    return cfg, state, task
+
+
 def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
     """``checkpoint.init_from``: load an export into a freshly built engine of any layout.
 
@@ -235,7 +256,7 @@ def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
     module weights so the first step starts from the loaded values. A fine-tuning run
     (``cfg.finetune``) may start from an export with a smaller vocabulary (it grows, see
     ``load_state_into_model``) and without a task head (W_y keeps its initialisation)."""
-    mcfg, state, task = load_export(Path(path))
+    mcfg, state, task = load_model_state(Path(path))
     from gpt_dist.config import ARCH_KEYS
 
     finetune = getattr(cfg, "finetune", None) is not None
