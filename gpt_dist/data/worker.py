@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +24,6 @@ from gpt_dist.data.clean import CleanConfig, clean_text, filter_reason, parse_re
 from gpt_dist.data.dedup import DedupConfig, MinHasher, exact_key
 
 REJECT, FILTER, KEEP = 0, 1, 2
-# test hook: seconds to sleep per batch, so a test can SIGKILL a worker mid-run
-DELAY_ENV = "GPT_DIST_TEST_WORKER_DELAY"
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,7 @@ def init_worker(cfg: WorkerConfig, in_child: bool = True) -> None:
 
     tok = load_tokenizer(cfg.tokenizer)
     _STATE.update(cfg=cfg, tok=tok, eod=tok.eod_id, dtype=np.dtype(cfg.dtype),
-                  minhash=MinHasher(cfg.dedup) if cfg.dedup.near else None,
-                  delay=float(os.environ.get(DELAY_ENV, "0") or 0))
+                  minhash=MinHasher(cfg.dedup) if cfg.dedup.near else None)
 
 
 def ping() -> int:
@@ -70,8 +66,6 @@ def _excerpt(data: bytes | None) -> str:
 def process_batch(batch: list[tuple[bytes | None, str | None, str]]) -> list[tuple[Any, ...]]:
     """Parse, clean, filter, hash and tokenize a batch of ``(data, error, kind)``."""
     cfg: WorkerConfig = _STATE["cfg"]
-    if _STATE["delay"]:
-        time.sleep(_STATE["delay"])
     out: list[tuple[Any, ...] | None] = [None] * len(batch)
     keep_texts: list[str] = []
     keep_slots: list[tuple[int, int, int]] = []

@@ -33,12 +33,10 @@ partial directory and decide together: ``checkpoint.on_disk_full=fail`` (default
 ``CheckpointSaveError`` naming the path on every rank (the run exits non-zero, ``latest``
 unchanged); ``continue`` drops this save on every rank and training goes on.
 
-Fault injection for tests/reliability (only when ``TORCHELASTIC_RESTART_COUNT`` equals the
-attempt, default 0): ``GPT_DIST_TEST_CRASH_IN_SAVE=STEP:RANK:PHASE[:ATTEMPT]`` SIGKILLs that
-rank while saving step STEP; PHASE is ``mid_shard`` (half of its first file written),
-``before_commit`` (all shards written and hashed, no manifest) or ``retention`` (rank 0,
-while deleting an old checkpoint). ``GPT_DIST_TEST_ENOSPC_AT=STEP:RANK`` makes that rank's
-writes at STEP fail with ENOSPC after writing some bytes.
+Hooks (``gpt_dist.training.hooks.TrainHooks``, passed by the caller; none by default):
+``on_checkpoint_write`` runs before every file this rank writes (an ``OSError`` it raises is
+that write failing), ``on_checkpoint_phase`` at ``before_commit`` and ``retention``. The
+reliability suite kills ranks and fills the disk through them (tests/faults.py).
 
 Layout::
 
@@ -59,7 +57,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +66,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_dist.parallel import ParallelContext
+from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.utils import atomic_write_text, sha256_file
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -186,36 +184,6 @@ def _check_signature(mpath: Path, manifest: dict[str, Any]) -> None:
             f"by another run); set {TRUST_ENV}=1 to trust it")
 
 
-# --------------------------------------------------------------------------- test hooks
-
-
-def _hook(name: str, step: int, rank: int) -> list[str] | None:
-    """``STEP:RANK[:...]`` specs (comma-separated) of a fault-injection variable that match."""
-    spec = os.environ.get(name)
-    if not spec:
-        return None
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    for item in spec.split(","):
-        parts = item.split(":")
-        if int(parts[0]) != step or int(parts[1]) != rank:
-            continue
-        if name == "GPT_DIST_TEST_CRASH_IN_SAVE" and (parts[3] if len(parts) > 3 else "0") != attempt:
-            continue
-        return parts
-    return None
-
-
-def _crash_hook(step: int, rank: int, phase: str, partial: Path | None = None, data: bytes = b"") -> None:
-    parts = _hook("GPT_DIST_TEST_CRASH_IN_SAVE", step, rank)
-    if parts and parts[2] == phase:
-        if partial is not None:
-            with open(partial, "wb") as fh:
-                fh.write(data[: max(1, len(data) // 2)])
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # --------------------------------------------------------------------------- save
 
 
@@ -230,21 +198,6 @@ def _max_status(status: int, ctx: ParallelContext) -> int:
 def _is_disk_full(exc: BaseException) -> bool:
     return (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
             or "unexpected pos" in str(exc) or "No space" in str(exc))
-
-
-def _write_hooks(step: int, rank: int, path: Path, state: Any) -> None:
-    """Test-only faults at the moment a checkpoint file is written (see module docstring)."""
-    if _hook("GPT_DIST_TEST_ENOSPC_AT", step, rank):
-        with open(path, "wb") as fh:
-            fh.write(b"\0" * 1024)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    parts = _hook("GPT_DIST_TEST_CRASH_IN_SAVE", step, rank)
-    if parts and parts[2] == "mid_shard":
-        import io
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        _crash_hook(step, rank, "mid_shard", path, buf.getvalue())
 
 
 def _hash_files(tag_dir: Path, ctx: ParallelContext) -> dict[str, dict[str, Any]]:
@@ -263,7 +216,7 @@ def _hash_files(tag_dir: Path, ctx: ParallelContext) -> dict[str, dict[str, Any]
 
 def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_state: dict[str, Any],
          extra_manifest: dict[str, Any], rng_state: dict[str, Any], keep_last: int,
-         on_disk_full: str = "fail") -> Path | None:
+         on_disk_full: str = "fail", hooks: TrainHooks = NO_HOOKS) -> Path | None:
     """Save, verify and commit ``global_step{step}``; returns its path (None if dropped)."""
     root = ckpt_root(run_dir)
     tag = tag_for(step)
@@ -281,7 +234,7 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
         # A failed write is recorded, not raised, so DeepSpeed still reaches its own final
         # barrier on this rank; the ranks then agree on the outcome below (never a hang).
         try:
-            _write_hooks(step, ctx.rank, Path(path), state_dict)
+            hooks.on_checkpoint_write(step, ctx.rank, Path(path), state_dict)
             return original(state_dict, path)
         except (OSError, RuntimeError) as exc:  # ENOSPC is a RuntimeError from torch.save
             errors.append(exc)
@@ -299,7 +252,7 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
     if not errors:
         try:
             rng_path = tag_dir / f"rng_rank_{ctx.rank:05d}.pt"
-            _write_hooks(step, ctx.rank, rng_path, rng_state)
+            hooks.on_checkpoint_write(step, ctx.rank, rng_path, rng_state)
             torch.save(rng_state, rng_path)
         except (OSError, RuntimeError) as exc:
             errors.append(exc)
@@ -314,7 +267,7 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
             return None
         reason = f"{error}" if error else "another rank failed to write its checkpoint files"
         raise CheckpointSaveError(f"{tag_dir}: save failed on rank {ctx.rank}: {reason}")
-    _crash_hook(step, ctx.rank, "before_commit")
+    hooks.on_checkpoint_phase(step, ctx.rank, "before_commit")
     files = _hash_files(tag_dir, ctx)
     if ctx.is_main:
         empty = [n for n, f in files.items() if f["size"] == 0]
@@ -326,7 +279,7 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
         manifest = sign_manifest(manifest, manifest_key(root, create=True))  # type: ignore[arg-type]
         atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write_text(root / "latest", tag)  # the commit point
-        _retention(root, keep_last, tag, step)
+        _retention(root, keep_last, tag, step, hooks)
     ctx.barrier()
     return tag_dir
 
@@ -340,7 +293,8 @@ def committed_tags(root: Path) -> list[str]:
     return sorted(tags, key=step_of)
 
 
-def _retention(root: Path, keep_last: int, newest: str, step: int = -1) -> None:
+def _retention(root: Path, keep_last: int, newest: str, step: int = -1,
+               hooks: TrainHooks = NO_HOOKS) -> None:
     """Delete committed checkpoints beyond keep_last (never ``newest``) and crash leftovers."""
     for p in root.iterdir():
         if p.is_symlink():  # never follow a link out of the checkpoint directory
@@ -353,7 +307,7 @@ def _retention(root: Path, keep_last: int, newest: str, step: int = -1) -> None:
     for tag in tags[: max(0, len(tags) - max(keep_last - 1, 0))]:
         # Remove the manifest first: a crash mid-delete leaves an uncommitted directory.
         (root / tag / MANIFEST).unlink(missing_ok=True)
-        _crash_hook(step, 0, "retention")
+        hooks.on_checkpoint_phase(step, 0, "retention")
         shutil.rmtree(root / tag, ignore_errors=True)
 
 

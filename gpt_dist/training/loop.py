@@ -4,6 +4,9 @@
 itself knows nothing about parallelism beyond calling the engine; the data position is
 ``consumed_samples`` and all RNG state goes into every checkpoint, so a resumed run repeats
 the uninterrupted one exactly (tests/training/test_resume.py, tests/reliability/).
+
+A caller watches or perturbs the run only through the ``hooks`` object it passes
+(``gpt_dist.training.hooks.TrainHooks``; the reliability suite's faults are in tests/).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,7 @@ from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
 from gpt_dist.training.data import build_datasets, micro_batches, sample_ids_digest
 from gpt_dist.training.engine import Engine, build_engine
+from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.training.metrics import RunLogger
 
 EXIT_NONFINITE = 17  # Megatron's rerun machine uses 16/17 for "stop, do not requeue"
@@ -65,30 +69,25 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _test_disabled(what: str) -> bool:
-    """Negative controls of the reliability suite switch single restores off."""
-    return what in os.environ.get("GPT_DIST_TEST_DISABLE_RESTORE", "").split(",")
-
-
 def client_state(cfg: Config, state: TrainState, fingerprint: str) -> dict[str, Any]:
     return {"gpt_dist": {"train_state": state.to_dict(), "config": cfg.to_dict(),
                          "tokenizer_fingerprint": fingerprint}}
 
 
 def save_checkpoint(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
-                    fingerprint: str, log: RunLogger) -> None:
+                    fingerprint: str, log: RunLogger, hooks: TrainHooks = NO_HOOKS) -> None:
     tag_dir = ckpt.save(
         eng.ds, ctx, cfg.run_dir, state.step, client_state(cfg, state, fingerprint),
         extra_manifest={"train_state": state.to_dict(), "config": cfg.to_dict(),
                         "tokenizer_fingerprint": fingerprint},
         rng_state=rng.rng_state_dict(), keep_last=cfg.checkpoint.keep_last,
-        on_disk_full=cfg.checkpoint.on_disk_full)
+        on_disk_full=cfg.checkpoint.on_disk_full, hooks=hooks)
     log.write(f"checkpoint {'saved: ' + str(tag_dir) if tag_dir else 'DROPPED (disk full)'} "
               f"at step {state.step}")
 
 
 def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
-           log: RunLogger) -> TrainState:
+           log: RunLogger, hooks: TrainHooks = NO_HOOKS) -> TrainState:
     """Load the newest committed checkpoint of the run, verified first; or start fresh."""
     if cfg.checkpoint.load == "none":
         return state
@@ -106,13 +105,13 @@ def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
             f"{found.path}: written with tp={saved.get('tp')} pp={saved.get('pp')} dp={saved.get('dp')}, "
             f"this run is tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}; export it and start with "
             "checkpoint.init_from (see README, 'Changing the parallel layout')")
-    load_optim = not _test_disabled("optim")
+    load_optim = hooks.should_restore("optim")
     eng.ds.load_checkpoint(str(found.path.parent), tag=found.tag, load_module_strict=True,
                            load_optimizer_states=load_optim, load_lr_scheduler_states=load_optim)
     restored = TrainState(**found.manifest["train_state"])
-    if _test_disabled("data"):
+    if not hooks.should_restore("data"):
         restored.consumed_samples = 0
-    if not _test_disabled("rng"):
+    if hooks.should_restore("rng"):
         saved_rng = ckpt.load_rng(found.path, ctx.rank)
         if saved_rng is not None:
             rng.load_rng_state_dict(saved_rng)
@@ -144,8 +143,9 @@ def evaluate(cfg: Config, ctx: ParallelContext, eng: Engine, dataset: Any) -> fl
 
 def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
                batches: Iterator[dict[str, torch.Tensor]],
-               inject: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, bool]:
-    """One optimizer step over the micro-batches; returns (global mean loss, skipped).
+               hooks: TrainHooks = NO_HOOKS, step: int = 0) -> tuple[float, bool]:
+    """One optimizer step (number ``step``) over the micro-batches; returns (global mean loss,
+    skipped). ``hooks.transform_loss`` sees each micro-batch's loss (not under pp > 1).
 
     ``eng.ds.step()`` after each micro-batch is DeepSpeed's contract: it applies the update at
     the accumulation boundary only. A non-finite gradient anywhere makes the update a no-op on
@@ -155,8 +155,6 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
     skips_before = getattr(eng.ds, "skipped_steps", 0)
     lr_pos = getattr(eng.scheduler, "last_epoch", None)
     if eng.is_pipeline:  # DeepSpeed runs the 1F1B schedule over the micro-batches itself
-        if inject is not None:
-            raise NotImplementedError("loss injection is not supported under the pipeline engine")
         loss = eng.ds.train_batch(data_iter=_pipe_iter(batches))
         skipped = eng.guard.skipped or eng.ds.skipped_steps > skips_before
         _count_skipped_step(cfg, eng, skipped, lr_pos)
@@ -165,8 +163,7 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
     n = 0
     for batch in batches:
         loss = eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"])
-        if inject is not None:
-            loss = inject(loss)
+        loss = hooks.transform_loss(step, ctx, loss)
         eng.ds.backward(loss)
         eng.ds.step()
         total += loss.detach().double()
@@ -200,33 +197,21 @@ def _pipe_iter(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Any]:
         yield b["tokens"], (b["labels"], b["loss_mask"])
 
 
-def _loss_injector(step: int, ctx: ParallelContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Fault injection for the reliability suite: GPT_DIST_TEST_INF_STEPS=8,9 RANK=1."""
-    steps = os.environ.get("GPT_DIST_TEST_INF_STEPS")
-    if not steps or step not in {int(s) for s in steps.split(",")}:
-        return None
-    if str(ctx.rank) != os.environ.get("GPT_DIST_TEST_INF_RANK", str(ctx.rank)):
-        return None
-    return lambda loss: loss * float("inf")
-
-
 def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, state: TrainState,
-               fingerprint: str, log: RunLogger, stop: StopFlag) -> TrainState:
+               fingerprint: str, log: RunLogger, stop: StopFlag,
+               hooks: TrainHooks = NO_HOOKS) -> TrainState:
     t = cfg.training
     accum = cfg.grad_accum_steps(ctx.world_size)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    hold_at = _await_signal_step() if state.step == 0 else None  # test hook, read once
     while state.step < t.train_steps:
-        if state.step + 1 == hold_at:
-            _await_signal(stop)
+        hooks.on_step_start(state.step + 1, ctx, stop)
         if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
             log.write(f"signal received: saving at step {state.step} and exiting")
-            save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
+            save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
             return state
-        _maybe_kill(state.step + 1, ctx)
         digest = sample_ids_digest(ctx, cfg, state.consumed_samples, accum)
         batches = micro_batches(datasets.train, ctx, cfg, state.consumed_samples, accum)
-        loss, skipped = train_step(cfg, ctx, eng, batches, _loss_injector(state.step + 1, ctx))
+        loss, skipped = train_step(cfg, ctx, eng, batches, hooks, state.step + 1)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         state.tokens_seen += tokens_per_step
@@ -238,9 +223,7 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
                   "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
                   "loss_scale": float(scale), "skipped": state.skipped_steps,
                   "consumed_samples": state.consumed_samples, "samples_sha": digest}
-        state_sha = _state_sha(eng, ctx)
-        if state_sha is not None:
-            record["state_sha"] = state_sha
+        hooks.after_step(record, eng, ctx)
         log.step(record, tokens_per_step)
         if skipped:
             log.write(f"step {state.step}: non-finite loss on some rank; update skipped "
@@ -253,73 +236,8 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
             state.last_val_loss = evaluate(cfg, ctx, eng, datasets.valid)
             log.eval(state.step, state.last_val_loss)
         if state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
-            save_checkpoint(cfg, ctx, eng, state, fingerprint, log)
+            save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
     return state
-
-
-def _state_sha(eng: Engine, ctx: ParallelContext) -> list[str] | None:
-    """Test hook (GPT_DIST_TEST_STATE_SHA=1): per rank, a sha256 of the parameters this rank
-    holds and the inner optimizer's state (ZeRO partitions included), gathered on all ranks;
-    lets the reliability suite assert "unchanged across a skipped step" and exact resumes."""
-    if os.environ.get("GPT_DIST_TEST_STATE_SHA") != "1":
-        return None
-    import hashlib
-
-    h = hashlib.sha256()
-
-    def add(value: Any) -> None:
-        if torch.is_tensor(value):
-            h.update(value.detach().float().cpu().contiguous().reshape(-1).numpy().tobytes())
-        else:
-            h.update(repr(value).encode())
-
-    for p in eng.ds.module.parameters():
-        add(getattr(p, "ds_tensor", p))
-    for group in eng.optimizer.param_groups:
-        for p in group["params"]:
-            add(p)
-            for key, value in sorted(eng.optimizer.state.get(p, {}).items()):
-                add(key)
-                add(value)
-    mine = h.hexdigest()[:16]
-    if not dist.is_initialized() or ctx.world_size == 1:
-        return [mine]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, mine)
-    return out
-
-
-def _await_signal_step() -> int | None:
-    """Test hook: GPT_DIST_TEST_AWAIT_SIGNAL_AT=STEP holds a fresh (not resumed) run before
-    STEP until this rank got SIGTERM/SIGUSR1, at most 120 s. The preemption tests
-    (tests/cluster) signal "mid-run"; without the hold a fast machine finished the 12 tiny
-    steps before the signal landed."""
-    at = os.environ.get("GPT_DIST_TEST_AWAIT_SIGNAL_AT")
-    return int(at) if at else None
-
-
-def _await_signal(stop: StopFlag) -> None:
-    import time
-
-    deadline = time.monotonic() + 120
-    while not stop.signum and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _maybe_kill(step: int, ctx: ParallelContext) -> None:
-    """Fault injection: GPT_DIST_TEST_KILL_AT=STEP[:RANK[:hang]] SIGKILLs that rank, or makes
-    it sleep 600 s outside any collective (first attempt only)."""
-    spec = os.environ.get("GPT_DIST_TEST_KILL_AT")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    at, _, rest = spec.partition(":")
-    rank, _, action = rest.partition(":")  # STEP:RANK:hang sleeps outside any collective (T6)
-    if int(at) == step and (not rank or int(rank) == ctx.rank):
-        if action == "hang":
-            import time
-
-            time.sleep(600)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
@@ -330,8 +248,13 @@ def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
     return tok.vocab_size, tok.eod_id, tok.fingerprint
 
 
-def pretrain(cfg: Config, ctx: ParallelContext | None = None) -> TrainState:
-    """Everything ``launch/pretrain.py`` does after parsing: returns the final train state."""
+def pretrain(cfg: Config, ctx: ParallelContext | None = None,
+             hooks: TrainHooks | None = None) -> TrainState:
+    """Everything ``launch/pretrain.py`` does after parsing: returns the final train state.
+
+    ``ctx``: an existing parallel context (else one is built from the launcher's environment
+    and torn down at the end); ``hooks``: see ``gpt_dist.training.hooks`` (default: none)."""
+    hooks = hooks or NO_HOOKS
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     stop = StopFlag()
@@ -358,12 +281,12 @@ def pretrain(cfg: Config, ctx: ParallelContext | None = None) -> TrainState:
         from gpt_dist.export import load_into_engine  # checkpoints that travel (issue 6)
 
         load_into_engine(cfg.checkpoint.init_from, eng, cfg, ctx)
-    state = resume(cfg, ctx, eng, TrainState(), log)
+    state = resume(cfg, ctx, eng, TrainState(), log, hooks)
     log.start_step = state.step
     if log._bar is not None:
         log._bar.n = state.step
     try:
-        state = train_loop(cfg, ctx, eng, datasets, state, fingerprint, log, stop)
+        state = train_loop(cfg, ctx, eng, datasets, state, fingerprint, log, stop, hooks)
     except NonFiniteLossError as exc:
         log.write(f"error: {exc}")
         log.close()

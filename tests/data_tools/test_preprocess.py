@@ -251,7 +251,7 @@ def test_resume_after_sigkill_gives_identical_shards(plain, sp_dir: Path, dt_tmp
     prefix = str(dt_tmp / "plain" / "killed" / "out")
     argv = ["--input", str(corpus), "--tokenizer", str(sp_dir), "--output-prefix", prefix, "--workers", "2",
             "--shard-tokens", "20000", "--batch-docs", "8", "--no-progress"]
-    proc = subprocess.Popen([PY, str(ROOT / "data_tools" / "preprocess.py"), *argv], cwd=ROOT,
+    proc = subprocess.Popen([PY, str(ROOT / "tests" / "preprocess_delayed.py"), *argv], cwd=ROOT,
                             env=cli_env(GPT_DIST_TEST_WORKER_DELAY="0.4"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

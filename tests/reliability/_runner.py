@@ -1,4 +1,5 @@
-"""Worker entry point of the reliability suite: ``pretrain`` with a fixed toy tokenizer.
+"""Worker entry point of the reliability suite: ``pretrain`` with a fixed toy tokenizer and
+the faults the launch asked for (GPT_DIST_TEST_* variables, read in tests/faults.py).
 
 The suite trains on synthetic shards whose vocabulary is 0..VOCAB-1 with EOD = VOCAB-1, so
 the run needs no tokenizer files: ``load_tokenizer_info`` is replaced by constants.
@@ -26,12 +27,13 @@ def main(argv: list[str]) -> int:
     from gpt_dist.config import ConfigError, load_config
     from gpt_dist.training import loop
     from gpt_dist.training.checkpoint import CheckpointError
+    from tests.faults import EnvFaults
 
     loop.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "reliability-toy")
     try:
         cfg = load_config(argv[0], argv[1:])
         _record_attempt(cfg.run_dir)
-        loop.pretrain(cfg)
+        loop.pretrain(cfg, hooks=EnvFaults())
     except ConfigError as exc:
         print(f"pretrain: config error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -137,7 +137,7 @@ def _workers(parent: psutil.Process) -> list[psutil.Process]:
 def test_sigkill_of_a_worker_fails_the_run_within_60s(t10_tmp: Path, corpus: c.T10Corpus, sp_dir: Path) -> None:
     prefix = str(t10_tmp / "killed" / "out")
     proc = subprocess.Popen(
-        [c.PY, str(c.ROOT / "data_tools" / "preprocess.py"),
+        [c.PY, str(c.ROOT / "tests" / "preprocess_delayed.py"),
          *argv(corpus, sp_dir, prefix, "--workers", "2"), "--batch-docs", "4"],
         cwd=c.ROOT, env=c.cli_env(GPT_DIST_TEST_WORKER_DELAY="0.5"), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
