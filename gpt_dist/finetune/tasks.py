@@ -1,29 +1,25 @@
 """Task files (JSONL) and GPT-1's input transformations (Figure 1 of the paper).
 
-Every task becomes one or more token sequences that start with the *start* id and end
-with the *extract* id; the model's final state at the extract token feeds the task head:
+Each example becomes token sequences that start with the *start* id and end with the
+*extract* id, whose final state feeds the task head: classification ``{"text", "label"}``
+-> ``[start] text [extract]``; entailment ``{"premise", "hypothesis", "label"}`` ->
+``[start] premise [delim] hypothesis [extract]``; similarity ``{"text_a", "text_b",
+"label" | "score"}`` -> both orderings ``[start] a [delim] b [extract]`` and ``[start] b
+[delim] a [extract]`` (the paper adds the two extract states, so the head cannot depend on
+the order); multiple choice ``{"context", "choices", "label"}`` -> one
+``[start] context [delim] choice_i [extract]`` per choice.
 
-* classification ``{"text", "label"}``: ``[start] text [extract]``
-* entailment ``{"premise", "hypothesis", "label"}``: ``[start] premise [delim] hypothesis [extract]``
-* similarity ``{"text_a", "text_b", "label" | "score"}``: both orderings,
-  ``[start] a [delim] b [extract]`` and ``[start] b [delim] a [extract]`` (the paper adds
-  the two extract states, so the head cannot depend on the order of the texts)
-* multiple choice ``{"context", "choices": [...], "label"}``: one sequence per choice,
-  ``[start] context [delim] choice_i [extract]``
+The whole file is validated before training (a bad line found at step 40,000 wastes the
+run); each problem is one line ``FILE:LINE: reason`` (:class:`TaskFileError`).
 
-Why the whole file is validated before training: a bad line found at step 40,000 wastes
-the run; every problem is reported as one line ``FILE:LINE: reason`` (:class:`TaskFileError`).
-
-Truncation. A sequence never exceeds ``max_len`` (the model context), and the extract id
-stays the last id, because the head reads the state at ``len - 1``. What is cut is the
-*variable* text of the task: the text (classification), the premise (entailment), each
-text (similarity: the longer one first, so that both orderings hold the same tokens) and
-the context (multiple choice: cut to fit the longest choice, so that every choice is
-scored against the same context). Only when that text is gone is the other text cut too.
-``truncate="right"`` (the default) cuts the end and keeps the start, as the GPT-1
-reference code (``x[:max_len]``) and Hugging Face tokenizers do, so results stay
-comparable with theirs; ``"left"`` keeps the end, which suits continuation tasks (Story
-Cloze, RACE) whose last sentences matter most.
+Truncation keeps every sequence within ``max_len`` with the extract id last (the head reads
+position ``len - 1``). It cuts the task's *variable* text: the text (classification), the
+premise (entailment), each text (similarity: the longer first, so both orderings hold the
+same tokens), the context (multiple choice: cut to fit the longest choice, so every choice
+is scored against the same context); the other text only once that one is gone.
+``truncate="right"`` (default) cuts the end and keeps the start, as the GPT-1 reference
+code (``x[:max_len]``) and Hugging Face tokenizers do, so results stay comparable with
+theirs; ``"left"`` keeps the end, which suits continuation tasks (Story Cloze, RACE).
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ import os
 import tempfile
 import zipfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -95,8 +91,7 @@ class TaskSpec:
         if self.label_names is not None:
             names = tuple(self.label_names)
             object.__setattr__(self, "label_names", names)
-            if self.regression or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names) \
-                    or len(names) != self.num_labels:
+            if self.regression or not len({n for n in names if isinstance(n, str)}) == len(names) == self.num_labels:
                 raise ValueError(f"label_names: must be num_labels ({self.num_labels}) distinct strings "
                                  f"(none for regression), got {list(names)}")
 
@@ -117,14 +112,10 @@ class TaskSpec:
 
 @dataclass
 class Example:
-    """One task example, tokenized and truncated.
-
-    ``sequences``: K one-dimensional int32 arrays (numpy rather than lists of Python ints:
-    RACE-sized tasks hold ~10^8 ids, which as Python ints would need gigabytes per rank);
-    each starts with the start id and ends with the extract id. ``label``: class index
-    (int), score (float) for regression, or :data:`NO_LABEL` / nan when unlabelled.
-    ``line``: 1-based line in the file. ``truncated``: some text was cut to fit ``max_len``.
-    """
+    """One task example. ``sequences``: K int32 arrays, start id first, extract id last
+    (numpy, not lists of Python ints: RACE-sized tasks hold ~10^8 ids, gigabytes per rank
+    as Python ints). ``label``: class index (int), score (float) for regression, or
+    :data:`NO_LABEL` / nan when unlabelled. ``line``: 1-based line in the file."""
 
     sequences: list[np.ndarray]
     label: int | float
@@ -154,18 +145,18 @@ _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", l
                type(None): "null"}
 
 
+def _jtype(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), "value")
+
+
 def _a(task: str) -> str:
     return f"{'an' if task[0] in 'aeiou' else 'a'} {task}"
-
-
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), "value")
 
 
 def _parse(obj: Any, spec: TaskSpec, label_index: dict[str, int], require_labels: bool) -> tuple[list[str], int | float]:
     """The texts (in sequence order, choices last) and the label of one JSON line."""
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {_json_type(obj)}")
+        raise _Bad(f"expected a JSON object, got {_jtype(obj)}")
     texts: list[str] = []
     for name in FIELDS[spec.task]:
         if name not in obj:
@@ -175,19 +166,19 @@ def _parse(obj: Any, spec: TaskSpec, label_index: dict[str, int], require_labels
                 msg += f"; the fields ({', '.join(sorted(obj))}) look like {_a(looks[0])} task"
             raise _Bad(msg)
         value = obj[name]
-        if name == "choices":
-            if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-                raise _Bad(f'field "choices" must be an array of strings, got {json.dumps(value)[:60]}')
-            if not value:
-                raise _Bad('empty "choices"')
-            if len(value) != spec.num_labels:
-                raise _Bad(f"ragged choices: {len(value)} choices, but every example must have "
-                           f"num_labels = {spec.num_labels}")
-            texts.extend(value)
-        elif not isinstance(value, str):
-            raise _Bad(f'field "{name}" must be a string, got {_json_type(value)}')
-        else:
+        if name != "choices":
+            if not isinstance(value, str):
+                raise _Bad(f'field "{name}" must be a string, got {_jtype(value)}')
             texts.append(value)
+        elif not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise _Bad(f'field "choices" must be an array of strings, got {json.dumps(value)[:60]}')
+        elif not value:
+            raise _Bad('empty "choices"')
+        elif len(value) != spec.num_labels:
+            raise _Bad(f"ragged choices: {len(value)} choices, but every example must have num_labels = "
+                       f"{spec.num_labels}")
+        else:
+            texts.extend(value)
     return texts, _parse_label(obj, spec, label_index, require_labels)
 
 
@@ -216,7 +207,7 @@ def _parse_label(obj: dict[str, Any], spec: TaskSpec, label_index: dict[str, int
             raise _Bad(f'unknown label "{value}" (known: {", ".join(label_index)})')
         return label_index[value]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad(f'field "label" must be an int or a string, got {_json_type(value)}')
+        raise _Bad(f'field "label" must be an int or a string, got {_jtype(value)}')
     if not 0 <= value < n:
         known = f" ({', '.join(spec.label_names)})" if spec.label_names else ""
         raise _Bad(f"label {value} out of range 0..{n - 1}{known}")
@@ -225,9 +216,7 @@ def _parse_label(obj: dict[str, Any], spec: TaskSpec, label_index: dict[str, int
 
 def _cut(ids: list[int], n: int, side: str) -> list[int]:
     """``ids`` cut to at most ``n`` ids from ``side`` ("right": keep the start)."""
-    if len(ids) <= n:
-        return ids
-    return ids[:n] if side == "right" else ids[len(ids) - n:]
+    return ids if len(ids) <= n else ids[:n] if side == "right" else ids[len(ids) - n:]
 
 
 def _longest_first(la: int, lb: int, budget: int) -> tuple[int, int]:
@@ -324,13 +313,6 @@ def _stats(path: Path, sha: str, examples: list[Example], spec: TaskSpec, from_c
 
 # ---- the token cache ---------------------------------------------------------------------
 
-def cache_key(file_sha256: str, spec: TaskSpec, tokenizer: Tokenizer, require_labels: bool = True) -> str:
-    """sha256 of everything the tokenized result depends on."""
-    blob = {"version": CACHE_VERSION, "file": file_sha256, "tokenizer": tokenizer.fingerprint,
-            "spec": spec.settings(), "require_labels": require_labels}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
 def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
@@ -399,18 +381,19 @@ def load_task_cached(path: str | Path, spec: TaskSpec, tokenizer: Tokenizer, cac
     """
     path, cache_dir = Path(path), Path(cache_dir)
     sha = hashlib.sha256(_read_bytes(path)).hexdigest()
-    key = cache_key(sha, spec, tokenizer, require_labels)
+    blob = {"version": CACHE_VERSION, "file": sha, "tokenizer": tokenizer.fingerprint, "spec": spec.settings(),
+            "require_labels": require_labels}  # everything the tokenized result depends on
+    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
     file = cache_dir / f"{path.name}.{key[:24]}.npz"
     cached = _from_npz(file, key, spec, tokenizer.vocab_size)
     if cached is not None:
         return cached, _stats(path, sha, cached, spec, from_cache=True)
     examples, stats = read_task_file(path, spec, tokenizer, require_labels=require_labels)
-    if stats.sha256 != sha:  # the file changed between the two reads: cache nothing
-        return examples, stats
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(file, _to_npz(key, examples))
+        if stats.sha256 == sha:  # else the file changed between the two reads: cache nothing
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(file, _to_npz(key, examples))
     except OSError as exc:
         raise TaskFileError(file, None, f"cannot write the token cache ({exc.strerror or exc})") from None
-    return examples, replace(stats, from_cache=False)
+    return examples, stats
 

@@ -255,8 +255,11 @@ def test_bad_spec():
         TaskSpec(task="classification", num_labels=1, max_len=16)
     with pytest.raises(ValueError, match="unknown task type"):
         TaskSpec(task="ranking", num_labels=2, max_len=16)  # type: ignore[arg-type]
+    for names in (["a", "b"], ["a", "a", "b"], ["a", "b", 3], ["a", "b", "c", "d"]):
+        with pytest.raises(ValueError, match="label_names"):
+            TaskSpec(task="classification", num_labels=3, max_len=16, label_names=names)
     with pytest.raises(ValueError, match="label_names"):
-        TaskSpec(task="classification", num_labels=3, max_len=16, label_names=["a", "b"])
+        TaskSpec(task="similarity", num_labels=1, max_len=16, label_names=["score"])
     with pytest.raises(ValueError, match="max_len"):
         TaskSpec(task="entailment", num_labels=2, max_len=3)
     with pytest.raises(ValueError, match="truncate"):
