@@ -1,31 +1,48 @@
 #!/usr/bin/env python
-"""Preprocessing throughput: the whole pipeline vs bare sentencepiece encoding, same run.
+"""Preprocessing: the whole ``data_tools/preprocess.py`` command vs bare sentencepiece vs
+Megatron-LM's ``tools/preprocess_data.py``, side by side in one run.
 
-    python bench/preprocess_bench.py [--workers 2] [--corpus data/sample/corpus.jsonl] [--no-append]
+    python bench/preprocess_bench.py [--workers 2] [--corpus FILE.jsonl | --max-mb 11]
+        [--megatron-lm PATH [--megatron-lm-pythonpath DIRS]] [--repeats 3] [--no-append]
 
-1. The sample corpus (data_tools/sample_corpus.py; generated into the work directory when
-   --corpus is not given) and a sentencepiece BPE tokenizer trained on it (--vocab-size).
-2. **Pipeline**: gpt_dist.data.preprocess (read, parse, clean, filter, exact + MinHash
-   dedup, tokenize, write shards) with N worker processes.
-3. **Bare tokenizer** (the floor): the same documents, already parsed in memory, encoded
-   by the same tokenizer in a pool of N processes with the same batching (``encode`` of a
-   list, one thread per process), each batch's ids returned as one uint16 array.
+1. The corpus (``--corpus``, or the sample corpus of ``--max-mb`` MB that
+   data_tools/sample_corpus.py builds from the installed packages' documentation) and a
+   sentencepiece BPE tokenizer trained on it (``--vocab-size``); neither is timed.
+2. Three commands, each a fresh process timed from start to exit (imports, worker
+   start-up and tokenizer loading included), run in turn --repeats times:
 
-Both are timed without process start-up, imports and tokenizer loading (the pipeline's
-``timing.pipeline_seconds`` from its manifest; the bare pool is warmed up first), best of
---repeats, alternating. The ratio compares MB/s over the same input documents (target
->= 0.8, issue #2); tokens/s are printed for both. Figures and the machine's description
-are appended to BENCHMARKS.md unless --no-append.
+   * **gpt_dist**: ``data_tools/preprocess.py`` with ``--workers N`` (read, parse,
+     clean, filter, exact + MinHash dedup, tokenize, write and hash the shards).
+   * **bare sentencepiece**: ``bench/_bare_tokenize.py``, the same texts JSON-decoded in
+     the parent and encoded by the same tokenizer in a pool of N processes with the
+     pipeline's batching; nothing cleaned, filtered or written. The floor.
+   * **Megatron-LM** (when ``--megatron-lm`` names a checkout of NVIDIA/Megatron-LM, e.g.
+     the core_v0.16.1 tag): ``tools/preprocess_data.py --tokenizer-type
+     SentencePieceTokenizer --tokenizer-model ... --workers N``, run from the checkout.
+     Without ``--append-eod``: its SentencePiece wrapper takes the model's ``eos`` as
+     end-of-document, which this tokenizer does not define (gpt_dist appends its own
+     ``<|endoftext|>``), so Megatron-LM writes one token per document less.
+     ``--megatron-lm-pythonpath`` adds directories holding what its imports need beyond
+     this environment (``six``, and ``triton`` through ``megatron.training``).
+
+   Besides the wall times, the steady-state rates (start-up excluded) of the first two:
+   the pipeline's ``timing.pipeline_seconds`` from its manifest, the bare pool's time
+   from first batch to last result.
+
+Targets (issue 11): the whole gpt_dist command >= 2x faster than Megatron-LM's, and >= 0.9
+of the bare tokenizer's throughput (input MB/s over the same documents; reported for the
+whole commands and for the steady state). Best of --repeats for each; every run's figure
+is printed too. Figures and the machine are added to BENCHMARKS.md unless --no-append.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +50,6 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from _machine import cpu_name  # bench/ is on sys.path when a bench script runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +58,6 @@ SECTION = "## Preprocessing throughput (bench/preprocess_bench.py)"
 
 
 def machine() -> str:
-    cpu = cpu_name()
     ram = "?"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -53,68 +68,170 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = []
-    for pkg in ("torch", "sentencepiece", "megatron-core"):
+    for pkg in ("sentencepiece", "numpy", "megatron-core"):
         try:
             versions.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
             pass
-    return f"{cpu}, {cores} cores, {ram}, Python {platform.python_version()}, " + ", ".join(versions)
+    return f"{cpu_name()} ({cores} cores), {ram}, Python {platform.python_version()}, " + ", ".join(versions)
 
 
-# ---- bare tokenizer pool -----------------------------------------------------------------
-_SP = None
+def load() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
 
 
-def _init(model: str) -> None:
-    global _SP
-    import sentencepiece as spm
-
-    _SP = spm.SentencePieceProcessor(model_file=model)
-
-
-def _ping(_: int = 0) -> int:
-    return os.getpid()
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    return time.perf_counter() - t0, proc
 
 
-def _encode(texts: list[str]) -> np.ndarray:
-    ids = _SP.encode(texts, num_threads=1)
-    return np.concatenate([np.asarray(x, dtype=np.uint16) for x in ids]) if ids else np.zeros(0, np.uint16)
+def _failed(name: str, proc: subprocess.CompletedProcess[str]) -> RuntimeError:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return RuntimeError(f"{name} exited {proc.returncode}: {' | '.join(tail)}")
 
 
-def bare(texts: list[str], model: str, workers: int, batch_docs: int) -> tuple[float, int]:
-    """Seconds and tokens of encoding ``texts`` in ``workers`` processes (start-up excluded)."""
-    batches = [texts[i:i + batch_docs] for i in range(0, len(texts), batch_docs)]
-    with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(model,)) as pool:
-        pool.map(_ping, range(workers * 4))
-        t0 = time.perf_counter()
-        tokens = sum(len(a) for a in pool.imap(_encode, batches))
-        return time.perf_counter() - t0, tokens
+def megatron_lm_version(path: Path) -> str:
+    info = path / "megatron" / "core" / "package_info.py"
+    scope: dict[str, object] = {}
+    try:
+        exec(compile(info.read_text(), str(info), "exec"), scope)  # noqa: S102 - a version file of a checkout
+        return str(scope.get("__version__", "?"))
+    except (OSError, SyntaxError):
+        return "?"
 
 
-def pipeline(corpus: Path, tok_dir: Path, out: Path, workers: int) -> dict:
-    from gpt_dist.data.preprocess import PreprocessConfig, preprocess
+class Contenders:
+    """The three commands on one corpus; each ``run_*`` returns (wall seconds, extra)."""
 
-    shutil.rmtree(out, ignore_errors=True)
-    return preprocess(PreprocessConfig(inputs=[str(corpus)], tokenizer=str(tok_dir), output_prefix=str(out / "bench"),
-                                       workers=workers, progress=False, overwrite=True))
+    def __init__(self, args: argparse.Namespace, corpus: Path, tok_dir: Path, work: Path) -> None:
+        from gpt_dist.data.preprocess import PreprocessConfig
+
+        self.args, self.corpus, self.tok_dir, self.work = args, corpus, tok_dir, work
+        defaults = PreprocessConfig(inputs=[], tokenizer="", output_prefix="")
+        self.batch = (defaults.batch_bytes, defaults.batch_docs)
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def ours(self) -> tuple[float, dict]:
+        out = self.work / "ours"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "data_tools" / "preprocess.py"), "--input", str(self.corpus),
+               "--tokenizer", str(self.tok_dir), "--output-prefix", str(out / "bench"),
+               "--workers", str(self.args.workers), "--no-progress"]
+        wall, proc = timed(cmd, ROOT, self.env)
+        if proc.returncode != 0:
+            raise _failed("data_tools/preprocess.py", proc)
+        return wall, json.loads((out / "bench.manifest.json").read_text())
+
+    def bare(self) -> tuple[float, dict]:
+        cmd = [sys.executable, str(ROOT / "bench" / "_bare_tokenize.py"), str(self.corpus),
+               str(self.tok_dir / "tokenizer.model"), str(self.args.workers), *map(str, self.batch)]
+        wall, proc = timed(cmd, ROOT, self.env)
+        if proc.returncode != 0:
+            raise _failed("bench/_bare_tokenize.py", proc)
+        return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def megatron_lm(self) -> tuple[float, dict]:
+        path = Path(self.args.megatron_lm)
+        out = self.work / "megatron_lm"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        env = dict(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.args.megatron_lm_pythonpath, os.environ.get("PYTHONPATH"))
+                                            if p)
+        cmd = [sys.executable, str(path / "tools" / "preprocess_data.py"), "--input", str(self.corpus),
+               "--output-prefix", str(out / "bench"), "--tokenizer-type", "SentencePieceTokenizer",
+               "--tokenizer-model", str(self.tok_dir / "tokenizer.model"), "--workers", str(self.args.workers)]
+        wall, proc = timed(cmd, path, env)
+        idx = out / "bench_text_document.idx"
+        if proc.returncode != 0 or not idx.exists():
+            raise _failed("Megatron-LM tools/preprocess_data.py", proc)
+        with open(idx, "rb") as f:
+            head = f.read(34)
+        return wall, {"documents": int.from_bytes(head[18:26], "little")}
+
+
+def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str, list[tuple[float, dict]]],
+              load_before: str, mlm_note: str) -> list[str]:
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    input_mb = corpus.stat().st_size / 1e6
+
+    def best(name: str) -> tuple[float, dict]:
+        return min(runs[name], key=lambda r: r[0])
+
+    def all_walls(name: str) -> str:
+        return ", ".join(f"{w:.2f}" for w, _ in runs[name])
+
+    ours_wall, manifest = best("ours")
+    bare_wall, bare = best("bare")
+    steady = min(m["timing"]["pipeline_seconds"] for _, m in runs["ours"])
+    bare_steady = min(b["encode_seconds"] for _, b in runs["bare"])
+    c = manifest["counts"]
+    lines = [
+        (f"corpus: {len(texts)} documents, {input_mb:.2f} MB JSONL ({text_mb:.2f} MB of text); vocab {vocab}; "
+         f"workers {args.workers}; best of {args.repeats} runs of each, in turn"),
+        (f"gpt_dist `data_tools/preprocess.py` (whole command): {ours_wall:.2f} s = {input_mb / ours_wall:.2f} MB/s "
+         f"(runs: {all_walls('ours')}); steady state {steady:.2f} s = {input_mb / steady:.2f} MB/s; "
+         f"{c['documents']} documents kept, {c['tokens']:,} tokens"),
+        (f"bare sentencepiece `bench/_bare_tokenize.py` (whole command): {bare_wall:.2f} s = "
+         f"{input_mb / bare_wall:.2f} MB/s (runs: {all_walls('bare')}); encoding alone {bare_steady:.2f} s = "
+         f"{input_mb / bare_steady:.2f} MB/s; {bare['documents']} documents, {bare['tokens']:,} tokens"),
+    ]
+    whole = bare_wall / ours_wall
+    steady_ratio = bare_steady / steady
+
+    def ok(x: float, target: float) -> str:
+        return "met" if x >= target else "NOT met"
+
+    if runs.get("megatron_lm"):
+        mlm_wall, mlm = best("megatron_lm")
+        speedup = mlm_wall / ours_wall
+        lines.append(f"Megatron-LM `tools/preprocess_data.py` ({mlm_note}): {mlm_wall:.2f} s = "
+                     f"{input_mb / mlm_wall:.2f} MB/s (runs: {all_walls('megatron_lm')}); {mlm['documents']} documents")
+        lines.append(f"gpt_dist vs Megatron-LM, whole command: **{speedup:.2f}x** faster (target >= 2: "
+                     f"{ok(speedup, 2.0)})")
+    else:
+        lines.append(f"Megatron-LM: not run ({mlm_note})")
+    lines.append(f"gpt_dist / bare sentencepiece throughput over the same input: whole command **{whole:.2f}**, "
+                 f"steady state **{steady_ratio:.2f}** (target >= 0.9: {ok(whole, 0.9)}, {ok(steady_ratio, 0.9)})")
+    lines.append(f"machine: {machine()}; load average {load_before} before the runs, {load()} after")
+    return lines
+
+
+def append(lines: list[str]) -> Path:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    entry = f"\n### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n" + "".join(f"- {x}\n" for x in lines)
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRun by `make bench` / `python bench/preprocess_bench.py`" \
+               " (see its docstring for what is timed).\n"
+    head, _, tail = text.partition(SECTION)
+    nxt = tail.find("\n## ")  # the end of this section: entries go there, others' sections stay
+    tail = tail + entry if nxt < 0 else tail[:nxt].rstrip("\n") + "\n" + entry + tail[nxt:]
+    path.write_text(head + SECTION + tail, encoding="utf-8")
+    return path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--corpus", help="JSONL corpus (default: generate the sample corpus)")
-    ap.add_argument("--max-mb", type=float, default=32.0,
-                    help="size of the generated sample corpus (at 4 MB the runs last under a second and "
-                         "process start-up dominates both sides)")
+    ap.add_argument("--max-mb", type=float, default=11.0, help="size of the generated sample corpus")
     ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many alternating runs of each")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each command, in turn; the best counts")
+    ap.add_argument("--megatron-lm", help="a checkout of NVIDIA/Megatron-LM (core_v0.16.1) to run its "
+                                          "tools/preprocess_data.py too")
+    ap.add_argument("--megatron-lm-pythonpath", default="",
+                    help="extra PYTHONPATH for Megatron-LM's command (directories with six, triton)")
     ap.add_argument("--work", help="work directory (default: a temporary one, removed after)")
-    ap.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--no-append", action="store_true", help="do not add the figures to BENCHMARKS.md")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from gpt_dist.data.sample_corpus import write_sample_corpus
-    from gpt_dist.tokenizer import train_tokenizer
+    from gpt_dist.tokenizer import load_tokenizer, train_tokenizer
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="preprocess_bench."))
     work.mkdir(parents=True, exist_ok=True)
@@ -123,51 +240,29 @@ def main() -> int:
         if not corpus.exists():
             write_sample_corpus(corpus, int(args.max_mb * 1e6))
         tok_dir = work / "tokenizer"
-        tok = train_tokenizer([corpus], args.vocab_size, tok_dir)
-        texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-        text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-        input_mb = corpus.stat().st_size / 1e6
-        import megatron.core.datasets.indexed_dataset  # noqa: F401 - import outside any timing
-
-        load_before = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
-        best_pipe, best_bare, manifest = None, None, None
-        for _ in range(args.repeats):
-            m = pipeline(corpus, tok_dir, work / "out", args.workers)
-            if best_pipe is None or m["timing"]["pipeline_seconds"] < best_pipe:
-                best_pipe, manifest = m["timing"]["pipeline_seconds"], m
-            secs, bare_tokens = bare(texts, str(tok.model_file), args.workers, batch_docs=1024)
-            best_bare = secs if best_bare is None else min(best_bare, secs)
-        assert manifest is not None and best_pipe is not None and best_bare is not None
-        c = manifest["counts"]
-        pipe_mbs, bare_mbs = input_mb / best_pipe, text_mb / best_bare
-        pipe_tps, bare_tps = c["tokens"] / best_pipe, bare_tokens / best_bare
-        ratio = (text_mb / best_pipe) / bare_mbs  # same documents: text MB per second
-        desc = machine()
-        lines = [
-            (f"corpus: {len(texts)} documents, {input_mb:.2f} MB JSONL ({text_mb:.2f} MB of text); vocab {tok.vocab_size}; "
-            f"workers {args.workers}; best of {args.repeats}"),
-            (f"pipeline: {best_pipe:.2f} s, {pipe_mbs:.2f} MB/s of JSONL ({text_mb / best_pipe:.2f} MB/s of text), "
-            f"{pipe_tps:,.0f} tokens/s written ({c['documents']} documents kept, {c['tokens']:,} tokens)"),
-            (f"bare sentencepiece: {best_bare:.2f} s, {bare_mbs:.2f} MB/s of text, {bare_tps:,.0f} tokens/s "
-            f"({bare_tokens:,} tokens)"),
-            (f"ratio pipeline / bare (text MB/s over the same documents): {ratio:.2f} (target >= 0.8: "
-            f"{'met' if ratio >= 0.8 else 'NOT met'}); tokens/s ratio {pipe_tps / bare_tps:.2f} (the pipeline "
-            f"tokenizes only the {c['documents']} documents that survive filters and dedup)"),
-            f"machine: {desc}; load average before the run {load_before}",
-        ]
+        if not (tok_dir / "gpt_dist_tokenizer.json").exists():
+            train_tokenizer([corpus], args.vocab_size, tok_dir)
+        vocab = load_tokenizer(tok_dir).vocab_size
+        bench = Contenders(args, corpus, tok_dir, work)
+        order = [("ours", bench.ours), ("bare", bench.bare)]
+        mlm_note = "no --megatron-lm given"
+        if args.megatron_lm:
+            path = Path(args.megatron_lm)
+            if (path / "tools" / "preprocess_data.py").is_file():
+                order.append(("megatron_lm", bench.megatron_lm))
+                mlm_note = f"Megatron-LM {megatron_lm_version(path)}, SentencePieceTokenizer, same model, no eod"
+            else:
+                mlm_note = f"{path}/tools/preprocess_data.py not found"
+        runs: dict[str, list[tuple[float, dict]]] = {name: [] for name, _ in order}
+        load_before = load()
+        for k in range(args.repeats):
+            for name, fn in order[k % len(order):] + order[: k % len(order)]:  # rotate who goes first
+                runs[name].append(fn())
+                print(f"run {k + 1} {name}: {runs[name][-1][0]:.2f} s", flush=True)
+        lines = summarize(args, corpus, vocab, runs, load_before, mlm_note)
         print("\n".join(lines))
         if not args.no_append:
-            path = ROOT / "BENCHMARKS.md"
-            text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-            entry = f"\n### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n" + "".join(f"- {x}\n" for x in lines)
-            if SECTION not in text:
-                text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRun by `make bench` / `python bench/preprocess_bench.py`" \
-                       " (see its docstring for what is timed).\n"
-            head, _, tail = text.partition(SECTION)
-            nxt = tail.find("\n## ")  # the end of this section: entries go there, others' sections stay
-            tail = tail + entry if nxt < 0 else tail[:nxt].rstrip("\n") + "\n" + entry + tail[nxt:]
-            path.write_text(head + SECTION + tail, encoding="utf-8")
-            print(f"appended to {path}")
+            print(f"added to {append(lines)}")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

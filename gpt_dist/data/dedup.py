@@ -157,6 +157,58 @@ class MinHasher:
             return (sig * self._row_pw).sum(axis=1) ^ self._salt
 
 
+    def band_keys_batch(self, texts: list[str]) -> np.ndarray:
+        """:meth:`band_keys` of several documents at once, equal row for row (a test checks).
+
+        Why: per document, :meth:`band_keys` makes ~20 small NumPy calls, and on an
+        11 MB corpus of ~4 KB documents that call overhead was half of the MinHash cost.
+        Here the texts are joined with a space (a word boundary, so every document's
+        word starts are the same as alone), the rolling hashes of all windows come from
+        one prefix sum (a window's hash does not depend on where it starts), and the
+        per-document minima come from one ``minimum.reduceat``.
+        """
+        if not texts:
+            return np.zeros((0, self.bands), dtype=np.uint64)
+        bufs = [t.lower().encode("utf-8")[:_MAX_DOC_BYTES] for t in texts]
+        n_docs = len(bufs)
+        lens = np.fromiter(map(len, bufs), dtype=np.int64, count=n_docs)
+        begin = np.zeros(n_docs, dtype=np.int64)
+        np.cumsum(lens[:-1] + 1, out=begin[1:])
+        end = begin + lens
+        c = np.frombuffer(b" ".join(bufs), dtype=np.uint8)
+        n, w = len(c), self.cfg.shingle_bytes
+        pw, ipw = _tables(1 << max(n, _MAX_DOC_BYTES).bit_length())
+        prefix = np.zeros(n + 1, dtype=np.uint32)
+        with np.errstate(over="ignore"):
+            np.cumsum(c * pw[:n], out=prefix[1:])
+            starts = np.flatnonzero((c[:-1] <= 32) & (c[1:] > 32)) + 1
+            if n and c[0] > 32:
+                starts = np.concatenate(([0], starts))
+            doc = np.searchsorted(begin, starts, side="right") - 1
+            inside = starts + w <= end[doc]
+            starts, doc = starts[inside], doc[inside]
+            widths = np.full(len(starts), w, dtype=np.int64)
+            lonely = np.flatnonzero(np.bincount(doc, minlength=n_docs) == 0)
+            if len(lonely):  # no full window: the whole text is the one shingle
+                starts = np.concatenate((starts, begin[lonely]))
+                doc = np.concatenate((doc, lonely))
+                widths = np.concatenate((widths, lens[lonely]))
+                order = np.argsort(doc, kind="stable")
+                starts, doc, widths = starts[order], doc[order], widths[order]
+            h = (prefix[starts + widths] - prefix[starts]) * ipw[starts]
+            if self.cfg.sample > 1:
+                keep = h < np.uint32((1 << 32) // self.cfg.sample)
+                keep |= (np.bincount(doc[keep], minlength=n_docs) < 32)[doc]
+                h, doc = h[keep], doc[keep]
+            hv = _fmix32(h)
+            first = np.searchsorted(doc, np.arange(n_docs))
+            values = self._a * hv[None, :]
+            values += self._b
+            sig = np.minimum.reduceat(values, first, axis=1).T
+            keys = (sig.astype(np.uint64).reshape(n_docs, self.bands, self.rows) * self._row_pw).sum(axis=2)
+            return keys ^ self._salt
+
+
 def exact_key(text: str) -> int:
     """64-bit hash of the cleaned text (exact-duplicate key)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")

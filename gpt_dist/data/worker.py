@@ -92,10 +92,25 @@ def process_batch(batch: list[tuple[bytes | None, str | None, str]]) -> list[tup
         tok = _STATE["tok"]
         minhash: MinHasher | None = _STATE["minhash"]
         eod, dtype = _STATE["eod"], _STATE["dtype"]
-        for (i, surrogates, controls), text, ids in zip(keep_slots, keep_texts, tok.encode_batch(keep_texts)):
+        bands = _band_keys(minhash, keep_texts) if minhash is not None else [None] * len(keep_texts)
+        for (i, surrogates, controls), text, ids, keys in zip(keep_slots, keep_texts, tok.encode_batch(keep_texts),
+                                                             bands):
             tokens = np.empty(len(ids) + 1, dtype=dtype)
             tokens[:-1] = ids
             tokens[-1] = eod
-            bands = minhash.band_keys(text) if minhash is not None else None
-            out[i] = (KEEP, tokens, exact_key(text), bands, len(text.encode("utf-8")), surrogates, controls)
+            out[i] = (KEEP, tokens, exact_key(text), keys, len(text.encode("utf-8")), surrogates, controls)
     return out  # type: ignore[return-value]
+
+
+def _band_keys(minhash: MinHasher, texts: list[str], group_chars: int = 1 << 18) -> list[np.ndarray]:
+    """MinHash band keys of ``texts``, computed a group of documents at a time (about
+    ``group_chars`` characters: larger groups fall out of the CPU cache, smaller ones pay
+    NumPy's per-call overhead again)."""
+    out: list[np.ndarray] = []
+    start, size = 0, 0
+    for k, text in enumerate(texts):
+        size += len(text)
+        if size >= group_chars or k == len(texts) - 1:
+            out.extend(minhash.band_keys_batch(texts[start:k + 1]))
+            start, size = k + 1, 0
+    return out

@@ -140,3 +140,20 @@ def test_permutations_equal_datasketch() -> None:
         ours = affine32_permutations(num_perm, seed)
         assert np.array_equal(ours[0], a) and np.array_equal(ours[1], b)
         assert ours[0].dtype == np.uint32 and (ours[0] % 2 == 1).all()
+
+
+EDGE_TEXTS = ["", "a", "   ", "short text", " x" * 5, "ÄÖÜ ünïcödé Straße " * 50, "word " * 300,
+              "\n\n  leading blanks " * 40, "a" * (1 << 20) + " b" * 100, "\t\ttabs\tand\nnewlines " * 30]
+
+
+@pytest.mark.parametrize("sample", [4, 1])
+def test_band_keys_batch_equals_one_by_one(base_docs: list[str], sample: int) -> None:
+    """The batched MinHash the workers use gives every document exactly its own band keys,
+    whatever its neighbours in the batch (edge cases: empty, no full window, a document
+    longer than the 1 MiB shingle limit, non-ASCII, leading blanks)."""
+    mh = MinHasher(DedupConfig(sample=sample))
+    for group in (base_docs[:120], EDGE_TEXTS, EDGE_TEXTS[::-1], [base_docs[0]] + EDGE_TEXTS + [base_docs[1]],
+                  base_docs[120:121]):
+        want = np.stack([mh.band_keys(t) for t in group])
+        assert np.array_equal(mh.band_keys_batch(group), want)
+    assert mh.band_keys_batch([]).shape == (0, mh.bands)

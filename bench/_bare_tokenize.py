@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Bare sentencepiece over a JSONL corpus: the floor bench/preprocess_bench.py compares with.
+
+    python bench/_bare_tokenize.py CORPUS TOKENIZER_MODEL WORKERS BATCH_BYTES BATCH_DOCS
+
+It reads and JSON-decodes every line in the parent, cuts the texts into batches by the
+same rule as the pipeline (``BATCH_BYTES`` of input or ``BATCH_DOCS`` documents), encodes
+them in a pool of ``WORKERS`` processes (``encode`` of a list, one thread per process)
+and gets each batch's ids back as one uint16 array. Nothing is cleaned, filtered,
+deduplicated or written. It prints one JSON line: ``encode_seconds`` (from the first
+batch submitted to the last result, the pool started and every worker's model loaded
+before), ``tokens`` and ``documents``. Its wall time, start-up included, is measured by
+the caller.
+
+Only the standard library, numpy and sentencepiece are imported, as a hand-written
+tokenize script would.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+
+_SP = None
+
+
+def _init(model: str) -> None:
+    global _SP
+    import sentencepiece as spm
+
+    _SP = spm.SentencePieceProcessor(model_file=model)
+
+
+def _ping(_: int = 0) -> int:
+    return os.getpid()
+
+
+def _encode(texts: list[str]) -> np.ndarray:
+    ids = _SP.encode(texts, num_threads=1)
+    return np.concatenate([np.asarray(x, dtype=np.uint16) for x in ids]) if ids else np.zeros(0, np.uint16)
+
+
+def main(argv: list[str]) -> int:
+    corpus, model, workers, batch_bytes, batch_docs = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    batches: list[list[str]] = [[]]
+    size = 0
+    with open(corpus, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            batches[-1].append(json.loads(line)["text"])
+            size += len(line)
+            if size >= batch_bytes or len(batches[-1]) >= batch_docs:
+                batches.append([])
+                size = 0
+    batches = [b for b in batches if b]
+    with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(model,)) as pool:
+        pool.map(_ping, range(workers * 4))
+        t0 = time.perf_counter()
+        tokens = sum(len(a) for a in pool.imap(_encode, batches))
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"encode_seconds": seconds, "tokens": tokens, "documents": sum(map(len, batches))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
