@@ -401,8 +401,14 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 # --------------------------------------------------------------------------- cross-section checks
 
 
-def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> None:
-    """Checks that need the world size or more than one section; run before any process group."""
+def validate(cfg: Config, world_size: int, *, check_paths: bool = True,
+             check_device: bool | None = None) -> None:
+    """Checks that need the world size or more than one section; run before any process group.
+
+    ``check_paths`` also checks what must exist on this machine (shards, tokenizer, init
+    export); ``check_device`` (default: the same as check_paths) that this machine's device
+    runs ``training.precision``. The dry run plans a job for another machine and checks neither.
+    """
     m, p, t = cfg.model, cfg.parallel, cfg.training
     if world_size % (p.tp * p.pp):
         raise ConfigError(
@@ -446,6 +452,14 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> None:
                 f"training.global_batch_size: {accum} micro-batches per step < pp={p.pp}; "
                 f"raise global_batch_size to at least {t.micro_batch_size * dp * p.pp}"
             )
+    if check_device is None:
+        check_device = check_paths
+    if check_device:
+        from gpt_dist import device  # imports DeepSpeed, and only when a precision needs it
+
+        problem = device.precision_problem(t.precision, t.device)
+        if problem:
+            raise ConfigError(f"training.precision: {problem}")
     if check_paths:
         for i, prefix in enumerate(cfg.data.prefixes):
             if not (Path(prefix + ".idx").exists() or any(Path(prefix).parent.glob(Path(prefix).name + "_*.idx"))):

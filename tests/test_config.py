@@ -96,3 +96,77 @@ def test_set_values_are_typed_by_json_then_literal_then_string():
     assert cfg.training.train_steps == 7 and cfg.optimizer.lr == 1e-4
     assert cfg.data.prefixes == ["a", "b"] and cfg.run.name == "x y"
     assert cfg.training.deterministic is False
+
+
+# ----------------------------------------------------------------- precision vs the device
+# gpt_dist.device.supported_precisions is the one capability lookup; forcing it both ways
+# shows validate() refuses exactly what the device lacks (a CPU without oneDNN fp16 is the
+# real case: DeepSpeed's engine would fail later with "Type fp16 is not supported").
+
+
+def _forced(monkeypatch, *ok: str) -> None:
+    from gpt_dist import device
+
+    monkeypatch.setattr(device, "supported_precisions", lambda dev: ("cpu (forced CPU)", ("fp32", *ok)))
+
+
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+def test_precision_the_device_lacks_is_a_config_error(monkeypatch, prec):
+    _forced(monkeypatch, *({"fp16", "bf16"} - {prec}))
+    cfg = load_config(TINY, [f"training.precision={prec}"])
+    with pytest.raises(ConfigError) as ei:
+        validate(cfg, 2, check_paths=False, check_device=True)
+    msg = str(ei.value)
+    assert msg.startswith("training.precision: ") and "\n" not in msg, msg
+    assert prec in msg and "cpu (forced CPU)" in msg and "fp32" in msg, msg
+
+
+@pytest.mark.parametrize("prec", ["fp16", "bf16", "fp32"])
+def test_precision_the_device_has_validates(monkeypatch, prec):
+    _forced(monkeypatch, "bf16", "fp16")
+    validate(load_config(TINY, [f"training.precision={prec}"]), 2, check_paths=False, check_device=True)
+
+
+def test_dry_run_checks_do_not_ask_this_device(monkeypatch):
+    """check_paths=False (the dry run, planning for another machine) skips the device too."""
+    _forced(monkeypatch)  # fp32 only
+    validate(load_config(TINY, ["training.precision=bf16"]), 2, check_paths=False)
+
+
+def test_capability_is_deepspeeds_cpu_accelerator():
+    """The lookup reports what DeepSpeed's CPU accelerator (the one CPU training uses) says."""
+    import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from gpt_dist import device
+
+    desc, ok = device.supported_precisions("cpu")
+    acc = CPU_Accelerator()
+    assert desc.startswith("cpu (")
+    assert ("fp16" in ok) == bool(acc.is_fp16_supported()) == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    assert ("bf16" in ok) == bool(acc.is_bf16_supported()) and "fp32" in ok
+
+
+def test_launcher_exits_2_when_the_device_lacks_the_precision(tmp_path):
+    """launch/pretrain.py with the capability forced off (a wrapper patches the lookup, then
+    runs the real entry point): one line naming training.precision, exit 2, no process group."""
+    import subprocess
+    import sys
+
+    wrapper = (
+        "import runpy, sys\n"
+        "from gpt_dist import device\n"
+        "device.supported_precisions = lambda dev: ('cpu (forced CPU)', ('fp32',))\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, "-c", wrapper, os.path.join(ROOT, "launch", "pretrain.py"),
+                        "--config", TINY, "--set", "training.precision=bf16", f"run.dir={tmp_path}/run"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
+    lines = [line for line in (r.stderr + r.stdout).splitlines() if line.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "training.precision: bf16 is not supported" in lines[0], lines
+    assert "cpu (forced CPU)" in lines[0] and "fp32" in lines[0], lines
+    assert not (tmp_path / "run").exists()  # refused before the run directory was written
