@@ -3,61 +3,31 @@ environment, launch commands, metrics. The fixtures are in conftest.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import helpers
+from tests.helpers import BIN, EOD, PY, ROOT, VOCAB, free_port, tail  # noqa: F401 - re-exported
+
 RUNNER = ROOT / "tests" / "cluster" / "_runner.py"
-PY = sys.executable
-BIN = Path(PY).parent
-VOCAB, EOD = 500, 499
 STEPS = 12          # steps of every launcher run
 SAVE_INTERVAL = 6   # periodic checkpoints at 6 and 12
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any launcher's variables."""
-    drop = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_", "MASTER_", "TORCHELASTIC_", "GPT_DIST_TEST_",
-            "HYDRA_")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(drop) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                     "LOCAL_WORLD_SIZE", "GROUP_RANK")}
-    env.update(GPT_DIST_TEST_FAKE_TOKENIZER=f"{VOCAB},{EOD}", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", GPT_DIST_PG_TIMEOUT="300",
-               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    """The test process's environment without any launcher's variables (tests/helpers.py
+    ``child_env``), the runner's stand-in tokenizer and a 300 s collective timeout."""
+    env = helpers.child_env(GPT_DIST_TEST_FAKE_TOKENIZER=f"{VOCAB},{EOD}", GPT_DIST_PG_TIMEOUT="300")
     env.update(extra)
     return env
 
 
 def build_toy_shards(out: Path) -> str:
     """400 learnable documents (arithmetic sequences mod 499, EOD 499) as one shard."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    out.mkdir(parents=True, exist_ok=True)
-    rs = np.random.RandomState(0)
-    builder = IndexedDatasetBuilder(str(out / "toy_00000.bin"), dtype=np.uint16)
-    for _ in range(400):
-        n = rs.randint(20, 200)
-        start, k = rs.randint(0, EOD), rs.randint(1, 5)
-        toks = [(start + k * i) % EOD for i in range(n)] + [EOD]
-        builder.add_document(np.array(toks, dtype=np.uint16), [len(toks)])
-    builder.finalize(str(out / "toy_00000.idx"))
+    helpers.toy_shards(out / "toy_00000", n_docs=400, lengths=(20, 200), seed=0)
     return str(out / "toy")
 
 
@@ -77,8 +47,7 @@ def write_config(path: Path, toy: dict[str, str], run_dir: Path, **training: Any
         "logging": {"log_interval": 1, "progress_bar": False},
         "deepspeed": {"zero_optimization": {"stage": 1}},
     }
-    path.write_text(json.dumps(cfg, indent=1))
-    return path
+    return helpers.write_config(path, cfg)
 
 
 def pretrain_args(config: Path, *sets: str) -> list[str]:
@@ -90,30 +59,16 @@ def pretrain_args(config: Path, *sets: str) -> list[str]:
 
 
 def torchrun_cmd(config: Path, nproc: int = 2, *sets: str) -> list[str]:
-    return [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", "--nnodes=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            "--max-restarts=0", "--monitor-interval=0.5", *pretrain_args(config, *sets)]
+    return helpers.torchrun_cmd(*pretrain_args(config, *sets), nproc=nproc)
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float, **kw: Any) -> subprocess.CompletedProcess:
-    """Run ``cmd`` with stdout+stderr in ``log``; on a timeout kill its process group."""
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                **kw)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            pytest.fail(f"{cmd[0]} timed out after {timeout} s; log:\n{tail(log)}")
-    return subprocess.CompletedProcess(cmd, rc)
-
-
-def tail(path: Path, n: int = 60) -> str:
+def run_logged(cmd: list[str], log: Path, timeout: float, **kw: Any) -> helpers.Result:
+    """Run ``cmd`` with stdout+stderr in ``log`` (tests/helpers.py ``run``: own session,
+    killed on a timeout, no survivors)."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return f"<no {path}>"
+        return helpers.run(cmd, timeout=timeout, log=log, **kw)
+    except AssertionError as exc:
+        pytest.fail(f"{exc}\nlog:\n{tail(log)}")
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -10,13 +10,16 @@ Needs root (ip netns); the namespaces and links are deleted when the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
 
 import pytest
-from cluster_helpers import BIN, ROOT, STEPS, clean_env, losses, pretrain_args, tail, write_config
+from cluster_helpers import BIN, STEPS, clean_env, losses, pretrain_args, tail, write_config
+
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +50,7 @@ def netns():
         for ns in NS:
             _ip("netns", "add", ns)
         _ip("link", "add", IFACE[0], "type", "veth", "peer", "name", IFACE[1])
-        for ns, iface, addr in zip(NS, IFACE, ADDR):
+        for ns, iface, addr in zip(NS, IFACE, ADDR, strict=True):
             _ip("link", "set", iface, "netns", ns)
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", iface)
             _ip("-n", ns, "link", "set", iface, "up")
@@ -64,30 +67,26 @@ def netns():
 def test_two_namespaces_one_rank_each_match_single_host(tmp_path, reference, netns):
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.json", reference["toy"], run_dir)
-    procs, logs = [], []
-    try:
-        for node, (ns, iface) in enumerate(zip(NS, IFACE)):
+    logs = [tmp_path / f"node{node}.log" for node in range(2)]
+    with contextlib.ExitStack() as stack:  # leaving it kills what still runs
+        jobs = []
+        for node, (ns, iface) in enumerate(zip(NS, IFACE, strict=True)):
             env = clean_env(GLOO_SOCKET_IFNAME=iface, TP_SOCKET_IFNAME=iface,
                             NCCL_SOCKET_IFNAME=iface)
             cmd = ["ip", "netns", "exec", ns, str(BIN / "torchrun"), "--nnodes=2",
                    f"--node-rank={node}", "--nproc-per-node=1", f"--master-addr={ADDR[0]}",
                    f"--master-port={PORT}", "--max-restarts=0", "--monitor-interval=0.5",
                    *pretrain_args(cfg)]
-            log = tmp_path / f"node{node}.log"
-            logs.append(log)
-            procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"),  # noqa: SIM115
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            jobs.append(stack.enter_context(helpers.Job(cmd, env=env, log=logs[node])))
         deadline = time.time() + 300
-        while any(p.poll() is None for p in procs) and time.time() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
+        while any(j.poll() is None for j in jobs) and time.time() < deadline:
+            if any(j.poll() not in (None, 0) for j in jobs):
                 break
             time.sleep(0.5)
-        rcs = [p.poll() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
+        rcs = [j.poll() for j in jobs]
+        for j in jobs:  # the finished ones: no process of their session may survive
+            if j.poll() is not None:
+                j.wait(timeout=10)
     report = "\n".join(f"--- {log.name}\n{tail(log, 40)}" for log in logs)
     assert rcs == [0, 0], f"exit codes {rcs}\n{report}"
     text = [log.read_text(errors="replace") for log in logs]

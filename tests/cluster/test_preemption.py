@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from cluster_helpers import (
     wait_for,
     write_config,
 )
+
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 
@@ -89,21 +90,14 @@ def test_usr1_saves_on_every_rank_exits_requeues_and_resumes_bit_exact(tmp_path,
     job_id = port - 20000 if port > 20000 else port + 20000
 
     # 1) first allocation: signal once a few steps are logged
-    with open(log1, "w") as fh:
-        job = subprocess.Popen(["bash", str(SCRIPT), str(cfg)], env=_job_env(tmp_path, 0, job_id),
-                               cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with helpers.Job(["bash", SCRIPT, cfg], env=_job_env(tmp_path, 0, job_id), log=log1) as job:
         wait_for(lambda: steps_logged(run_dir) >= 2 or job.poll() is not None, 240,
                  "step 2 of the first allocation")
         assert job.poll() is None, tail(log1)
         job.send_signal(signal.SIGUSR1)  # the batch shell, as --signal=B:USR1@120 does
         t_sig = time.time()
-        rc = job.wait(timeout=90)
+        rc = job.wait(timeout=90).rc
         exit_s = time.time() - t_sig
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
     text = log1.read_text(errors="replace")
     assert rc == 0, tail(log1)
     assert exit_s < 60, f"job took {exit_s:.0f} s to exit after SIGUSR1"
@@ -127,9 +121,7 @@ def test_usr1_saves_on_every_rank_exits_requeues_and_resumes_bit_exact(tmp_path,
 
     # 2) the requeued job: same run, restart count 1, no signal
     log2 = tmp_path / "job-2.out"
-    with open(log2, "w") as fh:
-        proc = subprocess.run(["bash", str(SCRIPT), str(cfg)], env=_job_env(tmp_path, 1, job_id), cwd=ROOT,
-                              stdout=fh, stderr=subprocess.STDOUT, timeout=300, check=False)
+    proc = helpers.run(["bash", SCRIPT, cfg], env=_job_env(tmp_path, 1, job_id), log=log2, timeout=300)
     text2 = log2.read_text(errors="replace")
     assert proc.returncode == 0, tail(log2)
     assert f"pretrain.sh: job {job_id} restart 1/3" in text2, tail(log2)

@@ -15,14 +15,12 @@ Three launches, shared by the tests below (the toy model: 2 blocks, one per stag
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import HERE, ROOT, launch, metrics, overrides
 
 from gpt_dist.config import ConfigError, load_config, validate
+from tests import helpers
 
 TOL = 1e-5
 
@@ -42,11 +40,10 @@ def test_pp_with_zero23_one_line_error(stage):
 
 def test_pp_with_zero23_launcher_prints_one_line(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config",
-                           str(HERE / "base.json"), "--set", "parallel.pp=2",
-                           "deepspeed.zero_optimization.stage=3", f"run.dir={tmp_path}"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+           "PYTHONPATH": str(ROOT)}  # exactly this environment: no launcher ever ran
+    proc = helpers.run(helpers.python_cmd(ROOT / "launch" / "pretrain.py", "--config", HERE / "base.json",
+                                          "--set", "parallel.pp=2", "deepspeed.zero_optimization.stage=3",
+                                          f"run.dir={tmp_path}"), env=env, timeout=120)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("pretrain:")]
     assert len(errors) == 1 and "ZeRO-1 with pp" in errors[0], proc.stderr[-2000:]
@@ -153,7 +150,7 @@ def test_pp_checkpoints_read_by_export(pp1, pp2, tp2pp2):
 
     flat = gather_checkpoint(*resolve_checkpoint(pp1))
     piped = gather_checkpoint(*resolve_checkpoint(pp2[0]))
-    assert set(piped) == set(flat), set(piped) ^ set(flat)
+    assert flat and set(piped) == set(flat), set(piped) ^ set(flat)
     for k in flat:
         assert torch.allclose(piped[k], flat[k], atol=TOL), k
     grid = gather_checkpoint(*resolve_checkpoint(tp2pp2[0]))

@@ -6,11 +6,11 @@ One torch.multiprocessing run of sp_ac_worker.py measures everything; the tests 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import helpers
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-5
@@ -19,12 +19,11 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("spac")
-    proc = subprocess.run([sys.executable, str(HERE / "sp_ac_worker.py"), str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = helpers.run(helpers.python_cmd(HERE / "sp_ac_worker.py", out), timeout=600)
     ranks = []
     for r in (0, 1):
         path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+        assert path.exists(), f"rank {r} wrote nothing (rc={proc.rc}):\n{proc.stderr[-4000:]}"
         data = json.loads(path.read_text())
         assert "error" not in data, f"rank {r}:\n{data['error']}"
         ranks.append(data)

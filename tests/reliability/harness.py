@@ -10,19 +10,14 @@ killed on timeout, and no process of the session left alive afterwards.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import helpers
+from tests.helpers import PY, ROOT, Result  # noqa: F401 - the suite's names for them
+
 RUNNER = Path(__file__).resolve().parent / "_runner.py"
-PY = sys.executable
-VOCAB, EOD = 500, 499
+VOCAB, EOD = helpers.VOCAB, helpers.EOD
 
 #: The tiny model every integration test trains (dropout > 0 so the RNG restore matters).
 BASE_CONFIG: dict[str, Any] = {
@@ -44,118 +39,28 @@ BASE_CONFIG: dict[str, Any] = {
 
 def build_shards(prefix: Path, n_docs: int = 300, seed: int = 0) -> Path:
     """Toy token shards: learnable arithmetic sequences mod VOCAB-1, each ended by EOD."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    rs = np.random.RandomState(seed)
-    b = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
-    for _ in range(n_docs):
-        n = rs.randint(10, 80)
-        start, k = rs.randint(0, EOD), rs.randint(1, 5)
-        toks = [(start + k * i) % EOD for i in range(n)] + [EOD]
-        b.add_document(np.array(toks, dtype=np.uint16), [len(toks)])
-    b.finalize(str(prefix) + ".idx")
-    return prefix
+    return helpers.toy_shards(prefix, n_docs=n_docs, lengths=(10, 80), seed=seed)
 
 
 def make_config(path: Path, run_dir: Path, data: Path, **overrides: Any) -> Path:
     """Write BASE_CONFIG with ``section__key=value`` overrides (e.g. training__train_steps=8)
     or ``section={...}`` replacing a whole section."""
-    cfg = json.loads(json.dumps(BASE_CONFIG))
-    cfg["run"]["dir"] = str(run_dir)
-    cfg["data"]["prefixes"] = [str(data)]
-    for key, value in overrides.items():
-        if "__" not in key:  # a whole section
-            cfg[key] = value
-            continue
-        section, name = key.split("__", 1)
-        cfg[section][name] = value
-    path.write_text(json.dumps(cfg, indent=1))
-    return path
-
-
-@dataclass
-class Result:
-    rc: int
-    stdout: str
-    stderr: str
-    wall_s: float
-    run_dir: Path
-    restarts: int = 0
-    env: dict[str, str] = field(default_factory=dict)
-    end_time: float = field(default_factory=time.time)  # wall clock when the job had exited
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    def describe(self) -> str:
-        return f"rc={self.rc} after {self.wall_s:.1f}s\n--- output tail ---\n{self.output[-6000:]}"
+    return helpers.write_config(path, helpers.make_config(BASE_CONFIG, run_dir, [data], **overrides))
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("GPT_DIST_TEST_", "TORCHELASTIC_", "MASTER_", "SLURM_", "OMPI_", "PMI_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GPT_DIST_TRUST_CHECKPOINT")}
-    env.update(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               DS_ACCELERATOR="cpu", PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="",
-               GPT_DIST_PG_TIMEOUT="60", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: session id
-            out.append(int(d.name))
-    return out
+    return helpers.child_env(**extra)
 
 
 def torchrun(config: Path, run_dir: Path, *, nproc: int = 2, max_restarts: int = 0,
              timeout: float = 240, env: dict[str, str] | None = None,
              extra_args: tuple[str, ...] = ()) -> Result:
     """Run ``torchrun`` on the runner; kill the whole session on timeout; no survivors."""
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "--monitor-interval=0.5", str(RUNNER), str(config),
-           *extra_args]
-    full_env = base_env(**(env or {}))
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun timed out after {timeout}s and was killed\n{(out + err)[-6000:]}")
-    finally:
-        _reap_session(proc.pid)
-    res = Result(proc.returncode, out, err, time.monotonic() - t0, run_dir, env=env or {})
+    cmd = helpers.torchrun_cmd(RUNNER, config, *extra_args, nproc=nproc, max_restarts=max_restarts)
+    res = helpers.run(cmd, timeout=timeout, env=base_env(**(env or {})), run_dir=run_dir)
+    res.env = env or {}
     res.restarts = count_restarts(run_dir)
     return res
-
-
-def _reap_session(sid: int) -> None:
-    """Kill what is left of the session; fail if something survived."""
-    left = _session_pids(sid)
-    if not left:
-        return
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 5
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    raise AssertionError(f"processes of the job's session survived its exit: {left}")
 
 
 def count_restarts(run_dir: Path) -> int:
@@ -170,28 +75,8 @@ def python_single(config: Path, run_dir: Path, *, timeout: float = 120,
                   env: dict[str, str] | None = None) -> Result:
     """A one-process run without torchrun (RANK=0, WORLD_SIZE=1)."""
     full_env = base_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(_free_port()), **(env or {}))
-    t0 = time.monotonic()
-    proc = subprocess.Popen([PY, str(RUNNER), str(config)], cwd=str(ROOT), env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"run timed out after {timeout}s\n{(out + err)[-6000:]}")
-    finally:
-        _reap_session(proc.pid)
-    return Result(proc.returncode, out, err, time.monotonic() - t0, run_dir)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+                        MASTER_PORT=str(helpers.free_port()), **(env or {}))
+    return helpers.run(helpers.python_cmd(RUNNER, config), timeout=timeout, env=full_env, run_dir=run_dir)
 
 
 # --------------------------------------------------------------------------- reading results
@@ -215,9 +100,13 @@ COMPARED = ("loss", "grad_norm", "lr", "skipped", "consumed_samples", "samples_s
 
 def diff_runs(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]],
               steps: list[int] | None = None, keys: tuple[str, ...] = COMPARED) -> list[str]:
-    """Exact differences between two runs' records (key sets first, then values with ==)."""
+    """Exact differences between two runs' records (key sets first, then values with ==).
+
+    Nothing to compare is a difference too: no steps, or a step with none of ``keys``."""
     out = []
     steps = steps if steps is not None else sorted(set(a) | set(b))
+    if not steps:
+        return ["no steps to compare"]
     for s in steps:
         if s not in a or s not in b:
             out.append(f"step {s}: missing in {'first' if s not in a else 'second'} run")
@@ -225,6 +114,9 @@ def diff_runs(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]],
         ka, kb = set(a[s]) & set(keys), set(b[s]) & set(keys)
         if ka != kb:
             out.append(f"step {s}: logged keys differ: {sorted(ka ^ kb)}")
+            continue
+        if not ka:
+            out.append(f"step {s}: none of {keys} logged")
             continue
         for k in sorted(ka):
             if a[s][k] != b[s][k]:

@@ -1,8 +1,9 @@
 """T2: kill -9 of rank 1 mid-training, automatic torchrun restart, bit-exact continuation.
 
 (a) ZeRO-1: compared with the uninterrupted reference run (T1's), every step and the final
-checkpoint. (b) ZeRO-3: the steps recomputed after the restart are compared with the ones the
-first attempt logged before the kill. Negative controls (GPT_DIST_TEST_DISABLE_RESTORE=rng,
+checkpoint. (b) ZeRO-3, every parameter partitioned over the two ranks (tests/helpers.py
+``zero3``; checked in the run's own report): the steps recomputed after the restart are
+compared with the ones the first attempt logged before the kill. Negative controls (GPT_DIST_TEST_DISABLE_RESTORE=rng,
 optim, data) resume a copy of the reference's step-8 checkpoint with one restore switched
 off: each must make the comparison fail, which proves the comparison can catch that bug.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import helpers
 from tests.reliability import conftest as c
 from tests.reliability import harness as h
 
@@ -62,19 +64,24 @@ def test_zero1_final_state_equals_reference(killed_zero1, ref_run):
     ours, ref = killed_zero1.run_dir / "checkpoints" / tag, ref_run.run_dir / "checkpoints" / tag
     names = sorted(p.name for p in ref.glob("*.pt"))
     assert names == sorted(p.name for p in ours.glob("*.pt"))
+    compared = set()
     for name in names:
         a, b = _load(ref / name), _load(ours / name)
         for key in ("module", "optimizer_state_dict", "lr_scheduler", "global_steps", "global_samples"):
             if key in a:
                 _assert_same_tree(a[key], b[key], f"{name}:{key}")
+                compared.add(key)
         if name.startswith("rng_"):
             _assert_same_tree(a, b, name)
+            compared.add("rng")
+    # not vacuous: the weights, the optimizer partitions, the schedule and the RNG were compared
+    assert {"module", "optimizer_state_dict", "lr_scheduler", "rng"} <= compared, (names, compared)
 
 
 @pytest.fixture(scope="module")
 def killed_zero3(rel_tmp, data) -> h.Result:
     return c.launch(rel_tmp, data, "t2_zero3", max_restarts=1, training__train_steps=8,
-                    deepspeed={"zero_optimization": {"stage": 3}},
+                    deepspeed={"zero_optimization": helpers.zero3()},
                     env={"GPT_DIST_TEST_KILL_AT": "8:1"})
 
 
@@ -90,6 +97,8 @@ def test_zero3_restart_repeats_steps_exactly(killed_zero3):
     # steps 5-7 after resuming from global_step4 equal the first attempt's, bit for bit
     # (3 steps: an optimizer-state bug shows up at the second step after the resume)
     assert h.diff_runs(first, second, steps=[5, 6, 7]) == []
+    # both attempts really ran partitioned ZeRO-3 (gather/release in forward and backward)
+    assert helpers.assert_zero3_partitioned(recs, dp=2) == 2
 
 
 NEGATIVE = ["rng", "optim", "data"]

@@ -21,7 +21,10 @@ C. world 1 (rank 0): ``dp1_zero0/`` (10 steps, the same global batch as B) and
    ``tp1_{arch}.pt`` (the TP=1 forward + backward that A's must equal).
 
 Every run is the real trainer (``gpt_dist.training.loop.pretrain`` with the context passed
-in), which writes its losses to RUN/metrics.jsonl; the test compares them. A failing rank
+in), which writes its losses to RUN/metrics.jsonl; the test compares them. ZeRO-3 runs
+partition every parameter (tests/helpers.py ``zero3``) and log how at their first step
+(tests/faults.py ``Zero3Report``). The second start of an interrupted run writes what it
+logged to RUN/second_start.log (the resume message of that run alone). A failing rank
 writes ``error_rank{R}_{phase}.txt`` and the tests show it.
 """
 
@@ -64,12 +67,13 @@ BASE: dict = {
 def _config(out: Path, data: str, name: str, *, tp: int, stage: int, steps: int = STEPS,
             dropout: float = 0.0):
     from gpt_dist.config import config_from_dict
+    from tests import helpers
 
-    raw = json.loads(json.dumps(BASE))
-    raw["run"]["dir"] = str(out / name)
-    raw["data"]["prefixes"] = [data]
+    raw = helpers.make_config(BASE, out / name, [data])
     raw["parallel"]["tp"] = tp
     raw["deepspeed"]["zero_optimization"]["stage"] = stage
+    if stage == 3:  # really partitioned, not kept whole below the persistence threshold
+        raw["deepspeed"]["zero_optimization"].update(helpers.zero3())
     raw["training"]["train_steps"] = steps
     raw["model"].update(dropout=dropout, attn_dropout=dropout)
     return config_from_dict(raw)
@@ -116,18 +120,30 @@ def _timed(name: str, fn, *args, **kw):
 
 def _train(ctx, out: Path, data: str, name: str, *, stage: int, dropout: float = 0.0) -> None:
     import gpt_dist.training.loop as L
+    from tests.faults import Zero3Report
 
-    _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage, dropout=dropout), ctx)
+    _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage, dropout=dropout), ctx,
+           hooks=Zero3Report())
 
 
 def _train_interrupted(ctx, out: Path, data: str, name: str, *, stage: int, dropout: float = 0.0) -> None:
     """Stop after step 5 (a checkpoint is written at the last step), then start the same run
     again for 10 steps: it resumes from global_step5 and logs steps 6-10 after 1-5."""
+    import contextlib
+    import io
+
     import gpt_dist.training.loop as L
+    from tests.faults import Zero3Report
 
     t0 = time.monotonic()
     for steps in (5, STEPS):
-        L.pretrain(_config(out, data, name, tp=ctx.tp, stage=stage, steps=steps, dropout=dropout), ctx)
+        cfg = _config(out, data, name, tp=ctx.tp, stage=stage, steps=steps, dropout=dropout)
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):  # rank 0's run log is printed
+            L.pretrain(cfg, ctx, hooks=Zero3Report())
+        sys.stdout.write(captured.getvalue())
+        if steps == STEPS and ctx.rank == 0:
+            (out / name / "second_start.log").write_text(captured.getvalue())
     TIMES[name] = round(time.monotonic() - t0, 2)
 
 

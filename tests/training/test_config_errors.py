@@ -10,15 +10,13 @@ the config only fails the checks inside ``pretrain`` (world size and paths).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gpt_dist.config import ConfigError, load_config, validate
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.json"
@@ -85,15 +83,8 @@ def test_bad_set_override(assignment, key):
     ("checkpoint", "init_from", "/nonexistent/gpt_dist/export"),
 ])
 def test_missing_path(tmp_path, section, key, value):
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    shards = tmp_path / "shards"
-    b = IndexedDatasetBuilder(str(shards) + ".bin", dtype=np.uint16)
-    b.add_document(np.arange(10, dtype=np.uint16), [10])
-    b.finalize(str(shards) + ".idx")
-    tok = tmp_path / "tok"
-    tok.mkdir()
+    shards = helpers.toy_shards(tmp_path / "shards", n_docs=1)
+    tok = helpers.toy_tokenizer_dir(tmp_path / "tok")
     raw = _tiny(data__prefixes=[str(shards)], data__tokenizer=str(tok))
     raw[section][key] = value
     cfg = load_config(_write(tmp_path, json.dumps(raw)))
@@ -109,13 +100,9 @@ def test_launcher_exits_2_with_one_line_on_a_validation_error(tmp_path):
     """A config that loads but fails validate() inside pretrain(): missing shards."""
     path = _write(tmp_path, json.dumps(_tiny(run__dir=str(tmp_path / "run"),
                                              data__prefixes=["/nonexistent/gpt_dist/shards"])))
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(path)],
-                          check=False, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    proc = helpers.run(helpers.python_cmd(ROOT / "launch" / "pretrain.py", "--config", path), timeout=180)
+    assert proc.rc == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.output.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("pretrain: config error: data.prefixes[0]"), lines
     assert not (tmp_path / "run").exists()  # nothing written before the config is known good

@@ -1,0 +1,324 @@
+"""What every test directory shares: toy data, config files, ZeRO-3 settings, and one way to
+launch a process (python, torchrun, mpirun, a batch script) under supervision.
+
+Import it as ``from tests import helpers`` (tests/conftest.py puts the checkout on
+``sys.path``; runners started by a test get ``PYTHONPATH`` = the checkout from ``child_env``).
+
+Launch rules (RELIABILITY.md section 5, first written for the reliability suite):
+
+* every job runs in its own session with a hard timeout; on a timeout the whole process
+  group is SIGKILLed, and afterwards no process of the session may be left alive (a
+  survivor fails the test: a leaked rank would hold ports and CPU for the next test);
+* the child's environment comes from ``child_env``: no launcher, rank or test-fault variable
+  of the calling process leaks in, ``OMP_NUM_THREADS=1`` (2-core machines),
+  ``DS_ACCELERATOR=cpu``, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a restarted torchrun
+  worker group otherwise reuses a stale TCPStore, pytorch #135712), ``PYTHONHASHSEED=0``;
+* torchrun runs ``--standalone`` (it picks a free rendezvous port itself) with
+  ``--monitor-interval=0.5``, so a dead rank is noticed within a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BIN = Path(PY).parent
+VOCAB, EOD = 500, 499  # the toy shards' vocabulary: ids < 500, 499 = end of document
+
+# --------------------------------------------------------------------------- toy data
+
+
+def toy_shards(prefix: Path | str, n_docs: int = 300, lengths: tuple[int, int] = (10, 80),
+               seed: int = 0) -> Path:
+    """``PREFIX.bin/.idx``: ``n_docs`` learnable documents, arithmetic sequences mod EOD
+    (start and stride random, length in ``[lengths[0], lengths[1])``), each ended by EOD.
+
+    Written with megatron-core's ``IndexedDatasetBuilder``, the reader the trainer uses.
+    The documents depend only on the arguments: golden values and references built from
+    them are stable."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    rs = np.random.RandomState(seed)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for _ in range(n_docs):
+        n = rs.randint(*lengths)
+        start, k = rs.randint(0, EOD), rs.randint(1, 5)
+        toks = [(start + k * i) % EOD for i in range(n)] + [EOD]
+        builder.add_document(np.array(toks, dtype=np.uint16), [len(toks)])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def toy_tokenizer_dir(path: Path, files: dict[str, str] | None = None) -> Path:
+    """A tokenizer directory for runs whose runner stubs the tokenizer (it only has to exist;
+    ``files`` are written into it, e.g. for tests that check it is copied)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+def make_config(base: dict[str, Any], run_dir: Path | str | None = None,
+                prefixes: list[Path | str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """A deep copy of ``base`` with the run directory, the shard prefixes and overrides:
+    ``section__key=value`` sets one key, ``section=value`` replaces a whole section."""
+    cfg = copy.deepcopy(base)
+    if run_dir is not None:
+        cfg["run"]["dir"] = str(run_dir)
+    if prefixes is not None:
+        cfg["data"]["prefixes"] = [str(p) for p in prefixes]
+    for key, value in overrides.items():
+        if "__" not in key:
+            cfg[key] = value
+            continue
+        section, name = key.split("__", 1)
+        cfg[section][name] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+# --------------------------------------------------------------------------- ZeRO-3
+
+
+def zero3(**extra: Any) -> dict[str, Any]:
+    """A ``zero_optimization`` section under which ZeRO-3 really partitions the tiny test models.
+
+    DeepSpeed keeps every parameter below ``stage3_param_persistence_threshold`` (default
+    1e5 elements) whole on every rank, which is every tensor of a 32-wide test model: the
+    gather/release path of forward and backward would never run. Threshold 0 partitions
+    them all; the small live-parameter and prefetch limits make DeepSpeed release each
+    module's parameters after use and prefetch little, as it must for a model that does not
+    fit. ``assert_zero3_partitioned`` checks the result from the run's metrics."""
+    return {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 10_000,
+            "stage3_prefetch_bucket_size": 5_000, **extra}
+
+
+def assert_zero3_partitioned(records: list[dict[str, Any]], dp: int = 2) -> int:
+    """Every ``zero3_partition`` report (tests/faults.py ``Zero3Report``, logged at the first
+    step each process ran) shows each rank holding ceil(numel / dp) elements of every
+    parameter, none persistent, none left gathered after the step. Returns the count."""
+    reports = [r["zero3_partition"] for r in records if "zero3_partition" in r]
+    assert reports, "no zero3_partition record: not a ZeRO-3 run, or its runner passed no Zero3Report"
+    for rep in reports:
+        assert rep["dp"] == dp, rep["dp"]
+        assert rep["ranks"] and all(rep["ranks"]), rep
+        for rank, params in enumerate(rep["ranks"]):
+            for name, (numel, part, held, persist) in params.items():
+                where = f"rank {rank} {name}: numel {numel}, partition {part}, held {held}"
+                assert not persist, f"{where}: persistent (kept whole on every rank)"
+                assert part == -(-numel // dp) and part < numel, f"{where}: not partitioned over dp={dp}"
+                assert held == 0, f"{where}: still gathered after the step"
+    return len(reports)
+
+
+def metrics_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every line of RUN/metrics.jsonl, in write order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- launching
+
+_DROP_PREFIXES = ("GPT_DIST_TEST_", "TORCHELASTIC_", "MASTER_", "SLURM_", "OMPI_", "PMI_", "PMIX_",
+                  "MPI_", "HYDRA_")
+_DROP_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+              "GPT_DIST_TRUST_CHECKPOINT")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched job (see the module docstring); ``extra`` wins.
+
+    An in-process ParallelContext of another test leaves RANK/MASTER_PORT in os.environ:
+    they are dropped, so every child picks its own rendezvous."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_PREFIXES) and k not in _DROP_KEYS}
+    env.update(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu", PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="",
+               GPT_DIST_PG_TIMEOUT="60", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (held open together while picking, so never the same twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def torchrun_cmd(script: Path | str, *args: Any, nproc: int = 2, max_restarts: int = 0) -> list[str]:
+    """``python -m torch.distributed.run --standalone ... SCRIPT ARGS``."""
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", str(script), *map(str, args)]
+
+
+def python_cmd(script: Path | str, *args: Any) -> list[str]:
+    return [PY, str(script), *map(str, args)]
+
+
+def tail(path: Path | str, n: int = 60) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"<no {path}>"
+
+
+@dataclass
+class Result:
+    """A finished job: exit code, output (the log file's text when it wrote one), timing."""
+
+    rc: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    run_dir: Path | None = None
+    restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    end_time: float = field(default_factory=time.time)  # wall clock when the job had exited
+
+    @property
+    def returncode(self) -> int:
+        return self.rc
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def describe(self) -> str:
+        return f"rc={self.rc} after {self.wall_s:.1f}s\n--- output tail ---\n{self.output[-6000:]}"
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: session id
+            out.append(int(d.name))
+    return out
+
+
+def kill_session(sid: int) -> list[int]:
+    """SIGKILL what is left of session ``sid`` and wait for it (5 s); returns what was left."""
+    left = session_pids(sid)
+    if not left:
+        return []
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in left:  # a child that left the process group is still in the session
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+class Job:
+    """A supervised child process in its own session (``with Job(...) as job:``).
+
+    Output goes to ``log`` (stdout and stderr together) when given, else to pipes.
+    Leaving the ``with`` block kills whatever of the session is still running."""
+
+    def __init__(self, cmd: list[Any], *, env: dict[str, str] | None = None, cwd: Path | str = ROOT,
+                 log: Path | str | None = None) -> None:
+        self.cmd = [str(c) for c in cmd]
+        self.env = env if env is not None else child_env()
+        self.log = Path(log) if log is not None else None
+        self._fh = open(self.log, "w") if self.log is not None else None  # noqa: SIM115 - closed in wait()
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, cwd=str(cwd), env=self.env, text=True, start_new_session=True,
+                                     stdout=self._fh if self._fh else subprocess.PIPE,
+                                     stderr=subprocess.STDOUT if self._fh else subprocess.PIPE)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float, *, run_dir: Path | None = None) -> Result:
+        """Wait at most ``timeout`` s; on a timeout kill the session and fail. Fails too if a
+        process of the session outlived the job."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(self.pid)
+            out, err = self.proc.communicate()
+            text = self._text(out, err)
+            raise AssertionError(f"{Path(self.cmd[0]).name} ... timed out after {timeout}s and was killed\n"
+                                 f"{text[-6000:]}") from None
+        finally:
+            if self._fh is not None:
+                self._fh.close()
+        end = time.time()
+        left = kill_session(self.pid)
+        if left:
+            raise AssertionError(f"processes of the job's session survived its exit: {left}")
+        stdout = self._text(out, err) if self.log is not None else out
+        return Result(self.proc.returncode, stdout, "" if self.log is not None else err,
+                      time.monotonic() - self.t0, run_dir, env=self.env, end_time=end)
+
+    def _text(self, out: str | None, err: str | None) -> str:
+        if self.log is not None:
+            return self.log.read_text(errors="replace")
+        return (out or "") + (err or "")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            kill_session(self.pid)
+            self.proc.wait()
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
+
+
+def run(cmd: list[Any], *, timeout: float, env: dict[str, str] | None = None, cwd: Path | str = ROOT,
+        log: Path | str | None = None, run_dir: Path | None = None) -> Result:
+    """Run ``cmd`` to completion under the launch rules (module docstring)."""
+    with Job(cmd, env=env, cwd=cwd, log=log) as job:
+        return job.wait(timeout, run_dir=run_dir)
