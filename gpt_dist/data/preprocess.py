@@ -412,7 +412,8 @@ class Preprocessor:
             sp = indexed.shard_prefix(self.prefix, k)
             meta = indexed.read_sidecar(sp) or {}
             shards.append({"prefix": os.path.basename(sp), **{key: meta.get(key) for key in (
-                "num_documents", "num_tokens", "bin_bytes", "bin_sha256", "idx_bytes", "idx_sha256")}})
+                "num_documents", "num_tokens", "bin_bytes", "bin_sha256", "idx_bytes", "idx_sha256",
+                "max_token_id")}})
         c = self.counts
         new_bytes = c["input_bytes"]
         seconds = pipeline_seconds  # rates exclude worker start-up and interpreter imports

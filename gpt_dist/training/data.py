@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from gpt_dist.config import Config
 from gpt_dist.data.indexed import index_cache_key
+from gpt_dist.data.shardset import ShardSet, check_tokenizer, check_vocab, resolve
 from gpt_dist.parallel import ParallelContext
 
 
@@ -38,27 +40,25 @@ class _MegatronTokenizerView:
         self.unique_identifiers = {"class": "gpt_dist", "vocab_size": vocab_size, "eod": eod}
 
 
-def resolve_prefixes(prefixes: list[str]) -> list[str]:
-    """Expand ``data/webtext`` to its shards ``data/webtext_00000`` ... (sorted)."""
-    out: list[str] = []
-    for prefix in prefixes:
-        if Path(prefix + ".idx").exists():
-            out.append(prefix)
-            continue
-        shards = sorted(str(p)[: -len(".idx")] for p in Path(prefix).parent.glob(Path(prefix).name + "_*.idx"))
-        if not shards:
-            raise FileNotFoundError(f"data.prefixes: no shards at {prefix}")
-        out.extend(shards)
-    return out
+def resolve_prefixes(prefixes: list[str], verify_hash: bool = False) -> list[ShardSet]:
+    """Each configured prefix resolved to its shards, through the manifest that wrote them
+    where there is one (every listed shard present and intact, no unlisted one), else by
+    glob (plain Megatron shards); see :mod:`gpt_dist.data.shardset`."""
+    return [resolve(prefix, verify_hash=verify_hash) for prefix in prefixes]
 
 
-def _open_checked(prefix: str, verify_hash: bool) -> None:
-    """Integrity checks of the project's shard format before megatron-core reads it."""
-    try:
-        from gpt_dist.data.indexed import open_indexed
-    except ImportError:  # pragma: no cover - data tools not installed yet
-        return
-    open_indexed(prefix, verify_hash=verify_hash)
+def check_data(cfg: Config, tokenizer_fingerprint: str) -> list[ShardSet]:
+    """Resolve and check ``data.prefixes`` before anything reads them: shards present and
+    intact, written by the run's tokenizer, every token id below ``model.vocab_size``.
+
+    Deterministic and local (the same files, the same decision on every rank), so a bad
+    data set fails every rank before the first collective instead of leaving some waiting.
+    Raises ``DataCheckError`` (a ``ValueError``: ``launch/pretrain.py`` exits 1 with the
+    line) or ``FileNotFoundError``."""
+    sets = resolve_prefixes(cfg.data.prefixes, cfg.data.verify_shards)
+    check_tokenizer(sets, tokenizer_fingerprint, cfg.data.tokenizer)
+    check_vocab(sets, cfg.model.vocab_size)
+    return sets
 
 
 class IndexCacheError(RuntimeError):
@@ -147,20 +147,25 @@ class Datasets:
     eod_id: int
 
 
-def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: int) -> Datasets:
+def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: int,
+                   tokenizer_fingerprint: str) -> Datasets:
+    """Train and valid datasets of ``data.prefixes`` after :func:`check_data`
+    (``tokenizer_fingerprint``: the run's tokenizer's, compared with the shards')."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     d, t = cfg.data, cfg.training
-    prefixes = resolve_prefixes(d.prefixes)
-    for p in prefixes:
-        _open_checked(p, d.verify_shards)
+    sets = check_data(cfg, tokenizer_fingerprint)
+    if ctx.rank == 0:
+        for i, s in enumerate(sets):
+            if s.warning:
+                print(f"warning: data.prefixes[{i}]: {s.warning}", file=sys.stderr, flush=True)
+    prefixes = [shard for s in sets for shard in s.shards]
     weights: list[float] | None = None
     if d.weights is not None:  # expand per-prefix weights over each prefix's shards
         weights = []
-        for prefix, w in zip(d.prefixes, d.weights):
-            n = len(resolve_prefixes([prefix]))
-            weights += [w / n] * n
+        for s, w in zip(sets, d.weights):
+            weights += [w / len(s.shards)] * len(s.shards)
     split = _checked_split(d.split, prefixes)
     eval_samples = (t.train_steps // t.eval_interval + 1) * t.eval_steps * t.global_batch_size
     sizes = [t.train_steps * t.global_batch_size, eval_samples, 0]

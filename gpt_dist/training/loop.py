@@ -275,7 +275,7 @@ def pretrain(cfg: Config, ctx: ParallelContext | None = None,
     if ctx.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, cfg.run_dir / "config.json")
-    datasets = build_datasets(cfg, ctx, vocab, eod)
+    datasets = build_datasets(cfg, ctx, vocab, eod, fingerprint)
     eng = build_engine(cfg, ctx)
     if cfg.checkpoint.init_from:
         from gpt_dist.export import load_into_engine  # checkpoints that travel (issue 6)
