@@ -8,8 +8,9 @@
 #   RUN_NAME=xl-a sbatch slurm/pretrain.sh configs/gpt2_1.5b.json   # resume run "xl-a"
 #
 # Every #SBATCH default below is overridable on the sbatch command line. Submit from the
-# repository root (the job cd's to $SLURM_SUBMIT_DIR) with the virtual environment active
-# or PYTHON=/path/to/.venv/bin/python: sbatch exports the submitting environment.
+# repository root (the job cd's to $SLURM_SUBMIT_DIR): the job runs the checkout's
+# .venv/bin/python (what `make` creates) unless PYTHON says otherwise; sbatch exports the
+# submitting environment, so an active virtual environment needs PYTHON=python.
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this batch shell 120 s before the end
 # (--signal=B:USR1@120). The trap forwards it to the srun step; every rank agrees (an
@@ -24,7 +25,8 @@
 #   RUN_NAME      run name (default: <job name>-<job id>); the run dir follows the config's
 #                 run.dir (default runs/${name}); set RUN_NAME to continue an older run
 #   RUN_DIR       override run.dir
-#   PYTHON        interpreter (default: python on PATH)
+#   PYTHON        interpreter (default: the checkout's .venv/bin/python if there is one,
+#                 else python on PATH)
 #   MAX_RESTARTS  most automatic requeues (default 10)
 #   SRUN_ARGS     extra srun arguments, whitespace-separated (e.g. "--cpu-bind=cores")
 #
@@ -56,7 +58,11 @@ shift
 : "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}"
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
 
-PYTHON="${PYTHON:-python}"
+# The checkout's venv by default: a plain `sbatch` from a `make`-built checkout has no venv
+# on PATH, and python on PATH would not find gpt_dist.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python; fi
+fi
 MAX_RESTARTS="${MAX_RESTARTS:-10}"
 RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
 RUN_NAME="${RUN_NAME:-${SLURM_JOB_NAME:-gpt_dist}-${SLURM_JOB_ID}}"
@@ -133,11 +139,15 @@ while :; do
     fi
     break
 done
+srun_pid=""   # reaped: a late signal must not reach a process that reuses its pid
 echo "pretrain.sh: srun exited with $rc"
 
 if [ "$GOT_USR1" = 1 ] && [ "$GOT_TERM" = 0 ] && [ "$rc" = 0 ]; then
     if [ "$RESTART_COUNT" -lt "$MAX_RESTARTS" ]; then
         echo "pretrain.sh: requeueing job $SLURM_JOB_ID (restart $((RESTART_COUNT + 1)) of $MAX_RESTARTS)"
+        # The requeue ends this job instance: Slurm may SIGTERM this shell before it exits.
+        # Nothing is left to checkpoint, so that TERM is not the "scancel" of on_term.
+        trap '' TERM
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

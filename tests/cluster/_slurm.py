@@ -6,6 +6,15 @@ daemons in the foreground (their process ids are ours) and stops them by process
 Verified with slurm-wlm 22.05: ``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``
 and ``SlurmUser=root`` need no cgroups; munged needs /run/munge owned by munge and
 ``--force``.
+
+A requeued job is held by Slurm itself (``BeginTime`` = requeue + credential lifetime + 1 s):
+slurmd revokes the old launch credential at the requeue, with a one-second timestamp, and
+refuses a new one that is not strictly newer ("Job N already killed, do not launch batch
+job"; slurmctld then logs "Killing non-startable batch JobId=N: Job credential revoked" and
+the job ends FAILED 1:0 without running). The tests keep that guard and only shorten it, with
+``AuthInfo=cred_expire`` (Slurm's minimum is 5 s; the default 120 s would add two minutes
+per requeue). Forcing ``StartTime=now`` instead, as the preemption test once did, let the
+restart land in the revocation's second about one run in ten.
 """
 
 from __future__ import annotations
@@ -19,6 +28,13 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "munge")
+#: Launch-credential lifetime: a requeued job waits this + 1 s before Slurm starts it again.
+#: Long enough for a launch on a loaded 2-core machine (the credential is checked when slurmd
+#: receives the launch, milliseconds after slurmctld signs it), short enough for a test.
+CRED_EXPIRE_S = 10
+#: The full scheduling pass: nothing else wakes the scheduler when a requeued job's BeginTime
+#: passes, and the default 60 s would leave it pending for up to a minute more.
+SCHED_INTERVAL_S = 2
 
 
 def ensure_installed() -> str | None:
@@ -100,10 +116,12 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 JobRequeue=1
+AuthInfo=cred_expire={CRED_EXPIRE_S}
 FirstJobId={first_id}
 KillWait=30
 MinJobAge=600

@@ -67,9 +67,9 @@ def _wait_done(slurm, job_id: int, out: Path, timeout: float) -> dict[str, str]:
         state = job.get("JobState", "")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return job
-        # a requeued job is held back by a BeginTime a little in the future: start it now
-        if state == "PENDING" and job.get("Reason") == "BeginTime":
-            slurm.scontrol("update", f"JobId={job_id}", "StartTime=now", check=False)
+        # A requeued job waits out its BeginTime (_slurm.CRED_EXPIRE_S + 1 s): Slurm's guard
+        # that the new launch credential is newer than the revoked one. Never force
+        # StartTime=now: a start in the revocation's second fails the job (see _slurm.py).
         time.sleep(1)
     subprocess.run(["scancel", str(job_id)], env=slurm.env, timeout=30, check=False)
     pytest.fail(f"job {job_id} did not finish in {timeout} s: {slurm.job(job_id)}\n{tail(out)}\n"

@@ -60,9 +60,12 @@ def fake(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RUN_", "MASTER_", "NCCL_", "FAKE_"))
            and k not in ("MAX_RESTARTS", "SRUN_ARGS", "PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # submitted from a checkout without a .venv: the interpreter is python on PATH
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_LOG=str(log),
                SLURM_JOB_ID="123", SLURM_JOB_NAME="gpt", SLURM_JOB_NODELIST="node-[a-b]",
-               SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(ROOT))
+               SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(checkout))
     return env, log
 
 
@@ -200,9 +203,59 @@ def test_generated_command_is_accepted_by_pretrain(fake, tmp_path):
     cfg.write_text(json.dumps({"model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_ctx": 64},
                                "data": {"seq_len": 64},
                                "training": {"micro_batch_size": 1, "global_batch_size": 2}}))
-    env = dict(env, FAKE_SRUN_MODE="exec", PYTHON=sys.executable, RUN_NAME="a b $(id)")
+    env = dict(env, FAKE_SRUN_MODE="exec", PYTHON=sys.executable, RUN_NAME="a b $(id)",
+               SLURM_SUBMIT_DIR=str(ROOT))
     proc = _run(env, str(cfg), "--set", "training.train_steps=3", "--dry-run", "--nodes", "1",
                 "--gpus-per-node", "2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "dry run: a b $(id)  world=2" in proc.stdout
     assert "in 3 steps" in proc.stdout
+
+
+def _venv_checkout(tmp_path: Path) -> Path:
+    """A submit directory that looks like a `make`-built checkout: an executable .venv python."""
+    checkout = tmp_path / "made"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    py = checkout / ".venv" / "bin" / "python"
+    py.write_text("#!/bin/sh\nexit 0\n")
+    py.chmod(0o755)
+    return checkout
+
+
+def test_python_defaults_to_the_checkouts_venv(fake, tmp_path):
+    env, log = fake
+    checkout = _venv_checkout(tmp_path)
+    proc = _run(dict(env, SLURM_SUBMIT_DIR=str(checkout)), "configs/x.json")
+    assert proc.returncode == 0, proc.stderr
+    assert _argv(log / "srun.argv")[1] == str(checkout / ".venv" / "bin" / "python")
+
+
+def test_explicit_python_wins_over_the_venv(fake, tmp_path):
+    env, log = fake
+    checkout = _venv_checkout(tmp_path)
+    proc = _run(dict(env, SLURM_SUBMIT_DIR=str(checkout), PYTHON="/opt/py/bin/python3"), "configs/x.json")
+    assert proc.returncode == 0, proc.stderr
+    assert _argv(log / "srun.argv")[1] == "/opt/py/bin/python3"
+
+
+def test_no_venv_falls_back_to_python_on_path(fake):
+    env, log = fake  # the fixture's checkout has no .venv
+    assert _run(env, "configs/x.json").returncode == 0
+    assert _argv(log / "srun.argv")[1] == "python"
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
+                    reason="this checkout has no .venv (not set up with make)")
+def test_sbatch_from_a_made_checkout_without_the_venv_active(fake):
+    """The user's case: submitted from this checkout with neither the venv on PATH nor
+    PYTHON nor PYTHONPATH set. The srun command (run for real, --dry-run) imports gpt_dist."""
+    env, _log = fake
+    env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    venv_bin = str(ROOT / ".venv" / "bin")
+    path = [d for d in env["PATH"].split(os.pathsep) if d and Path(d).resolve() != Path(venv_bin).resolve()]
+    env.update(PATH=os.pathsep.join(path), FAKE_SRUN_MODE="exec", SLURM_SUBMIT_DIR=str(ROOT))
+    proc = _run(env, "configs/tiny_cpu.json", "--dry-run", "--nodes", "1", "--gpus-per-node", "2",
+                timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "No module named" not in proc.stderr
+    assert "dry run: gpt-123  world=2" in proc.stdout, proc.stdout[-2000:]
