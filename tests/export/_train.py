@@ -1,4 +1,5 @@
-"""Test runner: pretrain with a fake tokenizer (vocab 500, end of document 499).
+"""Test runner: pretrain with a fake tokenizer (vocab 500, end of document 499) and the
+test hooks of tests/faults.py (a ZeRO-3 run logs its partition report).
 
     torchrun --standalone --nproc-per-node N tests/export/_train.py CONFIG.json key=value ...
 """
@@ -10,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import gpt_dist.training.loop as L
 from gpt_dist.config import load_config
+from tests.faults import EnvFaults
 
 L.load_tokenizer_info = lambda cfg: (500, 499, "fake")
 cfg = load_config(sys.argv[1], sys.argv[2:])
-print("FINAL", L.pretrain(cfg))
+print("FINAL", L.pretrain(cfg, hooks=EnvFaults()))

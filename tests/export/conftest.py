@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,47 +82,25 @@ BASE_CONFIG = {
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """One shard of learnable documents and a tokenizer directory with a file to copy."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     root = tmp_path_factory.mktemp("export_data")
-    rs = np.random.RandomState(0)
-    builder = IndexedDatasetBuilder(str(root / "toy_00000.bin"), dtype=np.uint16)
-    for _ in range(200):
-        n = rs.randint(20, 100)
-        start, step = rs.randint(0, 499), rs.randint(1, 5)
-        toks = [(start + step * i) % 499 for i in range(n)] + [499]
-        builder.add_document(np.array(toks, dtype=np.uint16), [len(toks)])
-    builder.finalize(str(root / "toy_00000.idx"))
-    (root / "tok").mkdir()
-    (root / "tok" / "vocab.txt").write_text("fake tokenizer file\n")
+    helpers.toy_shards(root / "toy_00000", n_docs=200, lengths=(20, 100), seed=0)
+    helpers.toy_tokenizer_dir(root / "tok", {"vocab.txt": "fake tokenizer file\n"})
     return root
 
 
-def train(toy_data: Path, run_dir: Path, nproc: int = 1, timeout: int = 300, **overrides) -> None:
-    """Run tests/export/_train.py (torchrun when nproc > 1) with BASE_CONFIG + overrides."""
-    import copy
+def train(toy_data: Path, run_dir: Path, nproc: int = 1, timeout: int = 300, **overrides) -> Path:
+    """Run tests/export/_train.py (torchrun when nproc > 1) with BASE_CONFIG + overrides
+    (``section.key`` = value, as ``--set`` takes them); returns the run directory."""
     import json
-    import subprocess
-    import sys
 
-    cfg = copy.deepcopy(BASE_CONFIG)
-    cfg["run"]["dir"] = str(run_dir)
-    cfg["data"]["prefixes"] = [str(toy_data / "toy")]
+    cfg = helpers.make_config(BASE_CONFIG, run_dir, [toy_data / "toy"])
     cfg["data"]["tokenizer"] = str(toy_data / "tok")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / (run_dir.name + ".json")
-    path.write_text(json.dumps(cfg))
+    path = helpers.write_config(run_dir.parent / (run_dir.name + ".json"), cfg)
     sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
-    runner = [str(ROOT / "tests" / "export" / "_train.py"), str(path), *sets]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *runner]
-    else:
-        cmd = [sys.executable, *runner]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="300")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    runner = [ROOT / "tests" / "export" / "_train.py", path, *sets]
+    cmd = helpers.torchrun_cmd(*runner, nproc=nproc) if nproc > 1 else helpers.python_cmd(*runner)
+    res = helpers.run(cmd, env=helpers.child_env(GPT_DIST_PG_TIMEOUT="300"), timeout=timeout, run_dir=run_dir)
+    if res.rc != 0:
+        raise AssertionError(f"training failed ({res.rc}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return run_dir

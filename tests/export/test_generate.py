@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from tests import helpers
+
 from .conftest import ROOT, native_state, random_model, small_cfg
 
 
@@ -82,16 +84,10 @@ def test_cli_streams_token_ids(exports):
 def test_tp2_generation_streams_the_tp1_tokens(exports):
     """torchrun --nproc-per-node 2: the export sliced into the TP=2 GPT; rank 0 prints the
     greedy tokens of the one-process run (and of transformers)."""
-    import os
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", DS_ACCELERATOR="cpu",
-               GPT_DIST_PG_TIMEOUT="120")
-    args = ["launch/generate.py", "--model", str(exports["gpt2"] / "native"), "--prompt-ids", "5,17,42,7",
+    args = [ROOT / "launch" / "generate.py", "--model", exports["gpt2"] / "native", "--prompt-ids", "5,17,42,7",
             "--max-new-tokens", "12", "--temperature", "0", "--no-stop"]
-    res = subprocess.run(check=False, args=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = helpers.run(helpers.torchrun_cmd(*args, nproc=2), env=helpers.child_env(GPT_DIST_PG_TIMEOUT="120"),
+                      timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     tp2 = [int(x) for x in res.stdout.split()]
     from gpt_dist.generate import generate, load_model

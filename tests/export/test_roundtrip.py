@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests import helpers
 
 from .conftest import ROOT, native_state, random_model, small_cfg, train
 
@@ -33,9 +33,9 @@ def test_tp2_export_reimported_into_tp1_is_bitwise_identical(ctx, tp2_run, tmp_p
     from gpt_dist.export import export_state, load_native, load_state_into_model
     from gpt_dist.model.gpt import build_model
 
-    res = subprocess.run(check=False, args=[sys.executable, "launch/export.py", "--run", str(tp2_run), "--out", str(tmp_path / "e1")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = helpers.run(helpers.python_cmd(ROOT / "launch" / "export.py", "--run", tp2_run, "--out", tmp_path / "e1"),
+                      timeout=120)
+    assert res.rc == 0, res.stderr[-2000:]
     info = json.loads((tmp_path / "e1" / "export.json").read_text())
     assert info["step"] == 3 and info["tokens_seen"] == 3 * 4 * 16
     assert info["validation_loss"] is not None and info["source"]["layout"]["tp"] == 2
@@ -49,7 +49,7 @@ def test_tp2_export_reimported_into_tp1_is_bitwise_identical(ctx, tp2_run, tmp_p
     load_state_into_model(model, state, 0, 1)
     export_state(native_state(model, cfg), cfg, tmp_path / "e2")
     a, b = _tensors(tmp_path / "e1" / "model.safetensors"), _tensors(tmp_path / "e2" / "model.safetensors")
-    assert set(a) == set(b)
+    assert a and set(a) == set(b), (sorted(a), sorted(b))
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     # and the merged weights are the trained ones, not the initialisation
@@ -111,8 +111,8 @@ def test_corrupt_checkpoint_files_give_one_line_errors(tp2_run, tmp_path):
     finally:
         del os.environ["GPT_DIST_TRUST_CHECKPOINT"]
     assert "mp_rank_01_model_states.pt: cannot load" in str(err.value) and "\n" not in str(err.value)
-    res = subprocess.run(check=False, args=[sys.executable, "launch/export.py", "--run", str(run), "--step", "7",
-                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = helpers.run(helpers.python_cmd(ROOT / "launch" / "export.py", "--run", run, "--step", "7",
+                                         "--out", tmp_path / "o"), timeout=120)
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert "global_step7" in res.stderr
 
