@@ -185,6 +185,45 @@ def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tok
             logits = _last_logits(model, cfg, seq, cache)
 
 
+class TextStream:
+    """The text of a continuation as its tokens arrive, decoded together with the prompt.
+
+    Why not decode the new ids alone: sentencepiece stores a word's leading space in the
+    word's piece ("▁passing") and drops it when that piece starts the decoded string, so a
+    continuation decoded alone is glued to the prompt ("The function returnspassing");
+    a byte-fallback character split across the boundary would be lost too. Each ``push``
+    decodes prompt + continuation so far and returns only the text past what was returned
+    before (text ending in an incomplete UTF-8 sequence waits for its other bytes).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.done = len(tokenizer.decode(self.ids))  # characters of the prompt's own text
+
+    def push(self, token_id: int) -> str:
+        """Append one generated id; the newly complete text (may be '')."""
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        """Whatever is left, an incomplete trailing sequence included (end of generation)."""
+        return self._take(self.tokenizer.decode(self.ids))
+
+    def _take(self, text: str) -> str:
+        new, self.done = text[self.done:], max(self.done, len(text))
+        return new
+
+
+def continuation_text(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after the prompt (see TextStream for why not decode(new_ids))."""
+    stream = TextStream(tokenizer, prompt_ids)
+    return "".join(stream.push(t) for t in new_ids) + stream.flush()
+
+
 def generate(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 50, num_samples: int = 1,
              on_token: Callable[[int, int], None] | None = None, **sampling: Any) -> list[list[int]]:
     """New token ids per sample (prompt excluded); ``on_token(sample, id)`` streams them."""

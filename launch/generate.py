@@ -22,23 +22,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _stream_text(tok, prompt_text: str):
-    """on_token callback that prints the text of the ids so far, minus what was printed."""
-    ids: list[int] = []
-    printed = [0]
+def _stream_text(tok, prompt_ids: list[int]):
+    """on_token callback printing the continuation as it grows, and the final flush; the text
+    is decoded with the prompt (gpt_dist.generate.TextStream), so a word that starts the
+    continuation keeps its space."""
+    from gpt_dist.generate import TextStream
+
+    stream = TextStream(tok, prompt_ids)
 
     def on_token(_sample: int, t: int) -> None:
-        ids.append(t)
-        text = tok.decode(ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-            return
-        sys.stdout.write(text[printed[0]:])
+        sys.stdout.write(stream.push(t))
         sys.stdout.flush()
-        printed[0] = len(text)
 
     def flush() -> None:
-        text = tok.decode(ids)
-        sys.stdout.write(text[printed[0]:])
+        sys.stdout.write(stream.flush())
         sys.stdout.flush()
 
     return on_token, flush
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n")
         if tok is not None and args.prompt is not None:
             sys.stdout.write(args.prompt)
-            on_token, flush = _stream_text(tok, args.prompt)
+            on_token, flush = _stream_text(tok, prompt)
         else:
             sys.stdout.write(" ".join(map(str, prompt)))
 

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
-    print(f"greedy: {args.prompt}{tok.decode(out, skip_special_tokens=True)}")
+    # decoded with the prompt: alone, the continuation's first word would lose its space
+    print(f"greedy: {tok.decode(ids[0].tolist() + out, skip_special_tokens=True)}")
     with contextlib.redirect_stdout(sys.stderr):
         from gpt_dist.generate import generate, load_model
 

@@ -1,4 +1,5 @@
-"""Generation with the KV cache: greedy equals transformers' generate; sampling is seeded."""
+"""Generation with the KV cache: greedy equals transformers' generate; sampling is seeded;
+the text of a continuation is decoded with its prompt (a word starting it keeps its space)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,113 @@ def test_tp2_generation_streams_the_tp1_tokens(exports):
 
     ref = generate(load_model(exports["gpt2"] / "native"), [5, 17, 42, 7], 12, temperature=0.0, eos_id=None)[0]
     assert tp2 == [5, 17, 42, 7, *ref]
+
+
+# ----------------------------------------------------------------- text: prompt + continuation
+PROMPT = "The function returns"
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    """A real sentencepiece BPE (byte fallback, no dummy prefix), trained here on text whose
+    words follow PROMPT, so '▁passing'-style pieces (space inside the piece) exist."""
+    from gpt_dist.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("gen_sp")
+    words = ["passing", "the", "value", "a", "list", "of", "items", "None", "when", "empty"]
+    lines = [f"Line {i}: {PROMPT} {' '.join(words[(i + k) % len(words)] for k in range(6))}.\n"
+             for i in range(200)]
+    (root / "corpus.txt").write_text("".join(lines))
+    train_tokenizer([str(root / "corpus.txt")], 400, root / "tok")
+    return root / "tok"
+
+
+def test_continuation_keeps_the_space_before_its_first_word(sp_dir):
+    from gpt_dist.generate import TextStream, continuation_text
+    from gpt_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(sp_dir)
+    prompt = tok.encode(PROMPT)
+    full = tok.encode(PROMPT + " passing the value")
+    assert full[: len(prompt)] == prompt
+    new = full[len(prompt):]
+    # the trap: decoded alone, sentencepiece drops the space the first piece carries
+    assert tok.decode(new) == "passing the value"
+    assert continuation_text(tok, prompt, new) == " passing the value"
+    stream = TextStream(tok, prompt)
+    pieces = [stream.push(t) for t in new] + [stream.flush()]
+    assert pieces[0] == " passing" and "".join(pieces) == " passing the value"
+    # a character split over byte-fallback tokens appears once, when its last byte arrives
+    euro = tok.encode(PROMPT + " 5 €")[len(prompt):]
+    stream = TextStream(tok, prompt)
+    assert "".join(stream.push(t) for t in euro) + stream.flush() == " 5 €"
+
+
+def _word_start_seed(loaded, tok, prompt: list[int]) -> int:
+    """The first seed whose first sampled token begins a word (a space, then a letter):
+    the case that came out glued. Deterministic for the fixed model and tokenizer."""
+    from gpt_dist.generate import continuation_text, generate
+
+    for seed in range(200):
+        first = generate(loaded, prompt, 1, temperature=1.0, seed=seed, eos_id=None)[0]
+        text = continuation_text(tok, prompt, first)
+        if len(text) > 1 and text[0] == " " and text[1].isalpha() and not tok.decode(first).startswith(" "):
+            return seed
+    raise AssertionError("no seed of 200 starts the continuation with a word")
+
+
+def test_cli_prints_the_continuation_with_its_space(ctx, sp_dir, tmp_path):
+    """launch/generate.py --prompt streams prompt + continuation exactly as decoding them
+    together gives, for a sample whose first new token is a word ('▁...')."""
+    import os
+
+    from gpt_dist.export import export_state
+    from gpt_dist.generate import generate, load_model
+    from gpt_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(sp_dir)
+    cfg = small_cfg("gpt2", vocab_size=tok.vocab_size, n_ctx=48)
+    export_state(native_state(random_model(cfg, seed=5), cfg), cfg, tmp_path / "m", "native", tokenizer_dir=sp_dir)
+    loaded = load_model(tmp_path / "m")
+    prompt = tok.encode(PROMPT)
+    seed = _word_start_seed(loaded, tok, prompt)
+    new = generate(loaded, prompt, 6, temperature=1.0, seed=seed, eos_id=None)[0]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run(check=False, args=[sys.executable, "launch/generate.py", "--model", str(tmp_path / "m"),
+                                            "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "1",
+                                            "--seed", str(seed), "--no-stop"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == tok.decode(prompt + new) + "\n"
+    assert res.stdout.startswith(PROMPT + " ") and res.stdout[len(PROMPT) + 1].isalpha(), res.stdout
+
+
+def test_hf_check_prints_the_continuation_with_its_space(ctx, sp_dir, tmp_path, capsys):
+    """launch/hf_check.py's "greedy:" line, for a model whose greedy first token is a word."""
+    import importlib.util
+
+    from gpt_dist.export import export_state
+    from gpt_dist.generate import continuation_text, generate, load_model
+    from gpt_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(sp_dir)
+    prompt = tok.encode(PROMPT)
+    cfg = small_cfg("gpt2", vocab_size=tok.vocab_size, n_ctx=48)
+    for model_seed in range(40):  # the first random model whose greedy continuation starts a word
+        export_state(native_state(random_model(cfg, seed=model_seed), cfg), cfg, tmp_path / "n", "native")
+        greedy = generate(load_model(tmp_path / "n", with_tokenizer=False), prompt, 8, temperature=0.0,
+                          eos_id=None)[0]
+        text = continuation_text(tok, prompt, greedy)
+        if text[:1] == " " and text[1:2].isalpha() and tok.eod_id not in greedy:
+            break
+    else:
+        raise AssertionError("no model of 40 starts its greedy continuation with a word")
+    export_state(native_state(random_model(cfg, seed=model_seed), cfg), cfg, tmp_path / "hf", "hf",
+                 tokenizer_dir=sp_dir)
+    spec = importlib.util.spec_from_file_location("hf_check", ROOT / "launch" / "hf_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", str(tmp_path / "hf"), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"greedy: {PROMPT}{text}\n" in out, out
