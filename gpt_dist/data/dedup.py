@@ -231,8 +231,7 @@ class UInt64Set:
         return len(self._sorted) + len(self._recent)
 
     def contains_any(self, keys: np.ndarray) -> bool:
-        recent = self._recent
-        if any(k in recent for k in keys.tolist()):
+        if not self._recent.isdisjoint(keys.tolist()):
             return True
         if not len(self._sorted):
             return False
@@ -240,8 +239,18 @@ class UInt64Set:
         idx[idx == len(self._sorted)] = 0
         return bool((self._sorted[idx] == keys).any())
 
-    def add(self, keys: np.ndarray) -> None:
-        self._recent.update(keys.tolist())
+    def contains(self, key: int) -> bool:
+        """``key in self`` for one key (no array built: the exact check runs per document)."""
+        if key in self._recent:
+            return True
+        if not len(self._sorted):
+            return False
+        k = np.uint64(key)
+        i = int(np.searchsorted(self._sorted, k))
+        return i < len(self._sorted) and bool(self._sorted[i] == k)
+
+    def add(self, keys: np.ndarray | list[int]) -> None:
+        self._recent.update(keys.tolist() if isinstance(keys, np.ndarray) else keys)
         # the buffer grows with the set so that merges cost O(n log n) in total
         if len(self._recent) >= max(self._buffer, len(self._sorted) // 16):
             self._merge()
@@ -270,13 +279,12 @@ class Deduplicator:
 
     def check(self, exact: int, band_keys: np.ndarray | None) -> str | None:
         """"exact", "near" or None (kept); a kept document's keys are remembered."""
-        key = np.array([exact], dtype=np.uint64)
-        if self.cfg.exact and self.exact.contains_any(key):
+        if self.cfg.exact and self.exact.contains(exact):
             return "exact"
         if self.cfg.near and band_keys is not None and self.near.contains_any(band_keys):
             return "near"
         if self.cfg.exact:
-            self.exact.add(key)
+            self.exact.add([exact])
         if self.cfg.near and band_keys is not None:
             self.near.add(band_keys)
         return None

@@ -107,7 +107,6 @@ class ShardWriter:
                                      "tokenizer_fingerprint": tokenizer_fingerprint, **(extra or {})}
         self.num_documents = 0
         self.num_tokens = 0
-        self.max_token_id = -1
         self._lengths: list[int] = []  # one per sequence
         self._doc_idx: list[int] = [0]  # sequence index where each document ends
         self._sha = hashlib.sha256()
@@ -130,8 +129,6 @@ class ShardWriter:
         arr = np.ascontiguousarray(arr)
         if arr.size:
             self._append(memoryview(arr).cast("B"))
-            top = int(arr.max())
-            self.max_token_id = max(self.max_token_id, top)
         self._lengths.append(int(arr.size))
         self._doc_idx.append(len(self._lengths))
         self.num_documents += 1
@@ -150,8 +147,6 @@ class ShardWriter:
         with open(prefix + ".bin", "rb") as f:
             while chunk := f.read(1 << 22):
                 self._append(chunk)
-        top = (info.get("sidecar") or {}).get("max_token_id")
-        self.max_token_id = max(self.max_token_id, int(top) if top is not None else scan_max_token_id(prefix))
         self.num_documents += len(doc_idx) - 1
         self.num_tokens += int(lengths.sum(dtype=np.int64))
 
@@ -174,6 +169,8 @@ class ShardWriter:
         os.fsync(self._bin.fileno())
         self._bin.close()
         idx = self._index_bytes()
+        # one vectorised pass over what was written (page cache), not a max per document
+        top = _max_of_file(bin_tmp, self.dtype) if self.num_tokens else None
         with open(idx_tmp, "wb") as f:
             f.write(idx)
             f.flush()
@@ -186,8 +183,7 @@ class ShardWriter:
             "idx_bytes": len(idx), "idx_sha256": hashlib.sha256(idx).hexdigest(),
             "num_sequences": len(self._lengths), "num_documents": self.num_documents,
             "num_tokens": self.num_tokens,
-            # None for an empty shard: no token to bound
-            "max_token_id": self.max_token_id if self.max_token_id >= 0 else None,
+            "max_token_id": top,  # None for an empty shard: no token to bound
         })
         atomic_write_json(str(sidecar_path(self.prefix)) + TMP, self.meta)
         self._finalized = True
@@ -406,7 +402,11 @@ def scan_max_token_id(prefix: str, chunk_tokens: int = 1 << 24) -> int | None:
     info = validate_shard(prefix)
     if info["num_tokens"] == 0:
         return None
-    mm = np.memmap(prefix + ".bin", mode="r", dtype=np.dtype(info["dtype"]))
+    return _max_of_file(prefix + ".bin", np.dtype(info["dtype"]).type, chunk_tokens)
+
+
+def _max_of_file(path: str, dtype: type[np.integer], chunk_tokens: int = 1 << 24) -> int:
+    mm = np.memmap(path, mode="r", dtype=dtype)
     try:
         return max(int(mm[i:i + chunk_tokens].max()) for i in range(0, len(mm), chunk_tokens))
     finally:

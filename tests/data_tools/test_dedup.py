@@ -97,16 +97,20 @@ def test_case_insensitive_and_deterministic(hasher: MinHasher) -> None:
 
 def test_uint64_set_across_merges() -> None:
     rng = np.random.default_rng(0)
-    keys = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+    keys = rng.integers(0, 2**64 - 1, size=5000, dtype=np.uint64, endpoint=True)  # the top bit too
     s = UInt64Set(buffer=64)
     for chunk in np.array_split(keys[:4000], 200):
         s.add(chunk)
     assert len(s) == 4000
     assert len(s._sorted) > 0  # merges happened
     for k in keys[:4000:97]:
-        assert s.contains_any(np.array([k], dtype=np.uint64))
+        assert s.contains_any(np.array([k], dtype=np.uint64)) and s.contains(int(k))
     for k in keys[4000::97]:
-        assert not s.contains_any(np.array([k], dtype=np.uint64))
+        assert not s.contains_any(np.array([k], dtype=np.uint64)) and not s.contains(int(k))
+    extra = int(keys[-3])
+    assert s.contains(extra) is False
+    s.add([extra])
+    assert s.contains(extra) is True
     assert s.nbytes() < 4000 * 8 + 70 * 64 * 17
 
 
