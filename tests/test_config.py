@@ -71,14 +71,13 @@ def test_wrong_type(tmp_path):
 
 
 def test_launcher_bad_config_exits_2(tmp_path):
-    import subprocess
-    import sys
+    from tests import helpers
+
     raw = json.loads(Path(TINY).read_text())
     raw["model"]["bogus"] = 1
     p = tmp_path / "c.json"
     p.write_text(json.dumps(raw))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", str(p)],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    r = helpers.run(helpers.python_cmd(os.path.join(ROOT, "launch", "pretrain.py"), "--config", p), timeout=120)
     assert r.returncode == 2, r.stderr
     lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip()]
     assert len(lines) == 1, lines

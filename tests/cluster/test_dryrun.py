@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from gpt_dist.config import ConfigError, config_from_dict, load_config
 from gpt_dist.dryrun import coords_of, dry_run, memory_per_gpu, stage_parameters
 from gpt_dist.model.gpt import analytic_parameters
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "gpt2_1.5b.json"
@@ -125,9 +124,8 @@ def test_pretrain_cli_dry_run(tmp_path):
         import json
         path = tmp_path / "gpt2_1.5b.json"
         path.write_text(json.dumps({**GPT2_XL, "deepspeed": {"zero_optimization": {"stage": 1}}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(path),
-                           "--dry-run", "--nodes", "2", "--gpus-per-node", "8"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = helpers.run(helpers.python_cmd(ROOT / "launch" / "pretrain.py", "--config", path,
+                                          "--dry-run", "--nodes", "2", "--gpus-per-node", "8"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rank grid" in proc.stdout and "world=16" in proc.stdout
     assert "memory per GPU" in proc.stdout and "train_batch_size" in proc.stdout
