@@ -50,12 +50,13 @@ def run(cfg: Config, tok: Tokenizer, data: TaskData, ctx: Any = None, hooks: Any
     from gpt_dist.export import export_checkpoint, load_into_engine
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.hooks import NO_HOOKS
-    from gpt_dist.training.loop import TrainState, resume, train_loop, training_session
+    from gpt_dist.training.loop import TrainState, resume, start_step, train_loop, training_session
 
     hooks = hooks or NO_HOOKS
     ft = cfg.finetune
     assert ft is not None
-    with training_session(cfg, ctx, tok.fingerprint) as (ctx, log, stop):
+    with training_session(cfg, ctx, tok.fingerprint) as (pc, log, stop):
+        ctx = pc
         _report_data(log, data)
         eng = build_engine(cfg, ctx)
         if cfg.checkpoint.init_from:
@@ -65,7 +66,7 @@ def run(cfg: Config, tok: Tokenizer, data: TaskData, ctx: Any = None, hooks: Any
                                   pipe_loss=_pipe_loss(eng))
         state = resume(cfg, ctx, eng, TrainState(), log, hooks)
         tracker = BestTracker(ft.selection_metric(), state)
-        log.start_step = state.step
+        start_step(log, state)
 
         def on_saved(step: int, tag_dir: Path | None) -> None:
             best = tracker.state.best

@@ -3,10 +3,12 @@
 The loop does the DeepSpeed step, checkpoints, exact resume, signals, non-finite handling,
 logging and the progress bar; this objective supplies the task's micro-batches and losses:
 
-* data position: optimizer step ``n`` (0-based) is batch ``n % steps_per_epoch`` of epoch
-  ``n // steps_per_epoch``; each epoch's order is a permutation fixed by (seed, epoch), and
-  the last partial batch is dropped so every step has the same size. The loop's step count
-  is therefore the whole data position: a resumed run continues mid-epoch exactly.
+* data position: with ``n = consumed_samples // global_batch`` global batches consumed, the
+  next step is batch ``n % steps_per_epoch`` of epoch ``n // steps_per_epoch``; each epoch's
+  order is a permutation fixed by (seed, epoch), and the last partial batch is dropped so
+  every step has the same size. The checkpointed ``consumed_samples`` (the loop's data
+  position, as in pretraining) is therefore the whole position: a resumed run continues
+  mid-epoch exactly.
 * one micro-batch: ``GPT.forward(tokens, lm_labels, lm_mask, None, extract_pos, task_labels)``
   returns ``TaskHead.objective``'s (L3, [L1, L2], task logits); under pp > 1 the same
   function is the pipeline's loss (``pipeline.TaskLoss``), which keeps the parts for us.
@@ -57,8 +59,9 @@ class TaskObjective(Objective):
     def epoch_and_index(self, step: int) -> tuple[int, int]:
         return divmod(step, self.steps_per_epoch)
 
-    def _global_batch(self, step: int) -> list[int]:
-        epoch, index = self.epoch_and_index(step)
+    def _global_batch(self, consumed_samples: int) -> list[int]:
+        """The example ids of the global batch at this data position (samples consumed)."""
+        epoch, index = self.epoch_and_index(consumed_samples // self.cfg.training.global_batch_size)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             self._epoch_cache = (epoch, self.sampler.batches_for(epoch))
         return self._epoch_cache[1][index]
@@ -67,7 +70,7 @@ class TaskObjective(Objective):
         return {k: v.to(self.ctx.device) for k, v in batch.items()}
 
     def micro_batches(self, step: int, consumed_samples: int) -> Iterator[Batch]:
-        ids, mb, dp = self._global_batch(step), self.cfg.training.micro_batch_size, self.ctx.dp
+        ids, mb, dp = self._global_batch(consumed_samples), self.cfg.training.micro_batch_size, self.ctx.dp
         for m in range(self.accum):
             start = m * dp * mb + self.ctx.dp_rank * mb
             mine = [self.train[i] for i in ids[start:start + mb]]
@@ -77,11 +80,11 @@ class TaskObjective(Objective):
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps(self._global_batch(step)).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self._global_batch(consumed_samples)).encode()).hexdigest()[:16]
 
-    def tokens_per_step(self) -> int:
-        """Tokens of the examples the step reads (for tok/s and MFU)."""
-        return int(sum(len(s) for i in self._global_batch(0) for s in self.train[i].sequences))
+    def tokens_per_step(self, step: int, consumed_samples: int) -> int:
+        """Real (unpadded) tokens of the examples the step reads (for tok/s and MFU)."""
+        return int(sum(len(s) for i in self._global_batch(consumed_samples) for s in self.train[i].sequences))
 
     # -- one micro-batch --------------------------------------------------------------
     def model_inputs(self, batch: Batch) -> tuple[Any, ...]:

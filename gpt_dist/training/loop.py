@@ -1,7 +1,9 @@
-"""The pretraining loop: small functions, reused by fine-tuning.
+"""The training loop, shared by pretraining and fine-tuning.
 
-``pretrain(cfg)`` = build context -> data -> engine -> resume -> ``train_loop``. The loop
-itself knows nothing about parallelism beyond calling the engine; the data position is
+``pretrain(cfg)`` = session (context, logger, signals) -> data -> engine -> resume ->
+``train_loop(LMObjective)``; ``gpt_dist.finetune.run.finetune`` is the same with
+``TaskObjective``. The loop knows nothing about the task (``training/objective.py``) and
+nothing about parallelism beyond calling the engine; the data position is
 ``consumed_samples`` and all RNG state goes into every checkpoint, so a resumed run repeats
 the uninterrupted one exactly (tests/training/test_resume.py, tests/reliability/).
 
@@ -11,24 +13,26 @@ A caller watches or perturbs the run only through the ``hooks`` object it passes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from gpt_dist import rng
 from gpt_dist.config import Config, arch_diff, bubble_fraction, dump_config, validate
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
-from gpt_dist.training.data import build_datasets, micro_batches, sample_ids_digest
+from gpt_dist.training.data import build_datasets
 from gpt_dist.training.engine import Engine, build_engine
 from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.training.metrics import RunLogger
+from gpt_dist.training.objective import LMObjective, Objective
 
 EXIT_NONFINITE = 17  # Megatron's rerun machine uses 16/17 for "stop, do not requeue"
 
@@ -45,6 +49,8 @@ class TrainState:
     consecutive_skips: int = 0
     tokens_seen: int = 0
     last_val_loss: float | None = None
+    best: dict[str, Any] | None = None
+    """Fine-tuning: the best validation result so far ({step, metric, value, metrics})."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,7 +81,7 @@ def client_state(cfg: Config, state: TrainState, fingerprint: str) -> dict[str, 
 
 
 def save_checkpoint(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
-                    fingerprint: str, log: RunLogger, hooks: TrainHooks = NO_HOOKS) -> None:
+                    fingerprint: str, log: RunLogger, hooks: TrainHooks = NO_HOOKS) -> Path | None:
     tag_dir = ckpt.save(
         eng.ds, ctx, cfg.run_dir, state.step, client_state(cfg, state, fingerprint),
         extra_manifest={"train_state": state.to_dict(), "config": cfg.to_dict(),
@@ -84,6 +90,7 @@ def save_checkpoint(cfg: Config, ctx: ParallelContext, eng: Engine, state: Train
         on_disk_full=cfg.checkpoint.on_disk_full, hooks=hooks)
     log.write(f"checkpoint {'saved: ' + str(tag_dir) if tag_dir else 'DROPPED (disk full)'} "
               f"at step {state.step}")
+    return tag_dir
 
 
 def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
@@ -120,32 +127,12 @@ def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
     return restored
 
 
-def evaluate(cfg: Config, ctx: ParallelContext, eng: Engine, dataset: Any) -> float:
-    """Mean validation loss over eval_steps global batches (the same batches every time)."""
-    eng.ds.eval()
-    losses = []
-    accum = cfg.grad_accum_steps(ctx.world_size)
-    with torch.no_grad():
-        for i in range(cfg.training.eval_steps):
-            batches = micro_batches(dataset, ctx, cfg, i * cfg.training.global_batch_size, accum)
-            if eng.is_pipeline:  # eval_batch averages over micro-batches and dp itself
-                losses.append(eng.ds.eval_batch(data_iter=_pipe_iter(batches)).float().reshape(()))
-                continue
-            for batch in batches:
-                losses.append(eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"]).float())
-    eng.ds.train()
-    mean = torch.stack(losses).mean().reshape(1)
-    if dist.is_initialized() and ctx.dp > 1 and not eng.is_pipeline:
-        dist.all_reduce(mean, group=ctx.dp_group)
-        mean /= ctx.dp
-    return float(mean.item())
-
-
-def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
+def train_step(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Objective,
                batches: Iterator[dict[str, torch.Tensor]],
-               hooks: TrainHooks = NO_HOOKS, step: int = 0) -> tuple[float, bool]:
+               hooks: TrainHooks = NO_HOOKS, step: int = 0) -> tuple[float, torch.Tensor | None, bool]:
     """One optimizer step (number ``step``) over the micro-batches; returns (global mean loss,
-    skipped). ``hooks.transform_loss`` sees each micro-batch's loss (not under pp > 1).
+    the objective's mean metrics or None, skipped). ``hooks.transform_loss`` sees each
+    micro-batch's loss (not under pp > 1).
 
     ``eng.ds.step()`` after each micro-batch is DeepSpeed's contract: it applies the update at
     the accumulation boundary only. A non-finite gradient anywhere makes the update a no-op on
@@ -155,26 +142,28 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine,
     skips_before = getattr(eng.ds, "skipped_steps", 0)
     lr_pos = getattr(eng.scheduler, "last_epoch", None)
     if eng.is_pipeline:  # DeepSpeed runs the 1F1B schedule over the micro-batches itself
-        loss = eng.ds.train_batch(data_iter=_pipe_iter(batches))
+        loss = eng.ds.train_batch(data_iter=(objective.pipe_item(b) for b in batches))
+        metrics = objective.pipe_metrics()
         skipped = eng.guard.skipped or eng.ds.skipped_steps > skips_before
         _count_skipped_step(cfg, eng, skipped, lr_pos)
-        return float(loss.item()), skipped
+        return float(loss.item()), metrics, skipped
     total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    metric_sum: torch.Tensor | None = None
     n = 0
     for batch in batches:
-        loss = eng.ds(batch["tokens"], batch["labels"], batch["loss_mask"])
+        loss, metrics = objective.loss(eng.ds(*objective.model_inputs(batch)), batch)
         loss = hooks.transform_loss(step, ctx, loss)
         eng.ds.backward(loss)
         eng.ds.step()
         total += loss.detach().double()
+        if metrics is not None:
+            metric_sum = metrics.double() if metric_sum is None else metric_sum + metrics.double()
         n += 1
-    loss_mean = total / n
-    if dist.is_initialized() and ctx.dp > 1:
-        dist.all_reduce(loss_mean, group=ctx.dp_group)
-        loss_mean /= ctx.dp
+    loss_mean = objective.dp_mean(total / n)
+    metric_mean = objective.dp_mean(metric_sum / n) if metric_sum is not None else None
     skipped = eng.guard.skipped or getattr(eng.ds, "skipped_steps", 0) > skips_before
     _count_skipped_step(cfg, eng, skipped, lr_pos)
-    return float(loss_mean.item()), skipped
+    return float(loss_mean.item()), metric_mean, skipped
 
 
 def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: int | None) -> None:
@@ -191,27 +180,28 @@ def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: int | N
         eng.scheduler.step()
 
 
-def _pipe_iter(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Any]:
-    """Micro-batches in the pipeline engine's (inputs, labels) form."""
-    for b in batches:
-        yield b["tokens"], (b["labels"], b["loss_mask"])
-
-
-def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, state: TrainState,
-               fingerprint: str, log: RunLogger, stop: StopFlag,
-               hooks: TrainHooks = NO_HOOKS) -> TrainState:
+def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Objective, state: TrainState,
+               fingerprint: str, log: RunLogger, stop: StopFlag, hooks: TrainHooks = NO_HOOKS,
+               on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+               on_saved: Callable[[int, Path | None], None] | None = None) -> TrainState:
+    """Steps until ``training.train_steps``: evaluate every ``eval_interval``, checkpoint every
+    ``save_interval`` (and at the end, at a signal). ``on_eval(step, metrics)`` returning True
+    asks for a checkpoint at that step (fine-tuning's best model); ``on_saved(step, path)``
+    runs on every rank after each save."""
     t = cfg.training
-    accum = cfg.grad_accum_steps(ctx.world_size)
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    log.extra_keys = objective.metric_names
     while state.step < t.train_steps:
         hooks.on_step_start(state.step + 1, ctx, stop)
         if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
             log.write(f"signal received: saving at step {state.step} and exiting")
-            save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
+            tag_dir = save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
+            if on_saved is not None:
+                on_saved(state.step, tag_dir)
             return state
-        digest = sample_ids_digest(ctx, cfg, state.consumed_samples, accum)
-        batches = micro_batches(datasets.train, ctx, cfg, state.consumed_samples, accum)
-        loss, skipped = train_step(cfg, ctx, eng, batches, hooks, state.step + 1)
+        digest = objective.sample_digest(state.step, state.consumed_samples)
+        batches = objective.micro_batches(state.step, state.consumed_samples)
+        tokens_per_step = objective.tokens_per_step(state.step, state.consumed_samples)
+        loss, metrics, skipped = train_step(cfg, ctx, eng, objective, batches, hooks, state.step + 1)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         state.tokens_seen += tokens_per_step
@@ -223,6 +213,8 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
                   "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
                   "loss_scale": float(scale), "skipped": state.skipped_steps,
                   "consumed_samples": state.consumed_samples, "samples_sha": digest}
+        if metrics is not None:
+            record.update(zip(objective.metric_names, (float(v) for v in metrics.tolist()), strict=True))
         hooks.after_step(record, eng, ctx)
         log.step(record, tokens_per_step)
         if skipped:
@@ -232,11 +224,17 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, datasets: Any, st
                 raise NonFiniteLossError(
                     f"step {state.step}: {state.consecutive_skips} consecutive non-finite steps "
                     f"(training.max_consecutive_skips={t.max_consecutive_skips}); stopping")
+        want_save = False
         if state.step % t.eval_interval == 0 or state.step == t.train_steps:
-            state.last_val_loss = evaluate(cfg, ctx, eng, datasets.valid)
-            log.eval(state.step, state.last_val_loss)
-        if state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
-            save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
+            results = objective.evaluate(eng, state.step)
+            if results:
+                state.last_val_loss = results.get("loss", results.get("task_loss"))
+                log.eval(state.step, results)
+                want_save = bool(on_eval(state.step, results)) if on_eval is not None else False
+        if want_save or state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
+            tag_dir = save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
+            if on_saved is not None:
+                on_saved(state.step, tag_dir)
     return state
 
 
@@ -248,15 +246,13 @@ def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
     return tok.vocab_size, tok.eod_id, tok.fingerprint
 
 
-def pretrain(cfg: Config, ctx: ParallelContext | None = None,
-             hooks: TrainHooks | None = None) -> TrainState:
-    """Everything ``launch/pretrain.py`` does after parsing: returns the final train state.
-
-    ``ctx``: an existing parallel context (else one is built from the launcher's environment
-    and torn down at the end); ``hooks``: see ``gpt_dist.training.hooks`` (default: none)."""
-    hooks = hooks or NO_HOOKS
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)
+@contextlib.contextmanager
+def training_session(cfg: Config, ctx: ParallelContext | None = None,
+                     fingerprint: str = "") -> Iterator[tuple[ParallelContext, RunLogger, StopFlag]]:
+    """What every training run sets up and tears down around its loop: signal handlers,
+    determinism, the parallel context (built from the launcher's environment unless given,
+    and then destroyed in order at the end), seeds, the run directory with its resolved
+    config, the logger; a ``NonFiniteLossError`` ends the process with ``EXIT_NONFINITE``."""
     stop = StopFlag()
     stop.install()
     if t_det := cfg.training.deterministic:
@@ -264,9 +260,6 @@ def pretrain(cfg: Config, ctx: ParallelContext | None = None,
     owns_ctx = ctx is None
     ctx = ctx or ParallelContext.from_env(cfg.parallel, device=cfg.training.device)
     rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
-    vocab, eod, fingerprint = load_tokenizer_info(cfg)
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
     log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main)
     if ctx.pp > 1:
         bubble = bubble_fraction(cfg, ctx.world_size)
@@ -275,18 +268,8 @@ def pretrain(cfg: Config, ctx: ParallelContext | None = None,
     if ctx.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, cfg.run_dir / "config.json")
-    datasets = build_datasets(cfg, ctx, vocab, eod, fingerprint)
-    eng = build_engine(cfg, ctx)
-    if cfg.checkpoint.init_from:
-        from gpt_dist.export import load_into_engine  # checkpoints that travel (issue 6)
-
-        load_into_engine(cfg.checkpoint.init_from, eng, cfg, ctx)
-    state = resume(cfg, ctx, eng, TrainState(), log, hooks)
-    log.start_step = state.step
-    if log._bar is not None:
-        log._bar.n = state.step
     try:
-        state = train_loop(cfg, ctx, eng, datasets, state, fingerprint, log, stop, hooks)
+        yield ctx, log, stop
     except NonFiniteLossError as exc:
         log.write(f"error: {exc}")
         log.close()
@@ -296,6 +279,37 @@ def pretrain(cfg: Config, ctx: ParallelContext | None = None,
         stop.restore()
     log.close()
     _shutdown(ctx, owns_ctx)
+
+
+def start_step(log: RunLogger, state: TrainState) -> None:
+    """The progress bar and the rate/ETA clock start where a resumed run stands."""
+    log.start_step = state.step
+    if log._bar is not None:
+        log._bar.n = state.step
+
+
+def pretrain(cfg: Config, ctx: ParallelContext | None = None,
+             hooks: TrainHooks | None = None) -> TrainState:
+    """Everything ``launch/pretrain.py`` does after parsing: returns the final train state.
+
+    ``ctx``: an existing parallel context (else one is built from the launcher's environment
+    and torn down at the end); ``hooks``: see ``gpt_dist.training.hooks`` (default: none)."""
+    hooks = hooks or NO_HOOKS
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    vocab, eod, fingerprint = load_tokenizer_info(cfg)
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
+    with training_session(cfg, ctx, fingerprint) as (pc, log, stop):
+        datasets = build_datasets(cfg, pc, vocab, eod, fingerprint)
+        eng = build_engine(cfg, pc)
+        if cfg.checkpoint.init_from:
+            from gpt_dist.export import load_into_engine  # checkpoints that travel (issue 6)
+
+            load_into_engine(cfg.checkpoint.init_from, eng, cfg, pc)
+        state = resume(cfg, pc, eng, TrainState(), log, hooks)
+        start_step(log, state)
+        state = train_loop(cfg, pc, eng, LMObjective(cfg, pc, datasets), state, fingerprint, log, stop, hooks)
     return state
 
 

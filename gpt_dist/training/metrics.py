@@ -65,6 +65,8 @@ class RunLogger:
     _t0: float = field(default_factory=time.perf_counter)
     _tokens_since: int = 0
     _t_last: float = field(default_factory=time.perf_counter)
+    extra_keys: tuple[str, ...] = ()
+    """The objective's per-step metrics (fine-tuning: lm_loss, task_loss, task_acc)."""
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -110,26 +112,57 @@ class RunLogger:
         msg = (f"step {step:>6}/{self.cfg.training.train_steps} | loss {record['loss']:.4f} | "
                f"ppl {record['ppl']:.2f} | lr {record['lr']:.3e} | gnorm {record['grad_norm']:.3f} | "
                f"scale {record['loss_scale']:g} | skipped {record['skipped']} | "
-               f"{tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/rank"
+               + "".join(f"{k} {record[k]:.4f} | " for k in self.extra_keys if k in record)
+               + f"{tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/rank"
                + (f" | MFU {extra['mfu']:.1%}" if "mfu" in extra else "")
                + f" | mem {extra['memory_gb']:.2f} GB | ETA {left * per_step / 60:.1f} min")
         self.write(msg)
         if self._tb is not None:
-            for key in ("loss", "ppl", "lr", "grad_norm", "loss_scale", "skipped"):
-                self._tb.add_scalar(f"train/{key}", record[key], step)
+            for key in ("loss", "ppl", "lr", "grad_norm", "loss_scale", "skipped", *self.extra_keys):
+                if key in record:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
             for key, value in extra.items():
                 self._tb.add_scalar(f"perf/{key}", value, step)
 
-    def eval(self, step: int, loss: float) -> None:
+    def eval(self, step: int, results: float | dict[str, float]) -> None:
+        """Validation: pretraining's loss (and perplexity), or an objective's named metrics."""
         if not self.enabled:
             return
-        ppl = math.exp(min(loss, 50.0))
-        self._jsonl.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": ppl}) + "\n")
+        if not isinstance(results, dict):
+            results = {"loss": results}
+        if set(results) == {"loss"}:
+            loss = results["loss"]
+            ppl = math.exp(min(loss, 50.0))
+            self._jsonl.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": ppl}) + "\n")
+            self.write(f"step {step:>6} | validation loss {loss:.4f} | ppl {ppl:.2f}")
+            scalars = {"loss": loss, "ppl": ppl}
+        else:
+            self._jsonl.write(json.dumps({"step": step, "val_loss": results.get("task_loss"),
+                                          "val_metrics": results}) + "\n")
+            self.write(f"step {step:>6} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            scalars = results
         self._jsonl.flush()
-        self.write(f"step {step:>6} | validation loss {loss:.4f} | ppl {ppl:.2f}")
         if self._tb is not None:
-            self._tb.add_scalar("valid/loss", loss, step)
-            self._tb.add_scalar("valid/ppl", ppl, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"valid/{key}", value, step)
+
+    def results(self, results: dict[str, Any]) -> None:
+        """The final table of a fine-tuning run: console, TensorBoard (text + scalars)."""
+        if not self.enabled:
+            return
+        rows = [("split", "metric", "value")]
+        for split in ("valid", "majority_baseline", "test"):
+            for k, v in (results.get(split) or {}).items():
+                rows.append((split, k, f"{v:.4f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+        table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        self.write("results (" + str(self.cfg.run_dir / "results.json") + "):\n" + "\n".join(table))
+        if self._tb is not None:
+            self._tb.add_text("results", "\n".join(table), results.get("final_step", 0))
+            for split in ("valid", "test"):
+                for k, v in (results.get(split) or {}).items():
+                    self._tb.add_scalar(f"final_{split}/{k}", v, results.get("final_step", 0))
 
     def write(self, msg: str) -> None:
         if not self.enabled:

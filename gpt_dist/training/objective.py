@@ -49,14 +49,15 @@ class Objective:
         """A short hash of the global sample ids of one step (metrics.jsonl: resume proof)."""
         raise NotImplementedError
 
-    def tokens_per_step(self) -> int:
+    def tokens_per_step(self, step: int, consumed_samples: int) -> int:
+        """Tokens the step reads (for tokens/s and MFU)."""
         return self.cfg.training.global_batch_size * self.cfg.data.seq_len
 
     # -- one micro-batch --------------------------------------------------------------
     def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def loss(self, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def loss(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model output -> (scalar loss to backpropagate, detached metrics [len(metric_names)])."""
         return out, None
 
