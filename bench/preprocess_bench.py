@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ from _machine import cpu_name  # bench/ is on sys.path when a bench script runs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SECTION = "## Preprocessing throughput (bench/preprocess_bench.py)"
+EARLIER = "\n### Earlier runs"
 
 
 def machine() -> str:
@@ -80,10 +82,19 @@ def load() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
 
 
+CPU: dict[int, float] = {}  # id(CompletedProcess) -> CPU seconds of the command and its workers
+
+
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Wall seconds of one command, start-up to exit; its CPU seconds (user + system, worker
+    processes included) go to :data:`CPU`: on a loaded machine they move less than wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    return time.perf_counter() - t0, proc
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[id(proc)] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, proc
 
 
 def _failed(name: str, proc: subprocess.CompletedProcess[str]) -> RuntimeError:
@@ -122,7 +133,7 @@ class Contenders:
         wall, proc = timed(cmd, ROOT, self.env)
         if proc.returncode != 0:
             raise _failed("data_tools/preprocess.py", proc)
-        return wall, json.loads((out / "bench.manifest.json").read_text())
+        return wall, {**json.loads((out / "bench.manifest.json").read_text()), "cpu": CPU.pop(id(proc))}
 
     def bare(self) -> tuple[float, dict]:
         cmd = [sys.executable, str(ROOT / "bench" / "_bare_tokenize.py"), str(self.corpus),
@@ -130,7 +141,7 @@ class Contenders:
         wall, proc = timed(cmd, ROOT, self.env)
         if proc.returncode != 0:
             raise _failed("bench/_bare_tokenize.py", proc)
-        return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+        return wall, {**json.loads(proc.stdout.strip().splitlines()[-1]), "cpu": CPU.pop(id(proc))}
 
     def megatron_lm(self) -> tuple[float, dict]:
         path = Path(self.args.megatron_lm)
@@ -149,7 +160,7 @@ class Contenders:
             raise _failed("Megatron-LM tools/preprocess_data.py", proc)
         with open(idx, "rb") as f:
             head = f.read(34)
-        return wall, {"documents": int.from_bytes(head[18:26], "little")}
+        return wall, {"documents": int.from_bytes(head[18:26], "little"), "cpu": CPU.pop(id(proc))}
 
 
 def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str, list[tuple[float, dict]]],
@@ -164,6 +175,9 @@ def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str
     def all_walls(name: str) -> str:
         return ", ".join(f"{w:.2f}" for w, _ in runs[name])
 
+    def cpu(name: str) -> float:
+        return min(r["cpu"] for _, r in runs[name])
+
     ours_wall, manifest = best("ours")
     bare_wall, bare = best("bare")
     steady = min(m["timing"]["pipeline_seconds"] for _, m in runs["ours"])
@@ -174,10 +188,12 @@ def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str
          f"workers {args.workers}; best of {args.repeats} runs of each, in turn"),
         (f"gpt_dist `data_tools/preprocess.py` (whole command): {ours_wall:.2f} s = {input_mb / ours_wall:.2f} MB/s "
          f"(runs: {all_walls('ours')}); steady state {steady:.2f} s = {input_mb / steady:.2f} MB/s; "
+         f"CPU {cpu('ours'):.2f} s; "
          f"{c['documents']} documents kept, {c['tokens']:,} tokens"),
         (f"bare sentencepiece `bench/_bare_tokenize.py` (whole command): {bare_wall:.2f} s = "
          f"{input_mb / bare_wall:.2f} MB/s (runs: {all_walls('bare')}); encoding alone {bare_steady:.2f} s = "
-         f"{input_mb / bare_steady:.2f} MB/s; {bare['documents']} documents, {bare['tokens']:,} tokens"),
+         f"{input_mb / bare_steady:.2f} MB/s; CPU {cpu('bare'):.2f} s; {bare['documents']} documents, "
+         f"{bare['tokens']:,} tokens"),
     ]
     whole = bare_wall / ours_wall
     steady_ratio = bare_steady / steady
@@ -189,13 +205,15 @@ def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str
         mlm_wall, mlm = best("megatron_lm")
         speedup = mlm_wall / ours_wall
         lines.append(f"Megatron-LM `tools/preprocess_data.py` ({mlm_note}): {mlm_wall:.2f} s = "
-                     f"{input_mb / mlm_wall:.2f} MB/s (runs: {all_walls('megatron_lm')}); {mlm['documents']} documents")
+                     f"{input_mb / mlm_wall:.2f} MB/s (runs: {all_walls('megatron_lm')}); CPU {cpu('megatron_lm'):.2f} s; "
+                     f"{mlm['documents']} documents")
         lines.append(f"gpt_dist vs Megatron-LM, whole command: **{speedup:.2f}x** faster (target >= 2: "
                      f"{ok(speedup, 2.0)})")
     else:
         lines.append(f"Megatron-LM: not run ({mlm_note})")
     lines.append(f"gpt_dist / bare sentencepiece throughput over the same input: whole command **{whole:.2f}**, "
-                 f"steady state **{steady_ratio:.2f}** (target >= 0.9: {ok(whole, 0.9)}, {ok(steady_ratio, 0.9)})")
+                 f"steady state **{steady_ratio:.2f}** (target >= 0.9: {ok(whole, 0.9)}, {ok(steady_ratio, 0.9)}); "
+                 f"CPU seconds bare / gpt_dist {cpu('bare') / cpu('ours'):.2f}")
     lines.append(f"machine: {machine()}; load average {load_before} before the runs, {load()} after")
     return lines
 
@@ -208,7 +226,8 @@ def append(lines: list[str]) -> Path:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRun by `make bench` / `python bench/preprocess_bench.py`" \
                " (see its docstring for what is timed).\n"
     head, _, tail = text.partition(SECTION)
-    nxt = tail.find("\n## ")  # the end of this section: entries go there, others' sections stay
+    # entries go at the end of this section, before its "Earlier runs" (an older bench's)
+    nxt = min((i for i in (tail.find(EARLIER), tail.find("\n## ")) if i >= 0), default=-1)
     tail = tail + entry if nxt < 0 else tail[:nxt].rstrip("\n") + "\n" + entry + tail[nxt:]
     path.write_text(head + SECTION + tail, encoding="utf-8")
     return path

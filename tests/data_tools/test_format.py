@@ -100,21 +100,26 @@ def test_scan_max_token_id_of_a_plain_megatron_shard(tmp_path: Path) -> None:
     assert indexed.scan_max_token_id(str(tmp_path / "plain"), chunk_tokens=3) == want  # across chunk borders
 
 
-def test_preprocessed_shards_read_by_megatron(multi_run, sp_tok) -> None:
-    """Every shard the pipeline wrote: IndexedDataset reads the documents, GPTDataset builds
-    samples over all of them, and the sidecar's largest id is the real one."""
+def test_preprocessed_shards_read_by_megatron(multi_run, sp_tok, tmp_path: Path) -> None:
+    """Every shard the pipeline wrote: IndexedDataset reads the documents, the builder
+    writes the same bytes from them, GPTDataset builds samples over all of them, and the
+    sidecar's largest id is the real one."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     shards = indexed.list_shards(multi_run.prefix)
     total = 0
-    for s in shards:
+    for k, s in enumerate(shards):
         ds = IndexedDataset(s, mmap=True)
         docs = [np.array(ds[i]) for i in range(len(ds))]
         assert all(d[-1] == sp_tok.eod_id for d in docs)
         assert indexed.read_sidecar(s)["max_token_id"] == max(int(d.max()) for d in docs)
         total += sum(len(d) for d in docs)
+        ref = str(tmp_path / f"ref{k}")
+        _megatron(ref, docs, np.uint16)
+        for ext in (".bin", ".idx"):
+            assert Path(s + ext).read_bytes() == Path(ref + ext).read_bytes(), (s, ext)
     assert total == multi_run.manifest["counts"]["tokens"]
 
     class Tok:
