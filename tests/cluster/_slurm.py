@@ -93,7 +93,9 @@ class LocalSlurm:
         for d in ("state", "spool", "log"):
             (s / d).mkdir(parents=True, exist_ok=True)
         self._start_munge()
-        cpus = os.cpu_count() or 2
+        # the tests' jobs are 2 tasks of 1 CPU: a 1-CPU machine declares 2 (config_overrides
+        # keeps slurmd from draining a node that has fewer than configured)
+        cpus = max(2, os.cpu_count() or 2)
         ctld_port, d_port = _free_port(), _free_port()
         # pretrain.sh's rendezvous port is 20000 + job id % 20000: start the ids at a free one
         first_id = _free_rendezvous_port() - 20000
@@ -113,6 +115,7 @@ SlurmdPidFile={s}/slurmd.pid
 SlurmctldLogFile={s}/log/slurmctld.log
 SlurmdLogFile={s}/log/slurmd.log
 ProctrackType=proctrack/linuxproc
+SlurmdParameters=config_overrides
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/builtin

@@ -29,6 +29,21 @@ def exports(ctx, tmp_path_factory):
     return out
 
 
+def _greedy_margin(loaded, prompt: list[int], new: list[int]) -> float:
+    """The smallest gap between the best and the second-best logit over the greedy steps.
+
+    Two implementations (ours and transformers', or TP=1 and TP=2) sum in different orders,
+    so their logits differ by ~1e-6; their greedy ids agree on every CPU only where no
+    step is a near-tie. The tests assert this margin first: a fixed random model that had a
+    near-tie would fail here, deterministically and with this reason, never by chance."""
+    ids = torch.tensor([prompt + new[:-1]])
+    with torch.no_grad():
+        logits = loaded.model(ids)[0, len(prompt) - 1:, : loaded.cfg.vocab_size].float()
+    top2 = torch.topk(logits, 2, dim=-1).values
+    assert logits.argmax(-1).tolist() == new  # the margins are those of these very steps
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gpt1"])
 def test_greedy_equals_transformers_generate(exports, arch):
     from transformers import AutoModelForCausalLM
@@ -38,6 +53,7 @@ def test_greedy_equals_transformers_generate(exports, arch):
     loaded = load_model(exports[arch] / "native")
     prompt = [5, 17, 42, 7, 99, 250, 3]
     ours = generate(loaded, prompt, max_new_tokens=20, temperature=0.0)[0]
+    assert len(ours) == 20 and _greedy_margin(loaded, prompt, ours) > 1e-4
     hf = AutoModelForCausalLM.from_pretrained(exports[arch] / "hf").eval()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
@@ -93,7 +109,9 @@ def test_tp2_generation_streams_the_tp1_tokens(exports):
     tp2 = [int(x) for x in res.stdout.split()]
     from gpt_dist.generate import generate, load_model
 
-    ref = generate(load_model(exports["gpt2"] / "native"), [5, 17, 42, 7], 12, temperature=0.0, eos_id=None)[0]
+    loaded = load_model(exports["gpt2"] / "native")
+    ref = generate(loaded, [5, 17, 42, 7], 12, temperature=0.0, eos_id=None)[0]
+    assert _greedy_margin(loaded, [5, 17, 42, 7], ref) > 1e-4
     assert tp2 == [5, 17, 42, 7, *ref]
 
 
