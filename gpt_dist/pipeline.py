@@ -86,8 +86,9 @@ class TaskHeadPipe(TaskHead):
         super().__init__(spec.cfg.n_embd, spec.task, spec.sequence_parallel,
                          init=lambda lin: init_task_head(lin, spec))
 
-    def forward(self, outputs: Any) -> Any:  # type: ignore[override]
-        return outputs
+    def forward(self, *outputs: Any) -> Any:  # type: ignore[override]
+        """DeepSpeed unpacks a tuple activation into arguments: (logits, hidden) -> the same."""
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 class TaskLoss:

@@ -125,7 +125,9 @@ def assert_zero3_partitioned(records: list[dict[str, Any]], dp: int = 2) -> int:
             for name, (numel, part, held, persist) in params.items():
                 where = f"rank {rank} {name}: numel {numel}, partition {part}, held {held}"
                 assert not persist, f"{where}: persistent (kept whole on every rank)"
-                assert part == -(-numel // dp) and part < numel, f"{where}: not partitioned over dp={dp}"
+                # a 1-element tensor (a 1-output head's bias) cannot be split: one element each
+                assert part == -(-numel // dp) and (part < numel or numel < dp), \
+                    f"{where}: not partitioned over dp={dp}"
                 assert held == 0, f"{where}: still gathered after the step"
     return len(reports)
 

@@ -103,6 +103,7 @@ def _finish(cfg: Config, ctx: Any, eng: Any, objective: TaskObjective, data: Tas
         load_into_engine(best_dir, eng, cfg, ctx)
     spec = data.spec
     out: dict[str, Any] = {"task": spec.task, "run": str(cfg.run_dir), "final_step": state.step,
+                           "init_from": cfg.checkpoint.init_from,
                            "best": best, "examples": {k: v.n_examples for k, v in data.stats.items()},
                            "truncated": {k: v.n_truncated for k, v in data.stats.items()}}
     if data.valid:

@@ -74,6 +74,9 @@ class TaskHead(nn.Module):
         return hidden[extract_pos, rows]
 
     def forward(self, states: torch.Tensor, n_examples: int) -> torch.Tensor:
+        return self.scores(states, n_examples)
+
+    def scores(self, states: torch.Tensor, n_examples: int) -> torch.Tensor:
         """Extract states [B*K, h] (example-major) -> task logits [B, classes] or [B, K]."""
         if self.spec.task == "similarity":                       # h_ab + h_ba, then W_y
             states = states.view(n_examples, -1, states.shape[-1]).sum(dim=1)
@@ -98,7 +101,8 @@ class TaskHead(nn.Module):
         from gpt_dist.model.gpt import lm_loss
 
         n = task_labels.shape[0]
-        task_logits = self(self.extract(hidden, extract_pos), n)
+        task_logits = self.scores(self.extract(hidden, extract_pos), n)  # not self(): the pipeline
+        # layer's forward passes activations through
         l2 = self.task_loss(task_logits, task_labels)
         if self.spec.lm_coef:
             l1 = lm_loss(lm_logits, lm_labels, lm_mask)
