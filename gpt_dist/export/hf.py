@@ -49,6 +49,8 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
             t = t.reshape(nh, 3, hd).transpose(0, 1).reshape(3 * h)
         if t.dim() == 2 and re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
             t = t.t()                                     # Linear [out, in] -> Conv1D [in, out]
+        if name.startswith("task_head.linear."):           # GPT-1's W_y = DoubleHeads' mc head
+            key = "multiple_choice_head.summary." + name.removeprefix("task_head.linear.")
         out[key] = t.contiguous()
     return out
 def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -220,14 +220,16 @@ def _cut(ids: list[int], n: int, side: str) -> list[int]:
 
 
 def _longest_first(la: int, lb: int, budget: int) -> tuple[int, int]:
-    """Lengths that fit ``budget``: the longer text is cut first, then both equally."""
+    """Lengths that fit ``budget``: the longer text is cut first, then both equally (by the
+    same count, so the rule is symmetric in the two texts and swapping them swaps the result:
+    with an odd remainder one token of budget stays unused)."""
     over = la + lb - budget
     if over <= 0:
         return la, lb
     d = min(over, abs(la - lb))
     la, lb = (la - d, lb) if la > lb else (la, lb - d)
-    over -= d
-    return la - (over + 1) // 2, lb - over // 2
+    cut = (over - d + 1) // 2
+    return la - cut, lb - cut
 
 
 def _sequences(ids: list[list[int]], spec: TaskSpec, start: int, delim: int, extract: int) -> tuple[list[np.ndarray], bool]:

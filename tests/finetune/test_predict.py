@@ -54,13 +54,15 @@ def test_hf_double_heads_model_scores_choices_like_ours(ft_runs, ft_tmp):
     import torch
     from transformers import GPT2DoubleHeadsModel
 
-    hf_dir = ft_tmp / "mc_hf"
-    res = helpers.run(helpers.python_cmd(ROOT / "launch" / "export.py", "--run", ft_runs.out / "learn_multiple_choice",
-                                         "--out", hf_dir, "--format", "hf"), timeout=240)
-    assert res.rc == 0, res.describe()
-    ours = _logits(ft_runs.out / "learn_multiple_choice" / "best", ft_tmp / "mc.npz", ft_runs.tasks / "mc_valid.jsonl")
-    # the run's last checkpoint is its best one here (checked), so both exports hold one model
-    assert ft_runs.results("learn_multiple_choice")["best"]["step"] == ft_runs.results("learn_multiple_choice")["final_step"]
+    from gpt_dist.export import export_state, load_export
+
+    best = ft_runs.out / "learn_multiple_choice" / "best"
+    cfg, state, task = load_export(best)
+    assert task is not None and task["task"] == "multiple_choice"
+    conf = json.loads((best / "config.json").read_text())
+    hf_dir = export_state(state, cfg, ft_tmp / "mc_hf", fmt="hf", training_config=conf["training_config"])
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["GPT2DoubleHeadsModel"]
+    ours = _logits(best, ft_tmp / "mc.npz", ft_runs.tasks / "mc_valid.jsonl")
     model = GPT2DoubleHeadsModel.from_pretrained(hf_dir).eval()
     tokens = torch.from_numpy(ours["tokens0"]).view(-1, 3, ours["tokens0"].shape[-1])
     extract = torch.from_numpy(ours["extract0"]).view(-1, 3)
@@ -68,6 +70,14 @@ def test_hf_double_heads_model_scores_choices_like_ours(ft_runs, ft_tmp):
         mc = model(input_ids=tokens, mc_token_ids=extract).mc_logits.double().numpy()
     assert mc.shape == ours["logits0"].shape
     assert np.abs(mc - ours["logits0"]).max() <= 1e-4
+    # and a classification head has no Hugging Face model: refused with one line
+    from gpt_dist.export import ExportError
+
+    cls_best = ft_runs.out / "learn_classification" / "best"
+    c2, s2, _ = load_export(cls_best)
+    with pytest.raises(ExportError, match="native"):
+        export_state(s2, c2, ft_tmp / "cls_hf", fmt="hf",
+                     training_config=json.loads((cls_best / "config.json").read_text())["training_config"])
 
 
 @pytest.mark.parametrize("row,why", [

@@ -151,12 +151,16 @@ def test_longest_first_matches_cutting_one_token_at_a_time():
         for lb in range(12):
             for budget in range(25):
                 x, y = la, lb
-                while x + y > budget:  # the reference: cut the longer (a on ties) by one
-                    if x >= y:
+                while x + y > budget:  # the reference: cut the longer by one, both on ties
+                    if x > y:
                         x -= 1
-                    else:
+                    elif y > x:
                         y -= 1
+                    else:
+                        x, y = x - 1, y - 1
                 assert _longest_first(la, lb, budget) == (x, y), (la, lb, budget)
+                # symmetric: swapping the texts swaps the lengths (similarity's two orderings)
+                assert _longest_first(lb, la, budget) == (y, x), (la, lb, budget)
 
 
 def test_multiple_choice_truncation_shares_the_context(tok, tmp_path):
