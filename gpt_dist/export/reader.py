@@ -61,7 +61,7 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None, check_hash: bool 
     """(tag directory, verified manifest) of ``run_dir``'s latest or given-step checkpoint.
 
     ``run_dir`` may also be a checkpoint tag directory itself (one holding manifest.json)."""
-    from gpt_dist.training import checkpoint as ckpt
+    from gpt_dist import checkpoint_format as ckpt
 
     run_dir = Path(run_dir)
     try:
