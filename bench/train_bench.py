@@ -77,6 +77,7 @@ def main() -> None:
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.loop import train_step
     from gpt_dist.training.metrics import flops_per_token, peak_tflops
+    from gpt_dist.training.objective import LMObjective
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda else "fp32"
@@ -100,8 +101,9 @@ def main() -> None:
 
     # 1. gpt_dist's training step under DeepSpeed (what launch/pretrain.py runs)
     eng = build_engine(cfg, ctx)
+    objective = LMObjective(cfg, ctx, datasets=None)  # the batch is given; no dataset is read
     def ds_step() -> None:
-        train_step(cfg, ctx, eng, iter([batch]))
+        train_step(cfg, ctx, eng, objective, iter([batch]))
 
     # 2. the same model in a plain PyTorch loop
     plain = GPT(ModelSpec(mcfg, seed=1)).to(dev, dtype)
