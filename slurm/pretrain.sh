@@ -27,6 +27,8 @@
 #   RUN_DIR       override run.dir
 #   PYTHON        interpreter (default: the checkout's .venv/bin/python if there is one,
 #                 else python on PATH)
+#   ENTRY         the entry script (default launch/pretrain.py); fine-tuning runs the same way:
+#                 ENTRY=launch/finetune.py sbatch slurm/pretrain.sh configs/finetune_gpt1_paper.json
 #   MAX_RESTARTS  most automatic requeues (default 10)
 #   SRUN_ARGS     extra srun arguments, whitespace-separated (e.g. "--cpu-bind=cores")
 #
@@ -124,7 +126,7 @@ trap on_usr1 USR1
 trap on_term TERM
 
 srun --kill-on-bad-exit=1 "${EXTRA_SRUN[@]}" \
-    "$PYTHON" launch/pretrain.py --config "$CONFIG" --set "${SET_ARGS[@]}" "$@" &
+    "$PYTHON" "${ENTRY:-launch/pretrain.py}" --config "$CONFIG" --set "${SET_ARGS[@]}" "$@" &
 srun_pid=$!
 if [ "$GOT_USR1" = 1 ]; then forward USR1; fi   # a signal that came before srun started
 if [ "$GOT_TERM" = 1 ]; then forward TERM; fi

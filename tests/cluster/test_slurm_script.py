@@ -113,6 +113,14 @@ def test_command_line_and_rendezvous(fake):
     assert "requeue" not in (log / "scontrol.argv").read_text()
 
 
+def test_entry_script_is_selectable_for_finetuning(fake):
+    env, log = fake
+    proc = _run({**env, "ENTRY": "launch/finetune.py"}, "configs/finetune_x.json")
+    assert proc.returncode == 0, proc.stderr
+    argv = _argv(log / "srun.argv")
+    assert argv[1:4] == ["python", "launch/finetune.py", "--config"], argv
+
+
 def test_hostile_names_are_not_evaluated(fake, tmp_path):
     env, log = fake
     marker = tmp_path / "pwned"
