@@ -19,6 +19,7 @@ Launch rules (RELIABILITY.md section 5, first written for the reliability suite)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -324,3 +325,22 @@ def run(cmd: list[Any], *, timeout: float, env: dict[str, str] | None = None, cw
     """Run ``cmd`` to completion under the launch rules (module docstring)."""
     with Job(cmd, env=env, cwd=cwd, log=log) as job:
         return job.wait(timeout, run_dir=run_dir)
+
+
+# --------------------------------------------------------------------------- in-process models
+
+
+@contextlib.contextmanager
+def tp1_without_groups() -> Any:
+    """megatron-core's TP size/rank getters answer 1/0 without a process group, so a TP=1
+    model can be built (and loaded) in the test process without initialising torch.distributed."""
+    from megatron.core import parallel_state as ps
+
+    saved = (ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE, ps._MPU_TENSOR_MODEL_PARALLEL_RANK)
+    ps.set_tensor_model_parallel_world_size(1)
+    ps.set_tensor_model_parallel_rank(0)
+    try:
+        yield
+    finally:
+        ps.set_tensor_model_parallel_world_size(saved[0])
+        ps.set_tensor_model_parallel_rank(saved[1])

@@ -8,26 +8,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 
-
-@contextlib.contextmanager
-def _tp1_without_groups():
-    """megatron-core's TP size/rank getters answer 1/0 without a process group."""
-    from megatron.core import parallel_state as ps
-
-    saved = (ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE, ps._MPU_TENSOR_MODEL_PARALLEL_RANK)
-    ps.set_tensor_model_parallel_world_size(1)
-    ps.set_tensor_model_parallel_rank(0)
-    try:
-        yield
-    finally:
-        ps.set_tensor_model_parallel_world_size(saved[0])
-        ps.set_tensor_model_parallel_rank(saved[1])
+from tests import helpers
 
 
 @pytest.fixture
@@ -36,7 +22,7 @@ def meta_model():
     from gpt_dist.model.gpt import build_model
 
     def build(mcfg):
-        with _tp1_without_groups(), torch.device("meta"):
+        with helpers.tp1_without_groups(), torch.device("meta"):
             return build_model(mcfg)
 
     return build
