@@ -344,3 +344,19 @@ def tp1_without_groups() -> Any:
     finally:
         ps.set_tensor_model_parallel_world_size(saved[0])
         ps.set_tensor_model_parallel_rank(saved[1])
+
+
+def teardown_world(ctx: Any) -> int:
+    """Destroy a worker's process groups; returns a free port for its next world, picked by
+    rank 0 now (not at launch: another test could take a port picked a minute earlier) and
+    broadcast, so one launch can go through several world sizes (tests/training,
+    tests/finetune workers)."""
+    import gc
+
+    import torch.distributed as dist
+
+    port = [free_port() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(port, src=0)
+    gc.collect()
+    ctx.destroy()
+    return int(port[0])

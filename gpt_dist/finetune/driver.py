@@ -12,7 +12,7 @@ import numpy as np
 
 from gpt_dist.config import Config
 from gpt_dist.finetune.metrics import majority_baseline
-from gpt_dist.finetune.objective import TaskObjective, predictions
+from gpt_dist.finetune.objective import TaskObjective, prediction_rows
 from gpt_dist.finetune.run import TaskData
 from gpt_dist.tokenizer import Tokenizer
 from gpt_dist.utils import atomic_write_text
@@ -129,17 +129,6 @@ def _labelled(label: Any, regression: bool) -> bool:
 
 
 def _write_predictions(path: Path, data: TaskData, logits: np.ndarray, cfg: Config) -> None:
-    """One JSON line per test example: its file line, the prediction, the probabilities."""
-    spec = data.spec
-    preds, probs = predictions(logits, spec)
-    names = list(spec.label_names) if spec.label_names else None
-    lines = []
-    for ex, pred, prob in zip(data.test or [], preds, probs, strict=True):
-        row: dict[str, Any] = {"line": ex.line}
-        if spec.regression:
-            row["score"] = float(pred)
-        else:
-            row["label"] = names[int(pred)] if names else int(pred)
-            row["probabilities"] = [round(float(p), 6) for p in prob]
-        lines.append(json.dumps(row))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    """One JSON line per test example (``objective.prediction_rows``), written atomically."""
+    rows = prediction_rows(data.test or [], logits, data.spec)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

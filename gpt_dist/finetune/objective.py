@@ -197,6 +197,23 @@ def predictions(logits: np.ndarray, spec: TaskSpec) -> tuple[np.ndarray, np.ndar
     return p.argmax(axis=1), p
 
 
+def prediction_rows(examples: list[Example], logits: np.ndarray, spec: TaskSpec) -> list[dict[str, Any]]:
+    """One row per example: its file line, the prediction (label name when the task has
+    names), the class/choice probabilities (or the score, for regression)."""
+    preds, probs = predictions(logits, spec)
+    names = list(spec.label_names) if spec.label_names else None
+    rows = []
+    for ex, pred, prob in zip(examples, preds, probs, strict=True):
+        row: dict[str, Any] = {"line": ex.line}
+        if spec.regression:
+            row["score"] = float(pred)
+        else:
+            row["label"] = names[int(pred)] if names else int(pred)
+            row["probabilities"] = [round(float(p), 6) for p in prob]
+        rows.append(row)
+    return rows
+
+
 def task_loss_of(logits: np.ndarray, labels: np.ndarray, spec: TaskSpec) -> float:
     """L2 over labelled examples, from the gathered logits (the same formula as the head)."""
     if spec.regression:

@@ -56,7 +56,7 @@ def predict_file(export_dir: str | Path, input_path: str | Path, out_path: str |
     """Predictions for every example of ``input_path`` (labels optional) -> JSONL; returns
     the number of examples. With labels present, the accuracy/metrics are printed too."""
     from gpt_dist.finetune.batches import collate
-    from gpt_dist.finetune.objective import _with_valid_label, predictions
+    from gpt_dist.finetune.objective import _with_valid_label, prediction_rows, predictions
     from gpt_dist.finetune.run import task_spec
     from gpt_dist.finetune.tasks import read_task_file
     from gpt_dist.utils import atomic_write_text
@@ -79,18 +79,8 @@ def predict_file(export_dir: str | Path, input_path: str | Path, out_path: str |
                                  b["task_labels"])
             rows.append(logits.double().cpu().numpy())
     logits = np.concatenate(rows)
-    preds, probs = predictions(logits, spec)
-    names = list(spec.label_names) if spec.label_names else None
-    lines = []
-    for ex, pred, prob in zip(examples, preds, probs, strict=True):
-        row: dict[str, Any] = {"line": ex.line}
-        if spec.regression:
-            row["score"] = float(pred)
-        else:
-            row["label"] = names[int(pred)] if names else int(pred)
-            row["probabilities"] = [round(float(p), 6) for p in prob]
-        lines.append(json.dumps(row))
-    atomic_write_text(out_path, "\n".join(lines) + "\n")
+    atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in prediction_rows(examples, logits, spec)))
+    preds, _ = predictions(logits, spec)
     labels = np.array([ex.label for ex in examples])
     known = ~np.isnan(labels.astype(float)) if spec.regression else labels >= 0
     if known.all():

@@ -90,22 +90,9 @@ def _init(rank: int, world: int, port: int, tp: int):
 
 
 def _teardown(ctx) -> int:
-    """Destroy the groups; returns a free port for the next world, picked by rank 0 now
-    (not at launch: another test could take a port picked a minute earlier)."""
-    import gc
-    import socket
+    from tests import helpers
 
-    import torch.distributed as dist
-
-    port = [None]
-    if ctx.rank == 0:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = [sock.getsockname()[1]]
-    dist.broadcast_object_list(port, src=0)
-    gc.collect()
-    ctx.destroy()
-    return int(port[0])
+    return helpers.teardown_world(ctx)
 
 
 TIMES: dict[str, float] = {}
