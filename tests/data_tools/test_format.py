@@ -139,14 +139,15 @@ def test_preprocessed_shards_read_by_megatron(multi_run, sp_tok, tmp_path: Path)
 
 
 def test_preprocess_imports_neither_megatron_nor_torch(tmp_path: Path, sp_dir: Path, base_docs: list[str]) -> None:
-    """A whole run (one worker process) leaves megatron and torch out of the interpreter."""
+    """A whole run (one worker process) leaves megatron and torch out of the interpreter (and
+    tqdm, with --no-progress)."""
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in base_docs[:40]), encoding="utf-8")
     code = ("import sys\n"
             "sys.path.insert(0, sys.argv[1])\n"
             "from data_tools.preprocess import main\n"
             "rc = main(sys.argv[2:])\n"
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch'})\n"
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'tqdm'})\n"
             "print('LOADED', rc, '[' + ','.join(bad) + ']')\n")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT), "--input", str(corpus), "--tokenizer", str(sp_dir),
                         "--output-prefix", str(tmp_path / "out" / "x"), "--workers", "1", "--no-progress"],
@@ -155,3 +156,13 @@ def test_preprocess_imports_neither_megatron_nor_torch(tmp_path: Path, sp_dir: P
     last = r.stdout.strip().splitlines()[-1]
     assert last == "LOADED 0 []", last
     assert indexed.list_shards(str(tmp_path / "out" / "x"))
+
+
+def test_progress_bar_when_asked(tmp_path: Path, sp_dir: Path, base_docs: list[str], capsys) -> None:
+    from gpt_dist.data.preprocess import PreprocessConfig, preprocess
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in base_docs[:20]), encoding="utf-8")
+    preprocess(PreprocessConfig(inputs=[str(corpus)], tokenizer=str(sp_dir), output_prefix=str(tmp_path / "o" / "x"),
+                                workers=0, progress=True))
+    assert "preprocess: 100%" in capsys.readouterr().err
