@@ -137,7 +137,11 @@ class Preprocessor:
             raise PreprocessError(f"{self.out_dir}: output directory not writable ({exc.strerror or exc})") from None
         self._lock = open(self.prefix + ".lock", "w")  # noqa: SIM115 - held for the whole run (lock)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a POSIX record lock, not flock(): flock belongs to the open file, which the forked
+            # workers share, so after a SIGKILL of the parent the dying (or orphaned) workers
+            # kept the prefix locked and an immediate re-run was refused; lockf's lock belongs
+            # to this process alone and goes with it
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise PreprocessError(f"{self.prefix}: another preprocess run is writing this prefix") from None
 
