@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from gpt_dist.config_finetune import FinetuneConfig
+from gpt_dist.config_kernels import KernelsConfig, kernels_for
 
 
 class ConfigError(ValueError):
@@ -220,6 +221,8 @@ class Config:
     """Passed through to DeepSpeed (zero_optimization, offload, ...); batch keys are generated."""
     finetune: FinetuneConfig | None = None
     """GPT-1 fine-tuning (``gpt_dist/config_finetune.py``); absent for pretraining."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    """Fused kernels, each auto|on|off (``gpt_dist/config_kernels.py``); not architecture."""
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -460,6 +463,7 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True,
         problem = device.precision_problem(t.precision, t.device)
         if problem:
             raise ConfigError(f"training.precision: {problem}")
+        kernels_for(cfg)  # an ``on`` this machine cannot run: one line naming the kernels key
     if check_paths:
         for i, prefix in enumerate(cfg.data.prefixes):
             if not (Path(prefix + ".idx").exists() or any(Path(prefix).parent.glob(Path(prefix).name + "_*.idx"))):

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from gpt_dist.config import Config
+from gpt_dist.config_kernels import kernels_for
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.model.heads import TaskHeadSpec
 from gpt_dist.parallel import ParallelContext
@@ -29,7 +30,7 @@ def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
 
 def model_spec(cfg: Config, tp: int) -> ModelSpec:
     return ModelSpec(cfg.model, tp=tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                     seed=cfg.training.seed, task=task_head_spec(cfg))
+                     seed=cfg.training.seed, task=task_head_spec(cfg), kernels=kernels_for(cfg))
 
 
 def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> nn.Module:

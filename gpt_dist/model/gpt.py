@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt_dist.config import ModelConfig
+from gpt_dist.config_kernels import KernelChoice
 from gpt_dist.model.heads import TaskHead, TaskHeadSpec
+from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, mask_padded_vocab, vocab_parallel_logits  # noqa: F401
 from gpt_dist.model.sequence_parallel import seq_gather, seq_split
 from gpt_dist.rng import param_generator, tp_region
 
@@ -57,6 +59,8 @@ class ModelSpec:
     seed: int = 1234
     task: TaskHeadSpec | None = None
     """Fine-tuning: add GPT-1's linear head W_y (``gpt_dist.model.heads``)."""
+    kernels: KernelChoice = field(default_factory=KernelChoice)
+    """Which fused kernels run (``gpt_dist.kernels``); the default is the reference path."""
     megatron: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,14 +111,19 @@ class LayerNorm(nn.LayerNorm):
     reaches the parameter before any DeepSpeed/ZeRO hook sees it, under every ZeRO stage.
     """
 
-    def __init__(self, n: int, eps: float, sequence_parallel: bool) -> None:
+    def __init__(self, n: int, eps: float, sequence_parallel: bool, fused: bool = False) -> None:
         super().__init__(n, eps=eps)
         self.sequence_parallel = sequence_parallel
+        self.fused = fused  # kernels.layernorm: the Triton kernel (gpt_dist/kernels/layernorm.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if self.sequence_parallel:
             w, b = _tp().copy_to_tensor_model_parallel_region(w), _tp().copy_to_tensor_model_parallel_region(b)
+        if self.fused:
+            from gpt_dist.kernels.layernorm import layer_norm
+
+            return layer_norm(x, w, b, self.eps)
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
@@ -128,6 +137,20 @@ def _dropout(x: torch.Tensor, p: float, training: bool, split: bool) -> torch.Te
     return F.dropout(x, p, True)
 
 
+def _bias_dropout_add(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, p: float,
+                      training: bool, split: bool, fused: bool) -> torch.Tensor:
+    """``residual + dropout(y + bias)`` (no residual: ``dropout(y + bias)``); ``fused``: one
+    Triton kernel whose mask is drawn in the same RNG region as ``_dropout``'s."""
+    if fused and residual is not None:
+        from gpt_dist.kernels.bias_dropout_add import bias_dropout_add
+
+        return bias_dropout_add(y, bias, residual, p, training, tp_region() if split else None)
+    if bias is not None:
+        y = y + bias
+    y = _dropout(y, p, training, split)
+    return y if residual is None else residual + y
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, prefix: str) -> None:
         super().__init__()
@@ -138,6 +161,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.sequence_parallel = spec.sequence_parallel
         self.manual_sp = spec.sequence_parallel and not spec.native_sp
+        self.flash, self.fused_bda = spec.kernels.flash_attention, spec.kernels.bias_dropout_add
         self.c_attn = tp.ColumnParallelLinear(
             cfg.n_embd, 3 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
             init_method=spec.init(f"{prefix}.c_attn.weight", cfg.init_std))
@@ -145,8 +169,9 @@ class Attention(nn.Module):
             cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """-> dropout(attn(x)) [+ residual, when given: fused with the bias and dropout]."""
         if self.manual_sp:  # the linear all-reduces its input gradient: take our slice back
             x = seq_gather(x, reduce_grad=False)
         qkv, _ = self.c_attn(x)                                  # [s, b, 3h/tp]
@@ -157,7 +182,11 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)                    # [b, nh/tp, past+s, hd]
         p = self.attn_dropout if self.training else 0.0
         with tp_region():  # each TP rank holds different heads: different dropout masks
-            if kv_cache is None or k.shape[2] == s:
+            if self.flash and kv_cache is None:  # kernels.flash_attention: flash or an error
+                from gpt_dist.kernels.attention import flash_attention
+
+                y = flash_attention(q, k, v, p)
+            elif kv_cache is None or k.shape[2] == s:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             else:  # decoding with a cache: query i sees keys up to past + i
                 past = k.shape[2] - s
@@ -167,9 +196,9 @@ class Attention(nn.Module):
         y, bias = self.c_proj(y)                                 # [s, b, h] (or [s/tp, b, h] with SP)
         if self.manual_sp:  # all-reduced [s, b, h] -> [s/tp, b, h]: a reduce-scatter
             y = seq_split(y)
-        if bias is not None:
-            y = y + _maybe_tp_copy(bias, self.sequence_parallel)
-        return _dropout(y, self.dropout, self.training, self.sequence_parallel)
+        bias = _maybe_tp_copy(bias, self.sequence_parallel) if bias is not None else None
+        return _bias_dropout_add(y, bias, residual, self.dropout, self.training, self.sequence_parallel,
+                                 self.fused_bda)
 
 
 def _maybe_tp_copy(t: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
@@ -184,24 +213,30 @@ class MLP(nn.Module):
         self.dropout = cfg.dropout
         self.sequence_parallel = spec.sequence_parallel
         self.manual_sp = spec.sequence_parallel and not spec.native_sp
-        self.c_fc = tp.ColumnParallelLinear(
+        self.fused_gelu, self.fused_bda = spec.kernels.bias_gelu, spec.kernels.bias_dropout_add
+        self.c_fc = tp.ColumnParallelLinear(  # fused GELU: the kernel adds the bias
             cfg.n_embd, 4 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
-            init_method=spec.init(f"{prefix}.c_fc.weight", cfg.init_std))
+            skip_bias_add=self.fused_gelu, init_method=spec.init(f"{prefix}.c_fc.weight", cfg.init_std))
         self.c_proj = tp.RowParallelLinear(
             4 * cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.manual_sp:
             x = seq_gather(x, reduce_grad=False)
-        y, _ = self.c_fc(x)                                      # [s, b, 4h/tp]
-        y = F.gelu(y, approximate="tanh")
+        y, fc_bias = self.c_fc(x)                                # [s, b, 4h/tp]
+        if self.fused_gelu:
+            from gpt_dist.kernels.bias_gelu import bias_gelu
+
+            y = bias_gelu(y, fc_bias)
+        else:
+            y = F.gelu(y, approximate="tanh")
         y, bias = self.c_proj(y)                                 # [s, b, h]
         if self.manual_sp:
             y = seq_split(y)
-        if bias is not None:
-            y = y + _maybe_tp_copy(bias, self.sequence_parallel)
-        return _dropout(y, self.dropout, self.training, self.sequence_parallel)
+        bias = _maybe_tp_copy(bias, self.sequence_parallel) if bias is not None else None
+        return _bias_dropout_add(y, bias, residual, self.dropout, self.training, self.sequence_parallel,
+                                 self.fused_bda)
 
 
 class Block(nn.Module):
@@ -213,12 +248,20 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.pre_ln = cfg.arch == "gpt2"
         prefix = f"h.{layer_idx}"
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel)
+        fused_ln = spec.kernels.layernorm
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel, fused_ln)
         self.attn = Attention(spec, f"{prefix}.attn")
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel, fused_ln)
         self.mlp = MLP(spec, f"{prefix}.mlp")
+        self.fused_bda = spec.kernels.bias_dropout_add
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        if self.fused_bda:  # the residual add fused into the sub-blocks' bias + dropout
+            if self.pre_ln:
+                x = self.attn(self.ln_1(x), kv_cache, self.layer_idx, residual=x)
+                return self.mlp(self.ln_2(x), residual=x)
+            x = self.ln_1(self.attn(x, kv_cache, self.layer_idx, residual=x))
+            return self.ln_2(self.mlp(x, residual=x))
         if self.pre_ln:   # GPT-2
             x = x + self.attn(self.ln_1(x), kv_cache, self.layer_idx)
             return x + self.mlp(self.ln_2(x))
@@ -275,9 +318,11 @@ class LMHead(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         cfg = spec.cfg
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel) if cfg.arch == "gpt2" else None
+        self.ln_f = (LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel, spec.kernels.layernorm)
+                     if cfg.arch == "gpt2" else None)
         self.sequence_parallel = spec.sequence_parallel
         self.vocab_size, self.padded_vocab, self.tp = cfg.vocab_size, spec.padded_vocab, spec.tp
+        self.chunk = spec.kernels.ce_chunk_tokens
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden state h_L: after ln_f for GPT-2, the last block's output for GPT-1."""
@@ -292,43 +337,11 @@ class LMHead(nn.Module):
         """[s, b, h] -> vocab-parallel logits [s, b, V/tp]; padding rows masked out."""
         return self.logits(self.norm(x), wte)
 
-
-def vocab_parallel_logits(x: torch.Tensor, wte: torch.Tensor, vocab: int, padded: int, tp: int,
-                          sequence_parallel: bool) -> torch.Tensor:
-    """Normalised hidden [s(/tp), b, h] -> this rank's logits [s, b, V/tp] with the tied ``wte``
-    shard (the output layer of both the plain and the pipeline model)."""
-    if sequence_parallel:  # each rank's vocab shard gives a partial gradient of x
-        x = seq_gather(x, reduce_grad=True)
-    else:
-        x = _tp().copy_to_tensor_model_parallel_region(x)
-    logits = F.linear(x, wte)                                    # [s, b, V/tp]
-    return mask_padded_vocab(logits, vocab, padded, tp)
-
-
-def mask_padded_vocab(logits: torch.Tensor, vocab: int, padded: int, tp: int) -> torch.Tensor:
-    """Padding rows (added for TP) never get probability: the model is exactly a distribution
-    over the tokenizer's vocabulary, so export (which strips them) changes nothing."""
-    if padded == vocab:
-        return logits
-    from megatron.core import parallel_state as ps
-
-    per = padded // tp
-    start = ps.get_tensor_model_parallel_rank() * per if tp > 1 else 0
-    first_pad = vocab - start
-    if first_pad >= per:
-        return logits
-    mask = torch.arange(per, device=logits.device) >= max(first_pad, 0)
-    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-            loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L1 of GPT-1: mean over tokens of -log P(u_i | u_<i); logits [s, b, V/tp], labels [b, s]."""
-    losses = _tp().vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.t().to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    def fused_loss(self, hidden: torch.Tensor, wte: torch.Tensor, labels: torch.Tensor,
+                   loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """``lm_loss(self.logits(hidden, wte), labels, loss_mask)`` without whole logits
+        (kernels.cross_entropy: the chunked CE fused with the tied output layer)."""
+        return fused_lm_loss(hidden, wte, labels, loss_mask, self.vocab_size, self.chunk, self.sequence_parallel)
 
 
 class GPT(nn.Module):
@@ -344,6 +357,9 @@ class GPT(nn.Module):
                                    init=lambda lin: init_task_head(lin, spec))
                           if spec.task is not None else None)
         self.checkpoint_every = 0  # set by the trainer: recompute every k-th block
+        if spec.kernels.compile:  # in place (nn.Module.compile): parameter names unchanged
+            for block in self.h:
+                block.compile(backend=spec.kernels.compile_backend)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
@@ -365,6 +381,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
         hidden = self.head.norm(x)                               # h_L [s, b, h]
+        if labels is not None and extract_pos is None and self.spec.kernels.cross_entropy:
+            return self.head.fused_loss(hidden, self.embed.wte.weight, labels, loss_mask)
         logits = self.head.logits(hidden, self.embed.wte.weight)  # [s, b, V/tp]
         if extract_pos is not None:
             if self.task_head is None:
@@ -415,5 +433,6 @@ def analytic_parameters(cfg: ModelConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, *, tp: int = 1, sequence_parallel: bool = False,
-                seed: int = 1234) -> GPT:
-    return GPT(ModelSpec(cfg, tp=tp, sequence_parallel=sequence_parallel, seed=seed))
+                seed: int = 1234, kernels: KernelChoice | None = None) -> GPT:
+    return GPT(ModelSpec(cfg, tp=tp, sequence_parallel=sequence_parallel, seed=seed,
+                         kernels=kernels or KernelChoice()))
