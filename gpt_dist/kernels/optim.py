@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from deepspeed.ops.adam import FusedAdam
 from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
 
 class FusedAdamW(FusedAdam):
@@ -28,6 +29,14 @@ class FusedAdamW(FusedAdam):
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          adam_w_mode=True, bias_correction=True)
+        # torch's AdamW takes a loaded checkpoint's param groups as they are and fills in missing
+        # keys with Adam's defaults, decoupled_weight_decay=False among them: without these keys
+        # it would resume as Adam with L2 decay. fused mirrors build_optimizer's torch AdamW.
+        cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
+        for group in self.param_groups:
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
+                               ("differentiable", False), ("fused", cuda or None), ("decoupled_weight_decay", True)):
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **_: Any) -> Any:  # type: ignore[override]
@@ -64,3 +73,9 @@ class FusedAdamW(FusedAdam):
                 self.state[p]["step"] = torch.tensor(float(step))
             group["step"] = step
         return loss
+
+
+# DeepSpeed's ZeRO accepts optimizers by exact type (``type(opt) in ZERO_SUPPORTED_OPTIMIZERS``);
+# this is its FusedAdam with the bookkeeping above, so it is registered as such.
+if FusedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
+    ZERO_SUPPORTED_OPTIMIZERS.append(FusedAdamW)

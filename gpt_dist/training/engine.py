@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gpt_dist.config import Config
+from gpt_dist.config_kernels import kernels_for
 from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
 from gpt_dist.parallel import ParallelContext
 
@@ -95,6 +96,10 @@ def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.dev
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    if kernels_for(cfg, device.type).fused_adam:  # DeepSpeed's FusedAdam, torch-compatible state
+        from gpt_dist.kernels.optim import FusedAdamW
+
+        return FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
 
