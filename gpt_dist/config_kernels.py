@@ -98,15 +98,16 @@ class KernelsConfig:
             raise _error(f"kernels.ce_chunk_tokens: must be >= 1, got {self.ce_chunk_tokens}")
 
     def resolve(self, device: str, precision: str, *, attn_dropout: float = 0.0,
-                offload: bool = False) -> KernelChoice:
+                offload: bool = False, plan: bool = False) -> KernelChoice:
         """``auto`` decided for ``device`` ("cpu"/"cuda", already resolved) and ``precision``;
-        raises ConfigError naming the key when an ``on`` cannot run here."""
+        raises ConfigError naming the key when an ``on`` cannot run here. ``plan`` (the dry
+        run, planning for another machine): assume that machine has Triton."""
         cuda, half = device == "cuda", precision in ("bf16", "fp16")
         out: dict[str, bool] = {}
-        problem = triton_problem()
+        problem = None if plan else triton_problem()
         for name in TRITON_KERNELS:
             want = getattr(self, name)
-            if want == "on":
+            if want == "on" and not plan:
                 if problem:
                     raise _error(f"kernels.{name}: on, but {problem}")
                 if not cuda and not interpreting():

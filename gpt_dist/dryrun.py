@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass
 
 from gpt_dist.config import Config, bubble_fraction, validate
+from gpt_dist.config_kernels import KernelChoice
 
 GB = 1e9
 
@@ -93,34 +94,80 @@ def memory_per_gpu(cfg: Config, params: int, dp: int) -> dict[str, float]:
             "model_states": (weights + grads + opt) / GB}
 
 
-def activation_bytes(cfg: Config, micro_batch: int | None = None) -> tuple[float, str]:
-    """Activation bytes of ONE micro-batch on one rank of a pipeline stage, and the formula.
+def planned_kernels(cfg: Config) -> KernelChoice:
+    """The kernels the planned launch runs: ``training.device`` cpu plans a CPU job, auto and
+    cuda a GPU one (with Triton there: the dry run plans for another machine)."""
+    device = "cpu" if cfg.training.device == "cpu" else "cuda"
+    offload = cfg.deepspeed.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    return cfg.kernels.resolve(device, cfg.training.precision, attn_dropout=cfg.model.attn_dropout,
+                               offload=offload, plan=True)
+
+
+def activation_bytes(cfg: Config, micro_batch: int | None = None,
+                     kernels: KernelChoice | None = None) -> tuple[float, str]:
+    """Activation bytes of ONE micro-batch on one rank of a pipeline stage (the blocks), and
+    the formula used, for the kernels that will run (``planned_kernels`` by default).
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-    Models", 16-bit activations, per layer:
-      no parallelism:               s*b*h*(34 + 5*a*s/h)
-      tensor parallel t:            s*b*h*(10 + 24/t + 5*a*s/(h*t))
-      tensor + sequence parallel:   s*b*h*(34 + 5*a*s/h) / t
-      full recomputation:           2*s*b*h (the block input only; /t with sequence
-                                    parallelism or partitioned activations)
-    The 5*a*s/h term is the s x s attention score/softmax/dropout storage; a fused
-    (flash) attention kernel does not keep it, so it is an upper bound there.
+    Models", 16-bit activations, per layer (units of s*b*h bytes):
+      no parallelism:               34 + 5*a*s/h
+      tensor parallel t:            10 + 24/t + 5*a*s/(h*t)
+      tensor + sequence parallel:   (34 + 5*a*s/h) / t
+      full recomputation:           2 per stored block input (/t with sequence parallelism or
+                                    partitioned activations) + the k live layers of a segment
+    The 5*a*s/h term is the s x s attention scores, softmax and its dropout mask. The flash
+    kernel (kernels.flash_attention) never stores them: it keeps its output (counted in the
+    34) and a float32 log-sum-exp per head and token, 4*a/h. The fused bias-dropout-add on a
+    GPU regenerates its masks from a Philox seed: the two 1-byte residual-dropout masks (2 of
+    the 10 replicated units) are not stored.
     """
     m, p = cfg.model, cfg.parallel
+    k = kernels if kernels is not None else planned_kernels(cfg)
     s, b, h, a, t = cfg.data.seq_len, micro_batch or cfg.training.micro_batch_size, m.n_embd, m.n_head, p.tp
     layers = m.n_layer // p.pp
+    gpu = cfg.training.device != "cpu"
+    rep = 10 - (2 if (k.bias_dropout_add and gpu) else 0)
+    attn, attn_txt = (4 * a / h, "4a/h") if k.flash_attention else (5 * a * s / h, "5as/h")
+    if p.sequence_parallel:
+        per_layer = s * b * h * (rep + 24 + attn) / t
+        what = f"sbh({rep}+24+{attn_txt})/t per layer (TP+SP)"
+    elif t > 1:
+        per_layer = s * b * h * (rep + 24 / t + attn / t)
+        what = f"sbh({rep}+24/t+{attn_txt}/t) per layer (TP)"
+    else:
+        per_layer = s * b * h * (rep + 24 + attn)
+        what = f"sbh({rep + 24}+{attn_txt}) per layer"
+    if k.flash_attention:
+        what += ", flash attention"
     if p.activation_checkpointing == "full":
-        k = p.checkpoint_every
-        stored = -(-layers // k)
+        every = p.checkpoint_every
+        stored = -(-layers // every)
         shard = t if (p.sequence_parallel or p.partition_activations) else 1
         # checkpoint inputs of every k-th block + one segment of k blocks live during recompute
-        per = stored * 2 * s * b * h / shard + min(k, layers) * s * b * h * (34 + 5 * a * s / h) / (t if p.sequence_parallel else 1)
-        return per, f"full recompute every {k}: ceil(L/k)*2sbh{'/t' if shard > 1 else ''} + k layers live"
-    if p.sequence_parallel:
-        return layers * s * b * h * (34 + 5 * a * s / h) / t, "sbh(34+5as/h)/t per layer (TP+SP)"
-    if t > 1:
-        return layers * s * b * h * (10 + 24 / t + 5 * a * s / (h * t)), "sbh(10+24/t+5as/(ht)) per layer (TP)"
-    return layers * s * b * h * (34 + 5 * a * s / h), "sbh(34+5as/h) per layer"
+        per = stored * 2 * s * b * h / shard + min(every, layers) * per_layer
+        return per, (f"full recompute every {every}: ceil(L/k)*2sbh{'/t' if shard > 1 else ''} "
+                     f"+ k layers live at {what}")
+    return layers * per_layer, what
+
+
+def output_layer_bytes(cfg: Config, micro_batch: int | None = None,
+                       kernels: KernelChoice | None = None) -> tuple[float, str]:
+    """Bytes the tied output layer and its loss hold for one micro-batch (last stage only).
+
+    Reference: the logits [s*b, V/t] in the activation dtype and megatron-core's float32 copy,
+    which becomes the softmax kept for the backward (for fp32 the copy is the logits
+    themselves). Fused CE (kernels.cross_entropy): one chunk of logits, the input gradient
+    [s*b, h] and a float32 gradient of the embedding shard [V/t, h], computed in the forward."""
+    m, t = cfg.model, cfg.parallel.tp
+    k = kernels if kernels is not None else planned_kernels(cfg)
+    tokens = cfg.data.seq_len * (micro_batch or cfg.training.micro_batch_size)
+    v = m.padded_vocab_size(t) // t
+    e = 4 if cfg.training.precision == "fp32" else 2
+    if k.cross_entropy:
+        chunk = min(tokens, k.ce_chunk_tokens)
+        return (chunk * v * e + tokens * m.n_embd * e + v * m.n_embd * 4,
+                f"fused CE: {chunk}-token chunk of logits + dx + fp32 dwte")
+    return tokens * v * (e + (4 if e == 2 else 0)), "logits + float32 softmax (megatron-core CE)"
 
 
 def _fmt(n: float) -> str:
@@ -185,14 +232,20 @@ def dry_run(cfg: Config, nodes: int, gpus_per_node: int) -> str:
     add(f"pipeline bubble (1F1B): (pp-1)/(m+pp-1) = {bubble_fraction(cfg, world):.3f}")
     add("")
     add(f"memory per GPU (GB, model states under ZeRO-{cfg.zero_stage} over dp={dp}):")
-    act, formula = activation_bytes(cfg)
+    kernels = planned_kernels(cfg)
+    act, formula = activation_bytes(cfg, kernels=kernels)
+    head, head_formula = output_layer_bytes(cfg, kernels=kernels)
     for st in stages:
         mem = memory_per_gpu(cfg, st.per_rank, dp)
         in_flight = min(p.pp - st.stage, accum) if p.pp > 1 else 1
+        out_layer = head if st.stage == p.pp - 1 else 0.0
         add(f"  stage {st.stage}: weights {mem['weights']:.2f}  gradients {mem['gradients']:.2f}  "
             f"optimizer {mem['optimizer']:.2f}  = {mem['model_states']:.2f};  activations "
-            f"{act / GB:.2f}/micro-batch x {in_flight} in flight = "
-            f"{mem['model_states'] + act * in_flight / GB:.2f} total")
+            f"{act / GB:.2f}/micro-batch x {in_flight} in flight"
+            + (f" + output layer {out_layer / GB:.2f}" if out_layer else "")
+            + f" = {mem['model_states'] + (act * in_flight + out_layer) / GB:.2f} total")
     add(f"  activations: {formula} (Korthikanti et al. 2022; s={cfg.data.seq_len} "
         f"b={t.micro_batch_size}); buffers, fragmentation and the CUDA context are extra")
+    add(f"  output layer: {head_formula}")
+    add(f"  kernels: {', '.join(kernels.names_on()) or 'none (the reference path)'}")
     return "\n".join(out)

@@ -131,3 +131,41 @@ def test_pretrain_cli_dry_run(tmp_path):
     assert "memory per GPU" in proc.stdout and "train_batch_size" in proc.stdout
     lines = [l for l in proc.stdout.splitlines() if l.strip().startswith("15 ")]
     assert lines and lines[0].split()[1:3] == ["1", "7"]        # rank 15 -> node 1, local 7
+
+
+def _xl_mb8(**kernels):
+    over = [f"kernels.{k}={v}" for k, v in kernels.items()]
+    if CONFIG.exists():  # configs/gpt2_1.5b.json: micro-batch 8, context 1024, bf16, cuda
+        return load_config(CONFIG, over)
+    data = {**GPT2_XL, "training": {"micro_batch_size": 8, "global_batch_size": 512, "precision": "bf16",
+                                    "device": "cuda"}, "kernels": kernels}
+    return config_from_dict(data)
+
+
+def test_activation_estimate_follows_the_kernels_that_run():
+    """GPT-2 1.5B, micro-batch 8, context 1024: Korthikanti's sbh(34+5as/h) counts the s x s
+    attention matrix (71.7 GB per GPU); the flash kernel never stores it (sbh(34+4a/h)), and the
+    fused dropout on a GPU keeps no masks (32 instead of 34): about 0.28 of it."""
+    from gpt_dist.dryrun import activation_bytes, output_layer_bytes, planned_kernels
+
+    ref = _xl_mb8(flash_attention="off", bias_dropout_add="off", cross_entropy="off")
+    auto = _xl_mb8()
+    assert planned_kernels(ref).flash_attention is False and planned_kernels(auto).flash_attention is True
+    s, b, h, a, n = 1024, 8, 1600, 25, 48
+    act_ref, formula_ref = activation_bytes(ref)
+    act, formula = activation_bytes(auto)
+    assert act_ref == pytest.approx(n * s * b * h * (34 + 5 * a * s / h)) and round(act_ref / 1e9, 1) == 71.7
+    assert act == pytest.approx(n * s * b * h * (32 + 4 * a / h))
+    assert 0.25 < act / act_ref < 0.35 and "flash" in formula and "5as/h" in formula_ref
+    flash_only = _xl_mb8(bias_dropout_add="off")
+    assert activation_bytes(flash_only)[0] == pytest.approx(n * s * b * h * (34 + 4 * a / h))
+    # the output layer: whole logits + megatron's float32 softmax vs one chunk + the gradients
+    v = 50304
+    assert output_layer_bytes(ref)[0] == s * b * v * (2 + 4)
+    assert output_layer_bytes(auto)[0] == 2048 * v * 2 + s * b * h * 2 + v * h * 4
+    # recomputation keeps the block inputs; the live segment follows the same kernels
+    ac = load_config(CONFIG, ["parallel.activation_checkpointing=full"]) if CONFIG.exists() else None
+    if ac is not None:
+        assert activation_bytes(ac)[0] == pytest.approx(n * 2 * s * b * h + s * b * h * (32 + 4 * a / h))
+    text = dry_run(auto, nodes=1, gpus_per_node=8)
+    assert "flash attention" in text and "output layer 0.55" in text and "kernels: layernorm" in text
