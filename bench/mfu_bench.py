@@ -203,6 +203,8 @@ def measure(name: str, contender: str, args: argparse.Namespace, ctx: Any) -> di
         res = run_hf(cfg, ctx, args) if contender == "hf" else run_project(cfg, ctx, args)
     except torch.OutOfMemoryError as exc:
         res = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - one failing contender must not lose the others' figures
+        res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
     gc.collect()
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     if dev.type == "cuda":

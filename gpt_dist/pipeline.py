@@ -24,6 +24,7 @@ per-layer names back to GPT-2 names for export.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -74,9 +75,9 @@ def _tied_logits_and_hidden(embed: Embedding, x: torch.Tensor) -> tuple[torch.Te
     return _tied_logits(embed, x), x
 
 
-def _loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor], fused: bool = False) -> torch.Tensor:
     target, loss_mask = labels
-    return lm_loss(logits, target, loss_mask)
+    return lm_loss(logits, target, loss_mask, fused=fused)  # fused: kernels.cross_entropy, streamed
 
 
 class TaskHeadPipe(TaskHead):
@@ -119,7 +120,7 @@ def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) ->
                TiedLayerSpec("embed", EmbeddingPipe, spec,
                              forward_fn=_tied_logits_and_hidden if task else _tied_logits,
                              tied_weight_attr="wte.weight")]
-    loss_fn: Any = _loss
+    loss_fn: Any = functools.partial(_loss, fused=spec.kernels.cross_entropy)
     if task:
         layers.append(LayerSpec(TaskHeadPipe, spec))
         loss_fn = TaskLoss()

@@ -18,6 +18,11 @@ c_attn's output rows are ordered ``(head, {q,k,v}, head_dim)`` (Megatron's layou
 split then gives each rank whole heads, and resharding is a plain concatenation along the
 output dimension for every column-parallel weight (export reorders to Hugging Face's q|k|v).
 
+Fused kernels (``gpt_dist/kernels``, switched by the ``kernels`` config section through
+``ModelSpec.kernels``) replace the LayerNorms, the MLP's bias + GELU, each sub-block's bias +
+dropout + residual add, attention (flash only) and the output layer + loss (chunked CE fused
+with the tied embedding); with every switch off this file is the reference path.
+
 GPT-1 (Radford et al. 2018): post-LN blocks ``x = LN(x + f(x))``, no final LN, context 512.
 GPT-2 (Radford et al. 2019 §2.3): pre-LN blocks ``x = x + f(LN(x))``, a final LN, residual
 projections initialised with std 0.02/sqrt(2 n_layer), context 1024. Both tie the output

@@ -78,3 +78,19 @@ def test_generation_with_a_kv_cache_runs_with_kernels_on(ctx):
         first = model(ids[:, :4], kv_cache=cache)
         step = model(ids[:, 4:], kv_cache=cache)
     assert rel_err(torch.cat([first, step], dim=1), full) < TOL
+
+
+def test_lm_loss_on_given_logits_fused_equals_reference(ctx):
+    """``lm_loss(..., fused=True)``: the pipeline's last stage (kernels.cross_entropy), logits
+    [s, b, V/tp] with the padding columns masked, labels and mask [b, s]."""
+    from gpt_dist.model.gpt import lm_loss, mask_padded_vocab
+
+    g = gen()
+    logits = mask_padded_vocab(torch.randn(11, 3, 384, generator=g).to(DEVICE), 301, 384, 1).requires_grad_(True)
+    labels = torch.randint(0, 301, (3, 11), generator=g).to(DEVICE)
+    mask = (torch.rand(3, 11, generator=g) > 0.3).float().to(DEVICE)
+    got = lm_loss(logits, labels, mask, fused=True)
+    (g_got,) = torch.autograd.grad(got, logits)
+    ref = lm_loss(logits.clone(), labels, mask)  # megatron-core shifts a float32 input in place
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert rel_err(got, ref) < TOL and rel_err(g_got, g_ref) < TOL
