@@ -23,7 +23,8 @@ def test_auto_is_the_reference_on_cpu_and_fused_on_cuda_half_precision():
     assert k.resolve("cuda", "bf16", offload=True).fused_adam is False       # ZeRO-Offload: DeepSpeedCPUAdam
 
 
-def test_off_always_wins_and_on_is_honoured_where_possible():
+def test_off_always_wins_and_on_is_honoured_where_possible(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # on a CPU, Triton kernels need the interpreter
     off = KernelsConfig(**{n: "off" for n in (*ALL_TRITON, "flash_attention", "fused_adam", "compile")})
     assert off.resolve("cuda", "bf16").names_on() == []
     on = KernelsConfig(**{n: "on" for n in ALL_TRITON}, compile="on")
