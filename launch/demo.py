@@ -65,7 +65,7 @@ def stage_export() -> None:
 
 
 FT_CONFIG = ROOT / "configs" / "finetune_tiny_multiple_choice.json"
-FT_OVERRIDES = ["finetune.epochs=2", "training.global_batch_size=16", "training.micro_batch_size=8"]
+FT_OVERRIDES = ["finetune.epochs=3", "training.global_batch_size=16", "training.micro_batch_size=8", "optimizer.lr=1e-3"]
 
 
 def stage_finetune() -> None:
