@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from gpt_dist.config import Config
+from gpt_dist.config import Config, ModelConfig, ParallelConfig
 from gpt_dist.config_kernels import kernels_for
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.model.heads import TaskHeadSpec
@@ -56,6 +56,22 @@ def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) ->
     if full_ac:
         model.checkpoint_every = cfg.parallel.checkpoint_every
     return model
+
+
+def build_inference_model(mcfg: ModelConfig, ctx: ParallelContext,
+                          pipeline_partition: str = "parameters") -> nn.Module:
+    """Inference mode of ``build_model`` (zero-shot evaluation): the same ``GPT`` or, with
+    pp > 1, the same ``PipelineModule`` stage, without ZeRO partitioning, activation
+    checkpointing or an engine (no optimizer state is built), in ``eval()`` (dropout off).
+    The caller loads its TP slice of an export (``export.load_state_into_model``)."""
+    cfg = Config(model=mcfg, parallel=ParallelConfig(tp=ctx.tp, pp=ctx.pp,
+                                                     pipeline_partition=pipeline_partition))  # type: ignore[arg-type]
+    spec = model_spec(cfg, ctx.tp)
+    if ctx.pp > 1:
+        from gpt_dist.pipeline import build_pipeline_module
+
+        return build_pipeline_module(cfg, ctx, spec).eval()
+    return GPT(spec).eval()
 
 
 def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> None:

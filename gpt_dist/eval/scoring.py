@@ -1,0 +1,227 @@
+"""Log-likelihood requests scored on the parallel model, with lm-evaluation-harness's exact rules.
+
+A request is lm-eval's encoded pair ``(context tokens, continuation tokens)``
+(``encode_pair``: trailing whitespace of the context moves to the continuation; the
+continuation is ``encode(context + continuation)[len(encode(context)):]``; an empty context
+becomes the prefix token). Its result is ``(sum of log p over the continuation tokens,
+every continuation token is the argmax)`` (``lm_eval/models/huggingface.py``
+``_loglikelihood_tokens``), computed on
+
+    input = (context + continuation)[-(max_length + 1):][:-1]       (left truncation)
+
+Batches: requests sorted by length, longest first (lm-eval's order), right-padded to the
+longest of the batch (padding sits after every real position: the causal mask keeps it out).
+
+Shared contexts (multiple choice: one context, N choices): when every choice fits the window
+untruncated, the context (all but its last token) runs once as a ``Fill`` and keeps its KV
+cache; each choice then runs ``[last context token] + choice[:-1]`` after the cached
+positions. Every scored position sees exactly the tokens, positions and attention it would
+see in a full pass: the same numbers to rounding (tests: 1e-5), with the context's
+computation done once instead of N times.
+
+Rolling perplexity: lm-eval's ``get_rolling_token_windows`` + ``make_disjoint_window``
+(``lm_eval/utils.py``), re-implemented because lm-eval is an optional dependency: the first
+window predicts the first ``max_length`` tokens after the prefix token; each next window
+predicts the next ``max_length - context_len + 1`` tokens with the window's full context.
+``context_len = 1`` is lm-eval's scheme; a larger one (``--rolling-stride``) gives every
+prediction more context at more cost.
+
+Data parallel (world > tp * pp): the batches are dealt out to the replicas and the results
+all-gathered, so every rank ends with every number.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gpt_dist.eval.runner import Fill, Item, Runner, Score
+
+Pair = tuple[list[int], list[int]]
+
+
+def encode_pair(tok: Any, context: str, continuation: str, prefix_id: int) -> Pair:
+    """lm-eval's ``TemplateLM.loglikelihood`` tokenization of one (context, continuation)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces and context.rstrip():
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if context == "" or not context.strip():
+        cont = tok.encode(context + continuation)
+        if cont and cont[0] == prefix_id:
+            return cont[:1], cont[1:]
+        return [prefix_id], cont
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_len: int, context_len: int = 1) -> list[Pair]:
+    """lm-eval's disjoint rolling windows (module docstring) as (context, continuation) pairs."""
+    if not 1 <= context_len <= max_len:
+        raise ValueError(f"rolling context {context_len} must be in [1, {max_len}]")
+    if not tokens:
+        return []
+    pred_len = max_len - context_len + 1
+    first = min(max_len, len(tokens))
+    out = [([prefix_id], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, pred_len)
+        end = done + n
+        a = tokens[max(end - max_len - 1, 0): end - 1]
+        out.append((a[: len(a) - (n - 1)], tokens[end - n: end]))
+        done = end
+    return out
+
+
+@dataclass
+class _Unit:
+    """Items that run together (one batch, or one shared context with its choices) and where
+    each request's continuation lies in their outputs: (request, score item, row, start, n)."""
+
+    items: list[Item]
+    slots: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class Scorer:
+    """Scores requests on an ``EvalModel`` (see the module docstring)."""
+
+    def __init__(self, em: Any, batch_size: int = 8, reuse_context: bool = True, progress: bool = True,
+                 items_per_run: int = 16) -> None:
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        self.em, self.ctx = em, em.ctx
+        self.runner = Runner(em.model, em.ctx, em.cfg.n_embd)
+        self.max_length, self.batch_size = em.max_length, batch_size
+        self.reuse_context, self.progress, self.items_per_run = reuse_context, progress, items_per_run
+        self.stats = {"requests": 0, "context_passes_saved": 0, "forward_tokens": 0}
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, pairs: list[Pair]) -> list[_Unit]:
+        L = self.max_length
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: empty {'context' if not ctx else 'continuation'} tokens")
+            if len(cont) > L:
+                raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds the context {L}")
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        plain: list[int] = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if self.reuse_context and len(ctx) >= 2 and len(ctx) + len(cont) <= L + 1:
+                groups[tuple(ctx)].append(i)
+            else:
+                plain.append(i)
+        units: list[_Unit] = []
+        shared = sorted((g for g in groups.values() if len(g) > 1),
+                        key=lambda g: (-max(len(pairs[i][0]) + len(pairs[i][1]) for i in g), g[0]))
+        plain += [g[0] for g in groups.values() if len(g) == 1]
+        for key, members in enumerate(shared):
+            units.append(self._shared_unit(pairs, members, key))
+        plain.sort(key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), tuple(pairs[i][0] + pairs[i][1])))
+        for b in range(0, len(plain), self.batch_size):
+            units.append(self._plain_unit(pairs, plain[b: b + self.batch_size]))
+        return units
+
+    def _plain_unit(self, pairs: list[Pair], idx: list[int]) -> _Unit:
+        L = self.max_length
+        inputs, targets, slots = [], [], []
+        for row, i in enumerate(idx):
+            full = (pairs[i][0] + pairs[i][1])[-(L + 1):]
+            inputs.append(full[:-1])
+            targets.append(full[1:])
+            n = len(pairs[i][1])
+            slots.append((i, 0, row, len(full) - 1 - n, n))
+        self.stats["forward_tokens"] += sum(len(r) for r in inputs)
+        return _Unit([Score(_pad(inputs), _pad(targets))], slots)
+
+    def _shared_unit(self, pairs: list[Pair], members: list[int], key: int) -> _Unit:
+        ctx = pairs[members[0]][0]
+        unit = _Unit([Fill(torch.tensor([ctx[:-1]], dtype=torch.long), key)], release=[key])
+        self.stats["forward_tokens"] += len(ctx) - 1
+        self.stats["context_passes_saved"] += len(members) - 1
+        for b in range(0, len(members), self.batch_size):
+            chunk = members[b: b + self.batch_size]
+            ids = [[ctx[-1]] + pairs[i][1][:-1] for i in chunk]
+            self.stats["forward_tokens"] += sum(len(r) for r in ids)
+            item = len(unit.items) - 1   # index among this unit's Score items
+            unit.items.append(Score(_pad(ids), _pad([pairs[i][1] for i in chunk]), cache=key))
+            unit.slots += [(i, item, row, 0, len(pairs[i][1])) for row, i in enumerate(chunk)]
+        return unit
+
+    # ------------------------------------------------------------------ running
+    def _runs(self, units: list[_Unit]) -> Iterator[list[_Unit]]:
+        run: list[_Unit] = []
+        for u in units:
+            run.append(u)
+            if sum(len(x.items) for x in run) >= self.items_per_run:
+                yield run
+                run = []
+        if run:
+            yield run
+
+    def loglikelihood(self, pairs: list[Pair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """(log-likelihood, is_greedy) for each request, in request order, on every rank."""
+        units = self._plan(pairs)
+        ctx = self.ctx
+        mine = units[ctx.dp_rank::ctx.dp]
+        results: dict[int, tuple[float, bool]] = {}
+        bar = None
+        if self.progress and ctx.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(len(u.slots) for u in mine), desc=desc, unit="req", dynamic_ncols=True)
+        for run in self._runs(mine):
+            items = [it for u in run for it in u.items]
+            outs = self.runner.run(items, release=[k for u in run for k in u.release])
+            base = 0
+            for u in run:
+                scores = [it for it in u.items if isinstance(it, Score)]
+                for req, item, row, start, n in u.slots:
+                    lp, top = outs[base + item]
+                    want = scores[item].targets[row, start:start + n]
+                    results[req] = (float(lp[row, start:start + n].double().sum()),
+                                    bool((top[row, start:start + n] == want).all()))
+                n_scores = len(scores)
+                base += n_scores
+                if bar is not None:
+                    bar.update(len(u.slots))
+        if bar is not None:
+            bar.close()
+        if ctx.dp > 1:
+            results = self._gather(results)
+        self.stats["requests"] += len(pairs)
+        return [results[i] for i in range(len(pairs))]
+
+    def _gather(self, results: dict[int, tuple[float, bool]]) -> dict[int, tuple[float, bool]]:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.ctx.dp
+        dist.all_gather_object(parts, results, group=self.ctx.dp_group)
+        merged: dict[int, tuple[float, bool]] = {}
+        for p in parts:
+            merged.update(p)
+        return merged
+
+    def loglikelihood_rolling(self, docs: list[list[int]], context_len: int = 1,
+                              desc: str = "rolling") -> list[float]:
+        """Summed log-likelihood of each token list (lm-eval's ``loglikelihood_rolling``)."""
+        pairs, owner = [], []
+        for d, toks in enumerate(docs):
+            for w in rolling_windows(toks, self.em.prefix_id, self.max_length, context_len):
+                pairs.append(w)
+                owner.append(d)
+        lls = [0.0] * len(docs)
+        for d, (ll, _) in zip(owner, self.loglikelihood(pairs, desc=desc), strict=True):
+            lls[d] += ll
+        return lls
