@@ -2,6 +2,13 @@
 imports are the slow part): its own ``hf`` backend on the Hugging Face export, then the
 project's adapter (``gpt_dist.eval.harness``) on the native export of the same weights.
 
+The ``hf`` backend runs with ``logits_cache=False``: with it on (lm-eval 0.4.13's default),
+requests of different tasks that share ``context + continuation[:-1]`` but differ in
+continuation length share one logits slice, and the shorter one's log-probabilities are
+gathered from the leading instead of the trailing positions (its greedy flag uses the
+trailing ones, PR #2987). Seen here: lambada_openai-style perplexity 227.9 with the cache,
+112.8 without it or when the task runs alone, which is what every per-example check gives.
+
     python _lmeval_worker.py HF_EXPORT NATIVE_EXPORT TASKS_DIR OUT.json
 """
 
@@ -86,7 +93,7 @@ def main() -> None:
 
     names = list(YAMLS)
     res = {}
-    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=names,
+    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32,logits_cache=False", tasks=names,
                                   task_manager=TaskManager(include_path=str(inc)), device="cpu", batch_size=8,
                                   bootstrap_iters=1000, log_samples=True)
     res["hf"] = {"results": ref["results"],
