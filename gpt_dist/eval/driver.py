@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: RUN/eval_sweep)")
     ap.add_argument("--overlap-with", action="append", default=None,
                     help="training shard prefix (repeatable): report 8-gram overlap and clean-subset metrics")
-    ap.add_argument("--overlap-n", type=int, default=8, help="n-gram length of the overlap check (GPT-2: 8)")
+    ap.add_argument("--overlap-n", type=int, default=8,
+                    help="n-gram length in tokens (GPT-2: 8; more for small vocabularies, see docs/eval.md)")
+    ap.add_argument("--overlap-threshold", type=float, default=0.0,
+                    help="an example overlaps when more than this share of its n-grams is found (0: any)")
     ap.add_argument("--overlap-cache", default=None, help="folder for the cached Bloom filter")
     ap.add_argument("--overlap-fp-rate", type=float, default=1e-4, help="Bloom filter false-positive rate")
     ap.add_argument("--harness", choices=["builtin", "lm-eval"], default="builtin")
@@ -102,7 +105,8 @@ def _overlap(args: argparse.Namespace, tasks: list[Any], tok: Any, ctx: Any) -> 
     result = None
     if ctx.rank == 0:   # one rank builds (or loads) the filter; the masks go to every rank
         result = task_overlap(args.overlap_with, tasks, tok, n=args.overlap_n, cache_dir=args.overlap_cache,
-                              fp_rate=args.overlap_fp_rate, progress=not args.no_progress)
+                              fp_rate=args.overlap_fp_rate, threshold=args.overlap_threshold,
+                              progress=not args.no_progress)
     return ctx.broadcast_object(result)
 
 

@@ -116,7 +116,7 @@ def _recorded_tokenizer(path: Path) -> tuple[str | None, str | None]:
             return None, None
         src = d.get("source") or {}
         return src.get("tokenizer_fingerprint") or (d.get("hf_tokenizer") or {}).get("fingerprint"), None
-    if (path / "config.json").is_file():
+    if not is_run(path):
         return None, None
     try:
         from gpt_dist.export.reader import resolve_checkpoint
@@ -125,6 +125,11 @@ def _recorded_tokenizer(path: Path) -> tuple[str | None, str | None]:
     except Exception:  # noqa: BLE001 - load_model_state reports an unreadable checkpoint itself
         return None, None
     return manifest.get("tokenizer_fingerprint"), (manifest.get("config", {}).get("data", {}) or {}).get("tokenizer")
+
+
+def is_run(path: Path) -> bool:
+    """A run directory (it has a config.json too: the run's) or one of its checkpoint tags."""
+    return (path / "checkpoints").is_dir() or (path / "manifest.json").is_file()
 
 
 def load_tokenizer_for(path: Path, override: str | None = None) -> tuple[Any, str | None]:
@@ -147,7 +152,7 @@ def load_tokenizer_for(path: Path, override: str | None = None) -> tuple[Any, st
         if (path / "tokenizer.json").is_file():
             return HFTokenizer(path), recorded
     where = override or path
-    raise EvalError(f"{where}: no tokenizer found ({errors[0] if errors else 'none'}); pass --tokenizer DIR")
+    raise EvalError(f"{where}: no tokenizer found ({'; '.join(errors) or 'none'}); pass --tokenizer DIR")
 
 
 def check_tokenizer(tok: Any, cfg: ModelConfig, recorded: str | None, where: str) -> None:
@@ -194,9 +199,9 @@ def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     except ExportError as exc:
         raise EvalError(str(exc).splitlines()[0]) from None
     state = {k: v for k, v in state.items() if not k.startswith("task_head.")}  # scored as an LM
-    kind = "run" if not (p / "config.json").is_file() else "export"
+    kind = "run" if is_run(p) else "export"
     info: dict[str, Any] = {"path": str(p.resolve()), "kind": kind}
-    if (p / "export.json").is_file():
+    if kind == "export" and (p / "export.json").is_file():
         try:
             e = json.loads((p / "export.json").read_text())
             info.update(kind=f"export ({e.get('format', '?')})", step=e.get("step"))

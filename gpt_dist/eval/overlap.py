@@ -2,7 +2,10 @@
 vs Memorization": 8-gram Bloom filters over WebText).
 
 The training shards are token ids, so n-grams are of token ids, with the model's tokenizer
-(training refuses shards of another tokenizer, so test texts encode to the same ids):
+(training refuses shards of another tokenizer, so test texts encode to the same ids). GPT-2
+used 8-grams of normalised words; 8 GPT-2 BPE tokens are about 6 words, but with a small
+vocabulary (a few hundred pieces, mostly characters) 8 tokens are one or two words and
+common phrases match everywhere: raise ``--overlap-n`` to keep the n-gram near 6 words.
 
 * every n-gram (default n = 8) of every training document (none across a document boundary)
   goes into one Bloom filter, read shard by shard through memory maps in chunks, with

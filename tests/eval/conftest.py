@@ -148,3 +148,70 @@ def ctx():
     c = parallel_context(1, 1, "cpu")
     rng.seed_all(0)
     return c
+
+
+# --------------------------------------------------------------------------- a run directory
+OVERLAP_PLANTED = (1, 4, 6, 9, 10)   # rows of overlap.jsonl copied into the training shard
+
+
+@dataclass
+class Run:
+    dir: Path
+    shard: Path
+    overlap_task: Path
+
+
+def overlap_task(out: Path) -> Path:
+    """Twelve texts of random words (no 8-gram of them occurs by chance in the corpus)."""
+    import numpy as np
+
+    rs = np.random.RandomState(11)
+    rows = [{"text": " ".join(WORDS[rs.randint(28)] for _ in range(14 + i % 5)).capitalize()} for i in range(12)]
+    return write_jsonl(out / "overlap.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def run_dir(trained: Trained, eval_tmp: Path) -> Run:
+    """A 4-step pretraining run (checkpoints at steps 2 and 4) initialised from the trained
+    export, on one shard of the corpus (the project's tokenizer) into which five rows of
+    ``overlap.jsonl`` are planted."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from gpt_dist.tokenizer import load_tokenizer
+    from tests import helpers
+
+    tok = load_tokenizer(trained.tok_dir)
+    task = overlap_task(eval_tmp)
+    planted = [json.loads(line)["text"] for i, line in enumerate(task.read_text().splitlines())
+               if i in OVERLAP_PLANTED]
+    shard = eval_tmp / "shards" / "corpus_00000"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(str(shard) + ".bin", dtype=np.uint16)
+    lines = corpus_text().splitlines(keepends=True)
+    for i, text in enumerate(lines):
+        if i % 80 == 0 and planted:
+            text = "Some words before. " + planted.pop() + " And after.\n"
+        ids = tok.encode(text) + [tok.eod_id]
+        builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
+    builder.finalize(str(shard) + ".idx")
+    run = eval_tmp / "run"
+    cfg = {
+        "run": {"name": "eval_run", "dir": str(run)},
+        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": N_CTX, "vocab_size": tok.vocab_size,
+                  "make_vocab_size_divisible_by": 8, "dropout": 0.0, "attn_dropout": 0.0},
+        "parallel": {"tp": 1, "pp": 1},
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.01},
+        "schedule": {"warmup_steps": 1, "decay": "constant"},
+        "data": {"prefixes": [str(shard)], "tokenizer": str(trained.tok_dir), "seq_len": 32},
+        "training": {"train_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
+                     "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True},
+        "checkpoint": {"save_interval": 2, "keep_last": 3, "init_from": str(trained.native)},
+        "logging": {"log_interval": 1, "progress_bar": False, "tensorboard": False},
+        "deepspeed": {"zero_optimization": {"stage": 1}},
+    }
+    path = helpers.write_config(eval_tmp / "run.json", cfg)
+    res = helpers.run(helpers.python_cmd(helpers.ROOT / "launch" / "pretrain.py", "--config", path), timeout=400,
+                      log=eval_tmp / "run.log")
+    assert res.rc == 0, res.describe()
+    return Run(run, shard, task)

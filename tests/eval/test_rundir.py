@@ -1,0 +1,67 @@
+"""A run directory is evaluated as its export; every checkpoint of a run (the sweep's plot);
+the overlap report finds the test rows planted in the training shard and no others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.eval.conftest import OVERLAP_PLANTED
+from tests.eval.test_builtin import _assert_same, _main, evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_dir_equals_its_export(run_dir, trained, ctx, tmp_path) -> None:
+    from gpt_dist.export import export_checkpoint
+
+    direct = evaluate(run_dir.dir, trained.data, ctx)
+    assert direct["model"]["kind"] == "run" and direct["model"]["step"] == 4
+    export = export_checkpoint(run_dir.dir, tmp_path / "exported")
+    exported = evaluate(export, trained.data, ctx)
+    assert exported["model"]["fingerprint"] == direct["model"]["fingerprint"]
+    _assert_same(direct, exported)
+    # and the run moved away from its initial weights
+    assert direct["model"]["fingerprint"] != evaluate(trained.native, trained.data, ctx)["model"]["fingerprint"]
+
+
+def test_all_checkpoints_sweep(run_dir, trained, ctx, tmp_path) -> None:
+    out, sweep_dir = tmp_path / "sweep.json", tmp_path / "sweep"
+    rc, err = _main("--model", str(run_dir.dir), "--all-checkpoints", "--tasks", "lambada,hellaswag",
+                    "--data-dir", str(trained.data), "--out", str(out), "--sweep-dir", str(sweep_dir),
+                    "--bootstrap-iters", "100")
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert [r["model"]["step"] for r in res["sweep"]] == [2, 4]
+    assert Path(res["outputs"]["plot"]).stat().st_size > 1000
+    events = list((sweep_dir / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/lambada/acc")] == [2, 4]
+
+
+def test_overlap_finds_planted_examples(run_dir, trained, ctx, tmp_path) -> None:
+    out = tmp_path / "ov.json"
+    argv = ["--model", str(trained.native), "--tasks", f"lambada:{run_dir.overlap_task},hellaswag",
+            "--data-dir", str(trained.data), "--overlap-with", str(run_dir.shard),
+            "--overlap-cache", str(tmp_path / "cache"),
+            "--out", str(out), "--bootstrap-iters", "100",
+            "--overlap-n", "24"]  # ~5 words of this 320-piece tokenizer (8 of its tokens are ~2 words)
+    rc, err = _main(*argv)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    ov = res["tasks"]["overlap"]["overlap"]
+    assert ov["overlapping_lines"] == [i + 1 for i in OVERLAP_PLANTED]   # 1-based lines of the file
+    assert ov["clean"] == 12 - len(OVERLAP_PLANTED) and ov["share"] == pytest.approx(5 / 12)
+    f = ov["filter"]
+    assert f["items"] > 0 and f["fp_rate"] <= f["fp_rate_target"] and not f["cached"]
+    assert res["tasks"]["overlap"]["metrics_clean"]["acc"]["value"] is not None
+    # the multiple-choice contexts follow the corpus's word pattern: most are "seen"
+    assert res["tasks"]["hellaswag"]["overlap"]["share"] > 0.5
+    rc, err = _main(*argv)
+    assert rc == 0 and json.loads(out.read_text())["tasks"]["overlap"]["overlap"]["filter"]["cached"], err
