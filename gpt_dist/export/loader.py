@@ -232,7 +232,7 @@ def load_model_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     ``global_stepN`` directories) the latest committed checkpoint, verified and read in
     whatever layout wrote it, without writing an export first."""
     path = Path(path)
-    if (path / CONFIG).is_file():
+    if (path / CONFIG).is_file() and not (path / "checkpoints").is_dir():  # a run dir has a config.json too
         return load_export(path)
     from gpt_dist.export.names import model_config_from_dict, task_info
     from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
