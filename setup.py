@@ -27,10 +27,12 @@ setup(
         # Triton (torch 2.13: 3.7.1; torch 2.11: 3.6.0); the CPU wheel pins none, so the tests
         # (Triton's interpreter, TRITON_INTERPRET=1) pin torch 2.13's.
         "kernels": ["triton>=3.6,<3.8"],
-        # lm-evaluation-harness for `launch/evaluate.py --harness lm-eval` (gpt_dist/eval/harness.py)
-        "eval": ["lm-eval==0.4.13"],
+        # lm-evaluation-harness for `launch/evaluate.py --harness lm-eval` (gpt_dist/eval/harness.py);
+        # its hf backend (the reference the eval tests and bench/eval_bench.py compare with) imports
+        # accelerate. Neither replaces the installed torch (checked with 2.13.0+cpu).
+        "eval": ["lm-eval==0.4.13", "accelerate>=0.26", "transformers>=4.45"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "ruff>=0.6", "scikit-learn>=1.3", "scipy>=1.10",
-                 "triton==3.7.1", "lm-eval==0.4.13"],
+                 "triton==3.7.1", "lm-eval==0.4.13", "accelerate>=0.26"],
         "mpi": ["mpich"],
     },
 )
