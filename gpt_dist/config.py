@@ -168,6 +168,11 @@ class TrainingConfig:
     """Stop (exit code 17) after this many consecutive non-finite steps."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bit-exact resume (CPU tests set it)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Zero-shot tasks at every evaluation (gpt_dist/eval: lambada, wikitext, hellaswag, KIND:PATH)."""
+    eval_tasks_dir: str | None = None
+    eval_tasks_limit: int | None = None
+    """First N examples of each eval task (None: all)."""
 
     def __post_init__(self) -> None:
         for key in ("train_steps", "micro_batch_size", "global_batch_size", "eval_interval"):

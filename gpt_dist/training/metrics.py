@@ -137,7 +137,7 @@ class RunLogger:
             self.write(f"step {step:>6} | validation loss {loss:.4f} | ppl {ppl:.2f}")
             scalars = {"loss": loss, "ppl": ppl}
         else:
-            self._jsonl.write(json.dumps({"step": step, "val_loss": results.get("task_loss"),
+            self._jsonl.write(json.dumps({"step": step, "val_loss": results.get("task_loss", results.get("loss")),
                                           "val_metrics": results}) + "\n")
             self.write(f"step {step:>6} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in results.items()))
             scalars = results

@@ -87,6 +87,11 @@ class LMObjective(Objective):
     def __init__(self, cfg: Config, ctx: ParallelContext, datasets: Any) -> None:
         super().__init__(cfg, ctx)
         self.datasets = datasets
+        self.zero_shot = None  # training.eval_tasks (gpt_dist/eval/training.py); task files checked now
+        if cfg.training.eval_tasks:
+            from gpt_dist.eval.training import ZeroShot
+
+            self.zero_shot = ZeroShot(cfg, ctx)
 
     def micro_batches(self, step: int, consumed_samples: int) -> Iterator[Batch]:
         from gpt_dist.training.data import micro_batches
@@ -105,7 +110,8 @@ class LMObjective(Objective):
         return batch["tokens"], (batch["labels"], batch["loss_mask"])
 
     def evaluate(self, eng: Any, step: int) -> dict[str, float]:
-        """Mean validation loss over eval_steps global batches (the same batches every time)."""
+        """Mean validation loss over eval_steps global batches (the same batches every time),
+        then the zero-shot tasks of ``training.eval_tasks`` (``TASK/METRIC``)."""
         from gpt_dist.training.data import micro_batches
 
         cfg, ctx = self.cfg, self.ctx
@@ -121,8 +127,9 @@ class LMObjective(Objective):
                     continue
                 for batch in batches:
                     losses.append(eng.ds(*self.model_inputs(batch)).float())
+        zero_shot = self.zero_shot.run(eng.ds.module, step) if self.zero_shot is not None else {}
         eng.ds.train()
         mean = torch.stack(losses).mean().reshape(1)
         if not eng.is_pipeline:
             mean = self.dp_mean(mean)
-        return {"loss": float(mean.item())}
+        return {"loss": float(mean.item()), **zero_shot}

@@ -174,7 +174,7 @@ def overlap_task(out: Path) -> Path:
 def run_dir(trained: Trained, eval_tmp: Path) -> Run:
     """A 4-step pretraining run (checkpoints at steps 2 and 4) initialised from the trained
     export, on one shard of the corpus (the project's tokenizer) into which five rows of
-    ``overlap.jsonl`` are planted."""
+    ``overlap.jsonl`` are planted; zero-shot tasks (``training.eval_tasks``) at step 4."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -205,7 +205,9 @@ def run_dir(trained: Trained, eval_tmp: Path) -> Run:
         "schedule": {"warmup_steps": 1, "decay": "constant"},
         "data": {"prefixes": [str(shard)], "tokenizer": str(trained.tok_dir), "seq_len": 32},
         "training": {"train_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
-                     "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True},
+                     "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True,
+                     "eval_tasks": ["lambada", "hellaswag"], "eval_tasks_dir": str(trained.data),
+                     "eval_tasks_limit": 10},
         "checkpoint": {"save_interval": 2, "keep_last": 3, "init_from": str(trained.native)},
         "logging": {"log_interval": 1, "progress_bar": False, "tensorboard": False},
         "deepspeed": {"zero_optimization": {"stage": 1}},

@@ -65,3 +65,27 @@ def test_overlap_finds_planted_examples(run_dir, trained, ctx, tmp_path) -> None
     assert res["tasks"]["hellaswag"]["overlap"]["share"] > 0.5
     rc, err = _main(*argv)
     assert rc == 0 and json.loads(out.read_text())["tasks"]["overlap"]["overlap"]["filter"]["cached"], err
+
+
+def test_eval_tasks_during_pretraining_equal_the_checkpoint(run_dir, trained, ctx) -> None:
+    from tests import helpers
+
+    recs = [r for r in helpers.metrics_records(run_dir.dir) if "val_metrics" in r]
+    assert [r["step"] for r in recs] == [4]
+    val = recs[0]["val_metrics"]
+    assert recs[0]["val_loss"] == val["loss"] is not None
+    # the step-4 checkpoint was saved after this evaluation: the same weights
+    res = evaluate(run_dir.dir, trained.data, ctx, "--limit", "10", tasks="lambada,hellaswag")
+    for task, m in (("lambada", "acc"), ("lambada", "perplexity"), ("hellaswag", "acc"), ("hellaswag", "acc_norm")):
+        assert val[f"{task}/{m}"] == pytest.approx(res["tasks"][task]["metrics"][m]["value"], rel=1e-5), (task, m)
+
+
+def test_bad_eval_task_file_is_a_config_error(trained, ctx, tmp_path) -> None:
+    from gpt_dist.config import Config, ConfigError, DataConfig, TrainingConfig
+    from gpt_dist.eval.training import ZeroShot
+
+    (tmp_path / "hellaswag.jsonl").write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{oops\n')
+    cfg = Config(data=DataConfig(tokenizer=str(trained.tok_dir)),
+                 training=TrainingConfig(eval_tasks=["hellaswag"], eval_tasks_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"training.eval_tasks: .*hellaswag.jsonl:2: invalid JSON"):
+        ZeroShot(cfg, ctx)
