@@ -46,20 +46,26 @@ class Score:
     targets: torch.Tensor
     cache: int | None = None
     grow: bool = False
+    first: int = 0
+    """Positions before this one are not scored: the output layer runs on ``[first:]`` only
+    (and the results are ``[b, s - first]``). The output layer (a ``[h, V]`` GEMM and a
+    softmax over V) costs about as much per position as all blocks of a small model; a
+    LAMBADA request scores 1-3 positions of ~100."""
 
 
 Item = Fill | Score
 
 
 def _stage_layers(model: Any) -> list[tuple[str, Any]]:
-    """(kind, callable) for each layer of this stage: embed, block, or plain (x -> x)."""
+    """(kind, callable) for each layer of this stage: embed, block, or head (the final LN and
+    the tied output layer: position-wise, skipped for ``Fill``)."""
     from gpt_dist.model.gpt import GPT
 
     if isinstance(model, GPT):
         head = model.head
         wte = model.embed.wte
         return ([("embed", model.embed)] + [("block", b) for b in model.h]
-                + [("plain", lambda x: head(x, wte.weight))])
+                + [("head", lambda x: head(x, wte.weight))])
     from gpt_dist.pipeline import BlockPipe, EmbeddingPipe
 
     out: list[tuple[str, Any]] = []
@@ -69,7 +75,7 @@ def _stage_layers(model: Any) -> list[tuple[str, Any]]:
         elif isinstance(f, BlockPipe):
             out.append(("block", f))
         else:   # FinalNorm, the tied logits (a functools.partial over the embedding)
-            out.append(("plain", f))
+            out.append(("head", f))
     return out
 
 
@@ -85,15 +91,21 @@ class Runner:
         self.step = ctx.tp * ctx.dp                       # global-rank distance between stages
 
     # ------------------------------------------------------------------ one stage
-    def _forward(self, x: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cache: Any, item: Item) -> torch.Tensor:
         from gpt_dist.model.gpt import Block, Embedding
 
+        in_head = False
         for kind, f in self.layers:
             if kind == "embed":
                 x = Embedding.forward(f, x, cache.length if cache is not None else 0)
             elif kind == "block":
                 x = Block.forward(f, x, cache)
+            elif isinstance(item, Fill):   # only the cache is wanted: no output layer
+                break
             else:
+                if not in_head and item.first:
+                    x = x[item.first:]         # [s, b, h]: position-wise from here on
+                in_head = True
                 x = f(x)
         return x
 
@@ -132,7 +144,7 @@ class Runner:
             else:
                 x = torch.empty(ids.shape[1], ids.shape[0], self.n_embd, dtype=self.dtype, device=self.device)
                 dist.recv(x, src=ctx.rank - self.step)
-            x = self._forward(x, cache)
+            x = self._forward(x, cache, item)
             if cache is not None:
                 cache.length += ids.shape[1]
             if not last:
@@ -140,7 +152,8 @@ class Runner:
                 sends = [w for w in sends if not w.is_completed()]
             elif isinstance(item, Score):
                 # logits x [s, b, V/tp] as the model makes them (contiguous), targets [s, b]
-                lp, top = score_tokens(x, item.targets.t().contiguous().to(self.device))
+                tgt = item.targets[:, item.first:]
+                lp, top = score_tokens(x, tgt.t().contiguous().to(self.device))
                 out.append((lp.float().t().contiguous().cpu(), top.t().contiguous().cpu()))
         for w in sends:
             w.wait()
@@ -155,7 +168,7 @@ class Runner:
         """The last stage's scores to every stage of this pipeline (one broadcast)."""
         from megatron.core import parallel_state as ps
 
-        shapes = [tuple(it.targets.shape) for it in items if isinstance(it, Score)]
+        shapes = [(it.targets.shape[0], it.targets.shape[1] - it.first) for it in items if isinstance(it, Score)]
         total = sum(b * s for b, s in shapes)
         if ctx_last := (self.ctx.pp_rank == self.ctx.pp - 1):
             # token ids < 2^24 are exact in fp32

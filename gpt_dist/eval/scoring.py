@@ -143,7 +143,9 @@ class Scorer:
             n = len(pairs[i][1])
             slots.append((i, 0, row, len(full) - 1 - n, n))
         self.stats["forward_tokens"] += sum(len(r) for r in inputs)
-        return _Unit([Score(_pad(inputs), _pad(targets))], slots)
+        first = min(start for _, _, _, start, _ in slots)   # the output layer runs from here on
+        slots = [(i, item, row, start - first, n) for i, item, row, start, n in slots]
+        return _Unit([Score(_pad(inputs), _pad(targets), first=first)], slots)
 
     def _shared_unit(self, pairs: list[Pair], members: list[int], key: int) -> _Unit:
         ctx = pairs[members[0]][0]
@@ -189,7 +191,7 @@ class Scorer:
                 scores = [it for it in u.items if isinstance(it, Score)]
                 for req, item, row, start, n in u.slots:
                     lp, top = outs[base + item]
-                    want = scores[item].targets[row, start:start + n]
+                    want = scores[item].targets[row, scores[item].first + start:scores[item].first + start + n]
                     results[req] = (float(lp[row, start:start + n].double().sum()),
                                     bool((top[row, start:start + n] == want).all()))
                 n_scores = len(scores)
