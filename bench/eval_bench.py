@@ -2,8 +2,8 @@
 """Zero-shot evaluation throughput: gpt_dist's built-in tasks (``launch/evaluate.py``'s code
 path) vs lm-evaluation-harness's ``hf`` backend, in one run, on the same export (the HF export
 of one random-weight GPT-2), the same local task files (LAMBADA-style, rolling perplexity,
-4-choice multiple choice, built from the sample corpus: real English), the same threads and
-batch size.
+4-choice multiple choice of HellaSwag's shape: contexts of 30-60 words, endings of 10-25; all
+built from the sample corpus, real English), the same threads and batch size.
 
     python bench/eval_bench.py [--n-layer 4 --n-embd 256 --n-ctx 256 --batch 8 --threads N]
 
@@ -86,9 +86,10 @@ def build_tasks(docs: list[str], out: Path, n_lambada: int, n_rolling: int, n_mc
         f.writelines(json.dumps({"text": span(rs.randint(40, 90))}) + "\n" for _ in range(n_lambada))
     with open(out / "ptb.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d[:6000]}) + "\n" for d in sorted(docs, key=len, reverse=True)[:n_rolling])
-    with open(out / "hellaswag.jsonl", "w") as f:
-        f.writelines(json.dumps({"context": span(rs.randint(50, 100)), "choices": [span(rs.randint(8, 20)) for _ in
-                                                                                   range(4)], "label": rs.randrange(4)}) + "\n" for _ in range(n_mc))
+    # HellaSwag's shape: a context of two sentences or so, four endings of one sentence each
+    mc = [{"context": span(rs.randint(30, 60)), "choices": [span(rs.randint(10, 25)) for _ in range(4)],
+           "label": rs.randrange(4)} for _ in range(n_mc)]
+    (out / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
 
 
 def main() -> None:
