@@ -101,10 +101,12 @@ class Runner:
             elif kind == "block":
                 x = Block.forward(f, x, cache)
             elif isinstance(item, Fill):   # only the cache is wanted: no output layer
-                break
+                break                      # (a later stage gets x unnormalised and skips it too)
             else:
-                if not in_head and item.first:
-                    x = x[item.first:]         # [s, b, h]: position-wise from here on
+                # [s, b, h] is position-wise from here on; only the last stage may drop positions
+                # (a pipeline may cut between the final LN and the logits: x travels whole)
+                if not in_head and item.first and self.ctx.pp_rank == self.ctx.pp - 1:
+                    x = x[item.first:]
                 in_head = True
                 x = f(x)
         return x
