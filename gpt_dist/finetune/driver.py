@@ -117,8 +117,7 @@ def _finish(cfg: Config, ctx: Any, eng: Any, objective: TaskObjective, data: Tas
         out["test_predictions"] = str(cfg.run_dir / PREDICTIONS)
         labelled = [ex for ex in data.test if _labelled(ex.label, spec.regression)]
         if len(labelled) == len(data.test):
-            out["test"] = objective.score(logits, np.array([math.nan, math.nan]), data.test)
-            out["test"].pop("lm_loss", None)
+            out["test"] = objective.task_metrics(logits, data.test)
     if ctx.is_main:
         atomic_write_text(cfg.run_dir / RESULTS, json.dumps(out, indent=2) + "\n")
     return out

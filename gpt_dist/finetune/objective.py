@@ -106,47 +106,54 @@ class TaskObjective(Objective):
 
     def pipe_metrics(self) -> torch.Tensor | None:
         """Mean of the last stage's recorded parts, broadcast from the last stage to all."""
-        n = len(self.metric_names)
-        out = torch.zeros(n, dtype=torch.float32, device=self.ctx.device)
+        out = torch.zeros(len(self.metric_names), dtype=torch.float32, device=self.ctx.device)
         loss_fn = self.pipe_loss
         if self.ctx.is_last_stage and loss_fn is not None and loss_fn.records:
             rows = [self._metrics(p, lg, lb) for p, lg, lb in loss_fn.records]
-            out = torch.stack(rows).mean(dim=0).to(self.ctx.device)
-            out = self.dp_mean(out)
+            out = self.dp_mean(torch.stack(rows).mean(dim=0).to(self.ctx.device))
         if loss_fn is not None:
             loss_fn.records.clear()
+        return self._from_last_stage(out)
+
+    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's ``t`` on every stage (the others pass a same-shaped tensor)."""
         if dist.is_initialized() and self.ctx.pp > 1:
-            src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1)
-            dist.broadcast(out, src=src, group=self.ctx.pp_group)
-        return out
+            dist.broadcast(t, src=dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1), group=self.ctx.pp_group)
+        return t
 
     # -- evaluation and prediction ----------------------------------------------------
     def predict(self, eng: Any, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
         """Task logits [n, outputs] (float64) and mean [L1, L2] over ``examples``, on every rank.
 
-        Unlabelled examples (prediction inputs) are scored with a dummy label; their L2 is
-        meaningless and is not used."""
+        Every rank runs the same number of full micro-batches (padding slots repeat example 0
+        and are dropped): ZeRO-3 gathers parameters in every forward and the pipeline keeps
+        the shapes of its first batch. Under pp > 1 one ``eval_batch`` runs as many different
+        micro-batches as the engine's schedule has. Unlabelled examples (prediction inputs)
+        are scored with a dummy label; their L2 is meaningless and is not used."""
         ctx, mb = self.ctx, self.cfg.training.micro_batch_size
-        per_rank = math.ceil(len(examples) / ctx.dp)
+        per_rank = math.ceil(len(examples) / (ctx.dp * mb)) * mb
         mine = list(range(ctx.dp_rank, len(examples), ctx.dp))
-        mine += [-1] * (per_rank - len(mine))                    # padding slots: example 0, dropped
+        mine += [-1] * (per_rank - len(mine))
+        chunks = [mine[c:c + mb] for c in range(0, per_rank, mb)]
+        group = eng.ds.micro_batches if eng.is_pipeline else 1
         rows: list[tuple[int, list[float]]] = []
         parts_sum, parts_n = np.zeros(2), 0
         was_training = eng.ds.module.training
         eng.ds.eval()
         with torch.no_grad():
-            for c in range(0, per_rank, mb):
-                idx = mine[c:c + mb]
-                exs = [_with_valid_label(examples[max(i, 0)], self.spec) for i in idx]
-                batch = self._to_device(collate(exs, self.pad_id, max_len=self.fixed_len))
+            for g in range(0, len(chunks), group):
+                idxs = chunks[g:g + group]
+                batches = [self._to_device(collate([_with_valid_label(examples[max(i, 0)], self.spec) for i in idx],
+                                                   self.pad_id, max_len=self.fixed_len)) for idx in idxs]
                 if eng.is_pipeline:
-                    logits, parts = self._pipe_forward(eng, batch)
+                    outs = self._pipe_forward(eng, batches)
                 else:
-                    _, parts, logits = eng.ds(*self.model_inputs(batch))
-                real = [j for j, i in enumerate(idx) if i >= 0]
-                rows += [(idx[j], logits[j].double().cpu().tolist()) for j in real]
-                parts_sum += parts.double().cpu().numpy() * len(real)
-                parts_n += len(real)
+                    outs = [eng.ds(*self.model_inputs(b))[1:] for b in batches]
+                for idx, (parts, logits) in zip(idxs, outs, strict=True):
+                    real = [j for j, i in enumerate(idx) if i >= 0]
+                    rows += [(idx[j], logits[j].double().cpu().tolist()) for j in real]
+                    parts_sum += parts.double().cpu().numpy() * len(real)
+                    parts_n += len(real)
         if was_training:
             eng.ds.train()
         gathered: list[Any] = [(rows, parts_sum.tolist(), parts_n)]
@@ -158,31 +165,35 @@ class TaskObjective(Objective):
         mean_parts = np.sum([g[1] for g in gathered], axis=0) / max(1, sum(g[2] for g in gathered))
         return logits_np, mean_parts
 
-    def _pipe_forward(self, eng: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One evaluation micro-batch through the pipeline; the last stage's logits broadcast."""
-        items = [self.pipe_item(batch)] * eng.ds.micro_batches   # the engine runs a whole batch
+    def _pipe_forward(self, eng: Any, batches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Up to ``eng.ds.micro_batches`` evaluation micro-batches in one pipeline schedule
+        (a short group is filled with repeats of its last batch, whose outputs are dropped);
+        the last stage's ([L1, L2], task logits) of each, on every stage."""
+        m = eng.ds.micro_batches
+        items = [self.pipe_item(b) for b in batches] + [self.pipe_item(batches[-1])] * (m - len(batches))
         eng.ds.eval_batch(data_iter=iter(items), compute_loss=True)
-        n, width = batch["task_labels"].shape[0], self.spec.sequences_per_example if self.spec.task == "multiple_choice" else max(1, self.cfg.finetune.head_outputs())
-        out = torch.zeros(n, width + 2, dtype=torch.float32, device=self.ctx.device)
+        n = batches[0]["task_labels"].shape[0]
+        width = self.spec.sequences_per_example if self.spec.task == "multiple_choice" else self.cfg.finetune.head_outputs()
+        out = torch.zeros(len(batches), n, width + 2, dtype=torch.float32, device=self.ctx.device)
         loss_fn = self.pipe_loss
-        if self.ctx.is_last_stage and loss_fn.records:
-            parts, logits, _ = loss_fn.records[0]
-            out = torch.cat([logits.float().reshape(n, width), parts.float().expand(n, 2)], dim=1)
+        if self.ctx.is_last_stage:
+            for k, (parts, logits, _) in enumerate(loss_fn.records[:len(batches)]):
+                out[k] = torch.cat([logits.float().reshape(n, width), parts.float().expand(n, 2)], dim=1)
         loss_fn.records.clear()
-        src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1)
-        dist.broadcast(out, src=src, group=self.ctx.pp_group)
-        return out[:, :width], out[0, width:]
+        out = self._from_last_stage(out)
+        return [(out[k, 0, width:], out[k, :, :width]) for k in range(len(batches))]
 
     def evaluate(self, eng: Any, step: int) -> dict[str, float]:
         if not self.valid:
             return {}
         logits, parts = self.predict(eng, self.valid)
-        return self.score(logits, parts, self.valid)
+        return {"lm_loss": float(parts[0]), **self.task_metrics(logits, self.valid)}
 
-    def score(self, logits: np.ndarray, parts: np.ndarray, examples: list[Example]) -> dict[str, float]:
+    def task_metrics(self, logits: np.ndarray, examples: list[Example]) -> dict[str, float]:
+        """L2 and the task's metrics of gathered logits against the examples' labels."""
         labels = np.array([ex.label for ex in examples])
         preds, scores = predictions(logits, self.spec)
-        out = {"lm_loss": float(parts[0]), "task_loss": task_loss_of(logits, labels, self.spec)}
+        out = {"task_loss": task_loss_of(logits, labels, self.spec)}
         out.update(compute_metrics(self.spec, preds, labels, scores))
         return out
 
