@@ -160,8 +160,9 @@ def worker(rank: int, out: str, tasks: str, tok: str, port: int) -> None:
     def phase_b() -> None:
         ctx = _init(0, 1, ports[-1])
         _run(ctx, base(outp, tasksp, tok, "tp1"))
-        for task in TASK_FILES:
-            _run(ctx, _learn(base(outp, tasksp, tok, f"learn_{task}", task, epochs=6)))
+        for task in TASK_FILES:  # entailment (a word after the delimiter) needs more steps
+            epochs = 10 if task == "entailment" else 6
+            _run(ctx, _learn(base(outp, tasksp, tok, f"learn_{task}", task, epochs=epochs)))
         _run(ctx, _learn(base(outp, tasksp, tok, "learn_classification_lm0", "classification", lm_coef=0.0,
                               epochs=6)))
         raw = base(outp, tasksp, tok, "grown")
