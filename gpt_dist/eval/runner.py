@@ -2,12 +2,15 @@
 
 The unit of work is an *item*:
 
-* ``Fill(ids [1, s], key)``: run a shared context through the model and keep every layer's
-  keys and values (``gpt_dist.model.gpt.KVCache``) under ``key``; nothing is scored;
-* ``Score(ids [b, s], targets [b, s], cache)``: run ``ids`` (continuing after the cached
-  context ``cache`` when given, its cache repeated to the ``b`` rows; with ``grow`` the cache
-  itself is extended, for token-by-token generation) and return the fp32 log-probability of
-  each target and the greedy (argmax) token id, ``[b, s]`` each.
+* ``Fill(ids [n, s], key, lengths)``: run ``n`` shared contexts (right-padded to ``s``; row
+  r's real length ``lengths[r]``) through the model and keep every layer's keys and values
+  (``gpt_dist.model.gpt.KVCache``) under ``key``; nothing is scored;
+* ``Score(ids [b, s], targets [b, s], cache, rows)``: run ``ids`` (continuing after the
+  cached contexts ``cache`` when given: row i after context ``rows[i]``, or after the one
+  context repeated to the ``b`` rows; with ``grow`` the cache itself is extended, for
+  token-by-token generation) and return the fp32 log-probability of each target and the
+  greedy (argmax) token id, ``[b, s]`` each. Each row sees its own context's real positions
+  only (``KVCache.past_lengths``) and continues at its own next position.
 
 Tensor parallel: every TP rank runs the same items on its slice; the log-probabilities come
 from the vocabulary-parallel logits with TP reductions (``gpt_dist.eval.vocab``).
@@ -38,6 +41,8 @@ from gpt_dist.eval.vocab import score_tokens
 class Fill:
     ids: torch.Tensor
     key: int
+    lengths: torch.Tensor | None = None
+    """[n] real lengths of right-padded contexts; None: every row is ``s`` long."""
 
 
 @dataclass
@@ -46,11 +51,14 @@ class Score:
     targets: torch.Tensor
     cache: int | None = None
     grow: bool = False
-    first: int = 0
-    """Positions before this one are not scored: the output layer runs on ``[first:]`` only
-    (and the results are ``[b, s - first]``). The output layer (a ``[h, V]`` GEMM and a
+    rows: torch.Tensor | None = None
+    """[b]: the cached context each row continues (None: the cache's one context, every row)."""
+    select: torch.Tensor | None = None
+    """[N]: the only positions scored, as indices into the flattened ``[s, b]`` (position-major:
+    ``pos * b + row``); the output layer runs on these alone and the results are ``[N]``
+    each (None: every position, ``[b, s]``). The output layer (a ``[h, V]`` GEMM and a
     softmax over V) costs about as much per position as all blocks of a small model; a
-    LAMBADA request scores 1-3 positions of ~100."""
+    LAMBADA request scores 1-3 positions of ~100, and right padding is never scored."""
 
 
 Item = Fill | Score
@@ -85,9 +93,13 @@ class Runner:
     def __init__(self, model: Any, ctx: Any, n_embd: int) -> None:
         self.model, self.ctx, self.n_embd = model, ctx, n_embd
         self.layers = _stage_layers(model)
+        blocks = [n for n, (kind, _) in enumerate(self.layers) if kind == "block"]
+        # the model's last block (on the last stage): a Fill needs only its keys and values
+        self.last_block = blocks[-1] if blocks and ctx.pp_rank == ctx.pp - 1 else -1
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.caches: dict[int, Any] = {}
+        self.lengths: dict[int, torch.Tensor | None] = {}   # a Fill's real context lengths
         self.step = ctx.tp * ctx.dp                       # global-rank distance between stages
 
     # ------------------------------------------------------------------ one stage
@@ -95,9 +107,12 @@ class Runner:
         from gpt_dist.model.gpt import Block, Embedding
 
         in_head = False
-        for kind, f in self.layers:
+        for n, (kind, f) in enumerate(self.layers):
             if kind == "embed":
-                x = Embedding.forward(f, x, cache.length if cache is not None else 0)
+                x = Embedding.forward(f, x, cache.offset if cache is not None else 0)
+            elif kind == "block" and isinstance(item, Fill) and n == self.last_block:
+                Block.fill_cache(f, x, cache)   # the model's last layer: only its keys/values
+                break
             elif kind == "block":
                 x = Block.forward(f, x, cache)
             elif isinstance(item, Fill):   # only the cache is wanted: no output layer
@@ -105,8 +120,8 @@ class Runner:
             else:
                 # [s, b, h] is position-wise from here on; only the last stage may drop positions
                 # (a pipeline may cut between the final LN and the logits: x travels whole)
-                if not in_head and item.first and self.ctx.pp_rank == self.ctx.pp - 1:
-                    x = x[item.first:]
+                if not in_head and item.select is not None and self.ctx.pp_rank == self.ctx.pp - 1:
+                    x = x.reshape(-1, 1, x.shape[-1]).index_select(0, item.select.to(x.device))  # [N, 1, h]
                 in_head = True
                 x = f(x)
         return x
@@ -116,6 +131,7 @@ class Runner:
 
         if isinstance(item, Fill):
             self.caches[item.key] = KVCache()
+            self.lengths[item.key] = item.lengths
             return self.caches[item.key]
         if item.cache is None:
             return None
@@ -124,15 +140,25 @@ class Runner:
             return src
         cache = KVCache()
         cache.length = src.length
-        for layer in src.k:   # the context's keys/values, one copy per row (a view, not a copy)
-            cache.k[layer] = src.k[layer].expand(b, -1, -1, -1)
-            cache.v[layer] = src.v[layer].expand(b, -1, -1, -1)
+        if item.rows is None:
+            for layer in src.k:   # the context's keys/values, one copy per row (a view, not a copy)
+                cache.k[layer] = src.k[layer].expand(b, -1, -1, -1)
+                cache.v[layer] = src.v[layer].expand(b, -1, -1, -1)
+            return cache
+        rows = item.rows.to(self.device)
+        for layer in src.k:       # each row's own context ([b, nh/tp, past, hd], a copy)
+            cache.k[layer] = src.k[layer].index_select(0, rows)
+            cache.v[layer] = src.v[layer].index_select(0, rows)
+        lengths = self.lengths.get(item.cache)
+        if lengths is not None:
+            cache.past_lengths = lengths.to(self.device).index_select(0, rows)
         return cache
 
     # ------------------------------------------------------------------ many items
     @torch.no_grad()
     def run(self, items: list[Item], release: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(log-probs, greedy token ids) [b, s] on CPU for each Score item, on every rank. Caches named
+        """(log-probs, greedy token ids) [b, s] (or [N] with ``select``) on CPU for each Score
+        item, on every rank. Caches named
         in ``release`` are dropped afterwards."""
         ctx = self.ctx
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
@@ -153,14 +179,20 @@ class Runner:
                 sends.append(dist.isend(x.contiguous(), dst=ctx.rank + self.step))
                 sends = [w for w in sends if not w.is_completed()]
             elif isinstance(item, Score):
-                # logits x [s, b, V/tp] as the model makes them (contiguous), targets [s, b]
-                tgt = item.targets[:, item.first:]
-                lp, top = score_tokens(x, tgt.t().contiguous().to(self.device))
-                out.append((lp.float().t().contiguous().cpu(), top.t().contiguous().cpu()))
+                # logits x [s, b, V/tp] (or [N, 1, V/tp]) as the model makes them, targets alike
+                tgt = item.targets.t()
+                if item.select is not None:
+                    tgt = tgt.reshape(-1, 1).index_select(0, item.select)
+                lp, top = score_tokens(x, tgt.contiguous().to(self.device))
+                if item.select is not None:
+                    out.append((lp.float().reshape(-1).cpu(), top.reshape(-1).cpu()))
+                else:
+                    out.append((lp.float().t().contiguous().cpu(), top.t().contiguous().cpu()))
         for w in sends:
             w.wait()
         for key in release or []:
             self.caches.pop(key, None)
+            self.lengths.pop(key, None)
         if ctx.pp > 1:
             out = self._broadcast_scores(items, out)
         return out
@@ -170,8 +202,9 @@ class Runner:
         """The last stage's scores to every stage of this pipeline (one broadcast)."""
         from megatron.core import parallel_state as ps
 
-        shapes = [(it.targets.shape[0], it.targets.shape[1] - it.first) for it in items if isinstance(it, Score)]
-        total = sum(b * s for b, s in shapes)
+        shapes = [tuple(it.targets.shape) if it.select is None else (len(it.select),)
+                  for it in items if isinstance(it, Score)]
+        total = sum(torch.Size(sh).numel() for sh in shapes)
         if ctx_last := (self.ctx.pp_rank == self.ctx.pp - 1):
             # token ids < 2^24 are exact in fp32
             flat = torch.cat([torch.cat([lp.reshape(-1), top.reshape(-1).float()]) for lp, top in out]) if out \
@@ -184,8 +217,8 @@ class Runner:
         if ctx_last:
             return out
         buf, res, at = buf.cpu(), [], 0
-        for b, s in shapes:
-            n = b * s
-            res.append((buf[at:at + n].view(b, s).clone(), buf[at + n:at + 2 * n].view(b, s).round().long()))
+        for sh in shapes:
+            n = torch.Size(sh).numel()
+            res.append((buf[at:at + n].view(sh).clone(), buf[at + n:at + 2 * n].view(sh).round().long()))
             at += 2 * n
         return res

@@ -17,7 +17,11 @@ untruncated, the context (all but its last token) runs once as a ``Fill`` and ke
 cache; each choice then runs ``[last context token] + choice[:-1]`` after the cached
 positions. Every scored position sees exactly the tokens, positions and attention it would
 see in a full pass: the same numbers to rounding (tests: 1e-5), with the context's
-computation done once instead of N times.
+computation done once instead of N times. Questions are packed: up to ``batch_size``
+contexts (similar lengths: sorted) fill one right-padded batch, and their choices run in
+batches of ``batch_size`` rows, each row continuing its own context at its own position
+with the padding masked (``KVCache.past_lengths``), so a batch mixes the choices of
+different questions as lm-eval's batches do.
 
 Rolling perplexity: lm-eval's ``get_rolling_token_windows`` + ``make_disjoint_window``
 (``lm_eval/utils.py``), re-implemented because lm-eval is an optional dependency: the first
@@ -81,17 +85,46 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int, context_len
 
 @dataclass
 class _Unit:
-    """Items that run together (one batch, or one shared context with its choices) and where
-    each request's continuation lies in their outputs: (request, score item, row, start, n)."""
+    """Items that run together (one batch, or shared contexts with their choices) and where
+    each request's continuation lies in their outputs: (request, score item, offset, n): the
+    ``n`` entries from ``offset`` of that item's flat (``select``-ed) results."""
 
     items: list[Item]
-    slots: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    slots: list[tuple[int, int, int, int]] = field(default_factory=list)
     release: list[int] = field(default_factory=list)
 
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+FILL_SHARE = 0.8
+"""A batch (rows sorted longest first, padded to the first) takes a row only if that row's
+length is at least this share of the batch's width: a long outlier does not pad a whole batch
+to its length (the padded tokens cost as much as real ones in every block)."""
+
+
+def _batches(order: list[int], length: Any, batch_size: int) -> list[list[int]]:
+    """``order`` (sorted by ``length``, longest first) cut into batches of at most
+    ``batch_size`` items whose padding stays within ``FILL_SHARE``."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < batch_size and length(i) >= FILL_SHARE * length(out[-1][0]):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _scored(spans: list[tuple[int, int, int]], b: int) -> tuple[torch.Tensor, list[int]]:
+    """Positions ``start..start+n`` of each ``(row, start, n)`` as ``Score.select`` indices
+    into the flattened ``[s, b]``, and each span's offset among them."""
+    idx, offsets = [], []
+    for row, start, n in spans:
+        offsets.append(len(idx))
+        idx += [p * b + row for p in range(start, start + n)]
+    return torch.tensor(idx, dtype=torch.long), offsets
 
 
 class Scorer:
@@ -124,41 +157,50 @@ class Scorer:
                 plain.append(i)
         units: list[_Unit] = []
         shared = sorted((g for g in groups.values() if len(g) > 1),
-                        key=lambda g: (-max(len(pairs[i][0]) + len(pairs[i][1]) for i in g), g[0]))
+                        key=lambda g: (-len(pairs[g[0]][0]), g[0]))
         plain += [g[0] for g in groups.values() if len(g) == 1]
-        for key, members in enumerate(shared):
-            units.append(self._shared_unit(pairs, members, key))
+        packs = _batches(list(range(len(shared))), lambda g: len(pairs[shared[g][0]][0]), self.batch_size)
+        for key, pack in enumerate(packs):
+            units.append(self._shared_unit(pairs, [shared[g] for g in pack], key))
         plain.sort(key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), tuple(pairs[i][0] + pairs[i][1])))
-        for b in range(0, len(plain), self.batch_size):
-            units.append(self._plain_unit(pairs, plain[b: b + self.batch_size]))
+        for batch in _batches(plain, lambda i: min(len(pairs[i][0]) + len(pairs[i][1]), L + 1), self.batch_size):
+            units.append(self._plain_unit(pairs, batch))
         return units
 
     def _plain_unit(self, pairs: list[Pair], idx: list[int]) -> _Unit:
         L = self.max_length
-        inputs, targets, slots = [], [], []
+        inputs, targets, spans = [], [], []
         for row, i in enumerate(idx):
             full = (pairs[i][0] + pairs[i][1])[-(L + 1):]
             inputs.append(full[:-1])
             targets.append(full[1:])
             n = len(pairs[i][1])
-            slots.append((i, 0, row, len(full) - 1 - n, n))
+            spans.append((row, len(full) - 1 - n, n))
         self.stats["forward_tokens"] += sum(len(r) for r in inputs)
-        first = min(start for _, _, _, start, _ in slots)   # the output layer runs from here on
-        slots = [(i, item, row, start - first, n) for i, item, row, start, n in slots]
-        return _Unit([Score(_pad(inputs), _pad(targets), first=first)], slots)
+        select, offsets = _scored(spans, len(idx))
+        slots = [(i, 0, at, n) for i, at, (_, _, n) in zip(idx, offsets, spans, strict=True)]
+        return _Unit([Score(_pad(inputs), _pad(targets), select=select)], slots)
 
-    def _shared_unit(self, pairs: list[Pair], members: list[int], key: int) -> _Unit:
-        ctx = pairs[members[0]][0]
-        unit = _Unit([Fill(torch.tensor([ctx[:-1]], dtype=torch.long), key)], release=[key])
-        self.stats["forward_tokens"] += len(ctx) - 1
-        self.stats["context_passes_saved"] += len(members) - 1
-        for b in range(0, len(members), self.batch_size):
-            chunk = members[b: b + self.batch_size]
-            ids = [[ctx[-1]] + pairs[i][1][:-1] for i in chunk]
+    def _shared_unit(self, pairs: list[Pair], groups: list[list[int]], key: int) -> _Unit:
+        """One Fill of the groups' contexts (but their last tokens), then every choice of
+        every group, longest first, in Scores of ``batch_size`` rows."""
+        contexts = [pairs[g[0]][0][:-1] for g in groups]
+        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
+        unit = _Unit([Fill(_pad(contexts), key, None if len(set(lengths.tolist())) == 1 else lengths)],
+                     release=[key])
+        self.stats["forward_tokens"] += int(lengths.sum())
+        self.stats["context_passes_saved"] += sum(len(g) - 1 for g in groups)
+        members = sorted(((i, row) for row, g in enumerate(groups) for i in g),
+                         key=lambda m: (-len(pairs[m[0]][1]), m[0]))
+        for chunk in _batches(members, lambda m: len(pairs[m[0]][1]), self.batch_size):
+            ids = [[pairs[i][0][-1]] + pairs[i][1][:-1] for i, _ in chunk]
             self.stats["forward_tokens"] += sum(len(r) for r in ids)
             item = len(unit.items) - 1   # index among this unit's Score items
-            unit.items.append(Score(_pad(ids), _pad([pairs[i][1] for i in chunk]), cache=key))
-            unit.slots += [(i, item, row, 0, len(pairs[i][1])) for row, i in enumerate(chunk)]
+            rows = torch.tensor([row for _, row in chunk], dtype=torch.long)
+            select, offsets = _scored([(r, 0, len(pairs[i][1])) for r, (i, _) in enumerate(chunk)], len(chunk))
+            unit.items.append(Score(_pad(ids), _pad([pairs[i][1] for i, _ in chunk]), cache=key, rows=rows,
+                                    select=select))
+            unit.slots += [(i, item, at, len(pairs[i][1])) for at, (i, _) in zip(offsets, chunk, strict=True)]
         return unit
 
     # ------------------------------------------------------------------ running
@@ -189,11 +231,11 @@ class Scorer:
             base = 0
             for u in run:
                 scores = [it for it in u.items if isinstance(it, Score)]
-                for req, item, row, start, n in u.slots:
+                wants = [it.targets.t().reshape(-1).index_select(0, it.select) for it in scores]
+                for req, item, at, n in u.slots:
                     lp, top = outs[base + item]
-                    want = scores[item].targets[row, scores[item].first + start:scores[item].first + start + n]
-                    results[req] = (float(lp[row, start:start + n].double().sum()),
-                                    bool((top[row, start:start + n] == want).all()))
+                    results[req] = (float(lp[at:at + n].double().sum()),
+                                    bool((top[at:at + n] == wants[item][at:at + n]).all()))
                 n_scores = len(scores)
                 base += n_scores
                 if bar is not None:

@@ -174,15 +174,25 @@ class Attention(nn.Module):
             cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """-> dropout(attn(x)) [+ residual, when given: fused with the bias and dropout]."""
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.manual_sp:  # the linear all-reduces its input gradient: take our slice back
             x = seq_gather(x, reduce_grad=False)
         qkv, _ = self.c_attn(x)                                  # [s, b, 3h/tp]
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.n_head_local, 3, self.head_dim)  # [s, b, nh/tp, 3, hd]
         q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [b, nh/tp, s, hd]
+        return q, k, v
+
+    def cache_kv(self, x: torch.Tensor, kv_cache: KVCache, layer: int) -> None:
+        """Only append x's keys and values to the cache (no attention: nothing reads the output)."""
+        _, k, v = self._qkv(x)
+        kv_cache.update(layer, k, v)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """-> dropout(attn(x)) [+ residual, when given: fused with the bias and dropout]."""
+        q, k, v = self._qkv(x)
+        s, b = q.shape[2], q.shape[0]
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                    # [b, nh/tp, past+s, hd]
         p = self.attn_dropout if self.training else 0.0
@@ -191,12 +201,10 @@ class Attention(nn.Module):
                 from gpt_dist.kernels.attention import flash_attention
 
                 y = flash_attention(q, k, v, p)
-            elif kv_cache is None or k.shape[2] == s:
+            elif kv_cache is None or (k.shape[2] == s and kv_cache.past_lengths is None):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             else:  # decoding with a cache: query i sees keys up to past + i
-                past = k.shape[2] - s
-                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask(s, k.shape[2], q.device), dropout_p=p)
         y = y.permute(2, 0, 1, 3).reshape(s, b, self.n_head_local * self.head_dim)  # [s, b, h/tp]
         y, bias = self.c_proj(y)                                 # [s, b, h] (or [s/tp, b, h] with SP)
         if self.manual_sp:  # all-reduced [s, b, h] -> [s/tp, b, h]: a reduce-scatter
@@ -273,6 +281,12 @@ class Block(nn.Module):
         x = self.ln_1(x + self.attn(x, kv_cache, self.layer_idx))  # GPT-1
         return self.ln_2(x + self.mlp(x))
 
+    def fill_cache(self, x: torch.Tensor, kv_cache: KVCache) -> None:
+        """The cache half of ``forward``: this layer's keys and values of x, nothing else. For
+        a context whose outputs nobody reads (the last layer of a shared-context fill) this
+        skips the attention, the projection and the MLP."""
+        self.attn.cache_kv(self.ln_1(x) if self.pre_ln else x, kv_cache, self.layer_idx)
+
 
 class Embedding(nn.Module):
     """Token (vocab-parallel) + learned position embeddings, dropout; returns [s, b, h]."""
@@ -288,10 +302,17 @@ class Embedding(nn.Module):
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)
         _init_partitioned(self.wpe.weight, spec.init("wpe.weight", cfg.init_std))
 
-    def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """``position_offset``: the first position, or one per row ([b], ``KVCache.offset``)."""
         s = input_ids.shape[1]
-        pos = torch.arange(position_offset, position_offset + s, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)[None]             # [b, s, h]
+        if isinstance(position_offset, torch.Tensor):            # rows continue different pasts
+            pos = position_offset.to(input_ids.device)[:, None] + torch.arange(s, device=input_ids.device)
+            # only a row's right padding can run past the window (its real positions fit: the
+            # caller's check); clamped, it embeds some position, and no real position sees it
+            pos = pos.clamp_max(self.wpe.num_embeddings - 1)     # [b, s]
+        else:
+            pos = torch.arange(position_offset, position_offset + s, device=input_ids.device)[None]
+        x = self.wte(input_ids) + self.wpe(pos)                  # [b, s, h]
         x = x.transpose(0, 1).contiguous()                       # [s, b, h]
         if self.sequence_parallel:
             x = seq_split(x)                                     # [s/tp, b, h]
@@ -374,7 +395,7 @@ class GPT(nn.Module):
 
         Fine-tuning (``extract_pos`` [b] and ``task_labels`` [B] given): the head's
         ``(L3, [L1, L2], task logits [B, n])``, see ``TaskHead.objective``."""
-        offset = kv_cache.length if kv_cache is not None else 0
+        offset = kv_cache.offset if kv_cache is not None else 0
         x = self.embed(input_ids, offset)                        # [s, b, h]
         for i, block in enumerate(self.h):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
@@ -405,12 +426,35 @@ def init_task_head(linear: nn.Linear, spec: ModelSpec) -> None:
 
 
 class KVCache:
-    """Keys and values of past positions per layer, for incremental decoding."""
+    """Keys and values of past positions per layer, for incremental decoding.
+
+    ``past_lengths`` ([b], optional): the rows' pasts are right-padded to ``length``: row r's
+    first ``past_lengths[r]`` cached positions are real, the rest padding that no query sees,
+    and its new tokens sit at positions ``past_lengths[r]...``. This lets rows that continue
+    contexts of different lengths (multiple-choice endings of different questions) share one
+    batch: each row's scores are those of its own context alone, to rounding."""
 
     def __init__(self) -> None:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.length = 0
+        self.past_lengths: torch.Tensor | None = None
+
+    @property
+    def offset(self) -> int | torch.Tensor:
+        """The position of the next token: one for all rows, or one per row ([b])."""
+        return self.length if self.past_lengths is None else self.past_lengths
+
+    def mask(self, s: int, n_keys: int, device: torch.device) -> torch.Tensor:
+        """Attention mask of ``s`` new queries over ``n_keys`` (the cached past, then the
+        ``s`` new) keys: [s, n_keys], or [b, 1, s, n_keys] with ``past_lengths``."""
+        past = n_keys - s
+        causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
+        if self.past_lengths is None:
+            return causal
+        real = torch.arange(past + s, device=device) < self.past_lengths.to(device)[:, None]  # [b, past+s]
+        real[:, past:] = True                                    # the new keys: causal alone
+        return (causal[None] & real[:, None, :])[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.k:
