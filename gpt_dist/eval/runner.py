@@ -51,6 +51,9 @@ class Score:
     targets: torch.Tensor
     cache: int | None = None
     grow: bool = False
+    greedy: bool = True
+    """Also the argmax token of each position (False: a rolling log-likelihood needs none,
+    and the greedy ids come back as -1)."""
     rows: torch.Tensor | None = None
     """[b]: the cached context each row continues (None: the cache's one context, every row)."""
     select: torch.Tensor | None = None
@@ -183,7 +186,9 @@ class Runner:
                 tgt = item.targets.t()
                 if item.select is not None:
                     tgt = tgt.reshape(-1, 1).index_select(0, item.select)
-                lp, top = score_tokens(x, tgt.contiguous().to(self.device))
+                lp, top = score_tokens(x, tgt.contiguous().to(self.device), item.greedy)
+                if top is None:
+                    top = torch.full(lp.shape, -1, dtype=torch.long)
                 if item.select is not None:
                     out.append((lp.float().reshape(-1).cpu(), top.reshape(-1).cpu()))
                 else:

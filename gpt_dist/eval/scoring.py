@@ -141,7 +141,7 @@ class Scorer:
         self.stats = {"requests": 0, "context_passes_saved": 0, "forward_tokens": 0}
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, pairs: list[Pair]) -> list[_Unit]:
+    def _plan(self, pairs: list[Pair], greedy: bool = True) -> list[_Unit]:
         L = self.max_length
         for i, (ctx, cont) in enumerate(pairs):
             if not ctx or not cont:
@@ -164,10 +164,10 @@ class Scorer:
             units.append(self._shared_unit(pairs, [shared[g] for g in pack], key))
         plain.sort(key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), tuple(pairs[i][0] + pairs[i][1])))
         for batch in _batches(plain, lambda i: min(len(pairs[i][0]) + len(pairs[i][1]), L + 1), self.batch_size):
-            units.append(self._plain_unit(pairs, batch))
+            units.append(self._plain_unit(pairs, batch, greedy))
         return units
 
-    def _plain_unit(self, pairs: list[Pair], idx: list[int]) -> _Unit:
+    def _plain_unit(self, pairs: list[Pair], idx: list[int], greedy: bool = True) -> _Unit:
         L = self.max_length
         inputs, targets, spans = [], [], []
         for row, i in enumerate(idx):
@@ -179,7 +179,7 @@ class Scorer:
         self.stats["forward_tokens"] += sum(len(r) for r in inputs)
         select, offsets = _scored(spans, len(idx))
         slots = [(i, 0, at, n) for i, at, (_, _, n) in zip(idx, offsets, spans, strict=True)]
-        return _Unit([Score(_pad(inputs), _pad(targets), select=select)], slots)
+        return _Unit([Score(_pad(inputs), _pad(targets), select=select, greedy=greedy)], slots)
 
     def _shared_unit(self, pairs: list[Pair], groups: list[list[int]], key: int) -> _Unit:
         """One Fill of the groups' contexts (but their last tokens), then every choice of
@@ -214,9 +214,11 @@ class Scorer:
         if run:
             yield run
 
-    def loglikelihood(self, pairs: list[Pair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) for each request, in request order, on every rank."""
-        units = self._plan(pairs)
+    def loglikelihood(self, pairs: list[Pair], desc: str = "loglikelihood", greedy: bool = True
+                      ) -> list[tuple[float, bool]]:
+        """(log-likelihood, is_greedy) for each request, in request order, on every rank
+        (``greedy=False``: no argmax is computed and is_greedy is False)."""
+        units = self._plan(pairs, greedy)
         ctx = self.ctx
         mine = units[ctx.dp_rank::ctx.dp]
         results: dict[int, tuple[float, bool]] = {}
@@ -266,6 +268,6 @@ class Scorer:
                 pairs.append(w)
                 owner.append(d)
         lls = [0.0] * len(docs)
-        for d, (ll, _) in zip(owner, self.loglikelihood(pairs, desc=desc), strict=True):
+        for d, (ll, _) in zip(owner, self.loglikelihood(pairs, desc=desc, greedy=False), strict=True):
             lls[d] += ll
         return lls

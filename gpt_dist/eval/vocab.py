@@ -70,7 +70,9 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def score_tokens(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target) fp32, greedy token id int64) from vocab-parallel logits [..., V/tp]."""
-    top = vocab_parallel_argmax(logits)
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, greedy: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(target) fp32, greedy token id int64 or None without ``greedy``) from
+    vocab-parallel logits [..., V/tp]."""
+    top = vocab_parallel_argmax(logits) if greedy else None
     return vocab_parallel_logprobs(logits, targets), top
