@@ -171,15 +171,13 @@ def overlap_task(out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def run_dir(trained: Trained, eval_tmp: Path) -> Run:
-    """A 4-step pretraining run (checkpoints at steps 2 and 4) initialised from the trained
-    export, on one shard of the corpus (the project's tokenizer) into which five rows of
-    ``overlap.jsonl`` are planted; zero-shot tasks (``training.eval_tasks``) at step 4."""
+def train_shard(trained: Trained, eval_tmp: Path) -> tuple[Path, Path]:
+    """(one shard of the corpus in the project's tokenizer, into which five rows of
+    ``overlap.jsonl`` are planted; that task file)."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from gpt_dist.tokenizer import load_tokenizer
-    from tests import helpers
 
     tok = load_tokenizer(trained.tok_dir)
     task = overlap_task(eval_tmp)
@@ -195,25 +193,60 @@ def run_dir(trained: Trained, eval_tmp: Path) -> Run:
         ids = tok.encode(text) + [tok.eod_id]
         builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
     builder.finalize(str(shard) + ".idx")
-    run = eval_tmp / "run"
-    cfg = {
-        "run": {"name": "eval_run", "dir": str(run)},
-        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": N_CTX, "vocab_size": tok.vocab_size,
+    return shard, task
+
+
+def _pretrain(trained: Trained, shard: Path, run: Path, config: Path, nproc: int = 1,
+              **sections: dict[str, Any]) -> None:
+    """A short pretraining run initialised from the trained export (``sections`` update the
+    base config's sections)."""
+    from tests import helpers
+
+    cfg: dict[str, Any] = {
+        "run": {"name": run.name, "dir": str(run)},
+        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": N_CTX, "vocab_size": trained.cfg.vocab_size,
                   "make_vocab_size_divisible_by": 8, "dropout": 0.0, "attn_dropout": 0.0},
         "parallel": {"tp": 1, "pp": 1},
         "optimizer": {"lr": 1e-3, "weight_decay": 0.01},
         "schedule": {"warmup_steps": 1, "decay": "constant"},
         "data": {"prefixes": [str(shard)], "tokenizer": str(trained.tok_dir), "seq_len": 32},
         "training": {"train_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
-                     "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True,
-                     "eval_tasks": ["lambada", "hellaswag"], "eval_tasks_dir": str(trained.data),
-                     "eval_tasks_limit": 10},
+                     "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True},
         "checkpoint": {"save_interval": 2, "keep_last": 3, "init_from": str(trained.native)},
         "logging": {"log_interval": 1, "progress_bar": False, "tensorboard": False},
         "deepspeed": {"zero_optimization": {"stage": 1}},
     }
-    path = helpers.write_config(eval_tmp / "run.json", cfg)
-    res = helpers.run(helpers.python_cmd(helpers.ROOT / "launch" / "pretrain.py", "--config", path), timeout=400,
-                      log=eval_tmp / "run.log")
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path = helpers.write_config(config, cfg)
+    script = helpers.ROOT / "launch" / "pretrain.py"
+    cmd = helpers.torchrun_cmd(script, "--config", path, nproc=nproc) if nproc > 1 else \
+        helpers.python_cmd(script, "--config", path)
+    res = helpers.run(cmd, env=helpers.child_env(GPT_DIST_PG_TIMEOUT="300"), timeout=400,
+                      log=config.with_suffix(".log"))
     assert res.rc == 0, res.describe()
+
+
+@pytest.fixture(scope="session")
+def run_dir(trained: Trained, eval_tmp: Path, train_shard: tuple[Path, Path]) -> Run:
+    """A 4-step pretraining run (checkpoints at steps 2 and 4) initialised from the trained
+    export, on ``train_shard``; zero-shot tasks (``training.eval_tasks``) at step 4."""
+    shard, task = train_shard
+    run = eval_tmp / "run"
+    _pretrain(trained, shard, run, eval_tmp / "run.json",
+              training={"eval_tasks": ["lambada", "hellaswag"], "eval_tasks_dir": str(trained.data),
+                        "eval_tasks_limit": 10})
     return Run(run, shard, task)
+
+
+@pytest.fixture(scope="session")
+def zero3_run(trained: Trained, eval_tmp: Path, train_shard: tuple[Path, Path]) -> Path:
+    """A 2-step ZeRO-3 run over two data-parallel ranks (parameters really partitioned:
+    ``helpers.zero3``), its checkpoint at step 2."""
+    from tests import helpers
+
+    run = eval_tmp / "run_zero3"
+    _pretrain(trained, train_shard[0], run, eval_tmp / "run_zero3.json", nproc=2,
+              training={"train_steps": 2, "eval_interval": 100},
+              deepspeed={"zero_optimization": helpers.zero3()})
+    return run

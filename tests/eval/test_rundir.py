@@ -89,3 +89,28 @@ def test_bad_eval_task_file_is_a_config_error(trained, ctx, tmp_path) -> None:
                  training=TrainingConfig(eval_tasks=["hellaswag"], eval_tasks_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"training.eval_tasks: .*hellaswag.jsonl:2: invalid JSON"):
         ZeroShot(cfg, ctx)
+
+
+def test_cli_pipeline_on_a_zero3_run_equals_tp1(zero3_run, trained, ctx, tmp_path) -> None:
+    """``torchrun --nproc-per-node 2 launch/evaluate.py --model RUN --pp 2``: the CLI reads a
+    ZeRO-3 checkpoint (partitioned over two ranks) directly into a two-stage pipeline; its
+    results file has the numbers of the same run evaluated at TP=1 in this process."""
+    from tests import helpers
+
+    manifest = json.loads((zero3_run / "checkpoints" / "global_step2" / "manifest.json").read_text())
+    assert manifest["layout"]["dp"] == 2 and manifest["config"]["deepspeed"]["zero_optimization"]["stage"] == 3
+    out = tmp_path / "pp2.json"
+    cmd = helpers.torchrun_cmd(helpers.ROOT / "launch" / "evaluate.py", "--model", zero3_run, "--pp", "2",
+                               "--tasks", "lambada,wikitext,hellaswag", "--data-dir", trained.data, "--out", out,
+                               "--per-example", "--no-progress", "--bootstrap-iters", "1000", nproc=2)
+    res = helpers.run(cmd, env=helpers.child_env(GPT_DIST_PG_TIMEOUT="120"), timeout=300, log=tmp_path / "pp2.log")
+    assert res.rc == 0, res.describe()
+    assert "| lambada" in res.stdout   # the Markdown table, printed once (rank 0)
+    assert res.stdout.count("results: ") == 1
+    got = json.loads(out.read_text())
+    assert (got["settings"]["tp"], got["settings"]["pp"]) == (1, 2)
+    assert got["model"]["kind"] == "run" and got["model"]["step"] == 2
+    want = evaluate(zero3_run, trained.data, ctx)
+    assert got["model"]["fingerprint"] == want["model"]["fingerprint"]
+    assert got["model"]["fingerprint"] != evaluate(trained.native, trained.data, ctx)["model"]["fingerprint"]
+    _assert_same(want, got)
