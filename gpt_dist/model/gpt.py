@@ -439,6 +439,7 @@ class KVCache:
         self.v: dict[int, torch.Tensor] = {}
         self.length = 0
         self.past_lengths: torch.Tensor | None = None
+        self._mask: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def offset(self) -> int | torch.Tensor:
@@ -447,14 +448,18 @@ class KVCache:
 
     def mask(self, s: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """Attention mask of ``s`` new queries over ``n_keys`` (the cached past, then the
-        ``s`` new) keys: [s, n_keys], or [b, 1, s, n_keys] with ``past_lengths``."""
+        ``s`` new) keys: [s, n_keys], or [b, 1, s, n_keys] with ``past_lengths``. Built
+        once per forward pass (every layer asks for the same one)."""
+        if self._mask is not None and self._mask[0] == (s, n_keys) and self._mask[2] is self.past_lengths:
+            return self._mask[1]
         past = n_keys - s
-        causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
-        if self.past_lengths is None:
-            return causal
-        real = torch.arange(past + s, device=device) < self.past_lengths.to(device)[:, None]  # [b, past+s]
-        real[:, past:] = True                                    # the new keys: causal alone
-        return (causal[None] & real[:, None, :])[:, None]
+        mask = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
+        if self.past_lengths is not None:
+            real = torch.arange(past + s, device=device) < self.past_lengths.to(device)[:, None]  # [b, past+s]
+            real[:, past:] = True                                # the new keys: causal alone
+            mask = (mask[None] & real[:, None, :])[:, None]
+        self._mask = ((s, n_keys), mask, self.past_lengths)
+        return mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.k:

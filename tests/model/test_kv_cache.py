@@ -23,27 +23,40 @@ def test_rows_continue_their_own_padded_context(ctx, arch):
     conts = [(0, 3), (1, 6), (2, 1), (0, 4)]
     conts = [(r, torch.randint(0, mcfg.vocab_size, (n,), generator=g).tolist()) for r, n in conts]
     S = max(len(t) for _, t in conts)
-    padded = torch.tensor([c + [7] * (C - len(c)) for c in contexts])          # junk in the padding
-    with torch.no_grad():
+    ids = torch.tensor([t + [3] * (S - len(t)) for _, t in conts])
+    rows = torch.tensor([r for r, _ in conts])
+
+    def continue_after(junk: int) -> torch.Tensor:
+        """The continuations after the contexts right-padded with ``junk``: [b, S, V]."""
+        padded = torch.tensor([c + [junk] * (C - len(c)) for c in contexts])
         fill = KVCache()
         model(padded, kv_cache=fill)
-        rows = torch.tensor([r for r, _ in conts])
         cache = KVCache()
         cache.length = fill.length
         cache.k = {i: k.index_select(0, rows) for i, k in fill.k.items()}
         cache.v = {i: v.index_select(0, rows) for i, v in fill.v.items()}
         cache.past_lengths = torch.tensor([len(contexts[r]) for r, _ in conts])
-        ids = torch.tensor([t + [3] * (S - len(t)) for _, t in conts])
-        got = model(ids, kv_cache=cache)                                       # [b, S, V]
+        return model(ids, kv_cache=cache)
+
+    with torch.no_grad():
+        got = continue_after(7)
         for i, (r, t) in enumerate(conts):
             full = model(torch.tensor([contexts[r] + t]))[0, len(contexts[r]):]
             torch.testing.assert_close(got[i, :len(t)], full, atol=1e-5, rtol=1e-5)
-        # without the mask the padding is seen: the check above can fail
-        cache.past_lengths = None
-        cache.k = {i: k.index_select(0, rows) for i, k in fill.k.items()}
-        cache.v = {i: v.index_select(0, rows) for i, v in fill.v.items()}
-        cache.length = fill.length
-        unmasked = model(ids, kv_cache=cache)
-        r, t = conts[1]
-        full = model(torch.tensor([contexts[r] + t]))[0, len(contexts[r]):]
-        assert (unmasked[1, :len(t)] - full).abs().max() > 1e-3
+        # what the padding holds is never seen (the rows of the shortest context included)
+        torch.testing.assert_close(continue_after(123), got, atol=1e-6, rtol=1e-6)
+
+
+def test_mask_follows_the_rows_past_lengths() -> None:
+    from gpt_dist.model.gpt import KVCache
+
+    cache = KVCache()
+    cache.length = 3
+    assert cache.mask(2, 5, torch.device("cpu")).tolist() == [[True] * 4 + [False], [True] * 5]
+    cache.past_lengths = torch.tensor([1, 3])
+    m = cache.mask(2, 5, torch.device("cpu"))
+    assert m.shape == (2, 1, 2, 5)
+    assert m[0, 0].tolist() == [[True, False, False, True, False], [True, False, False, True, True]]
+    assert m[1, 0].tolist() == [[True] * 4 + [False], [True] * 5]
+    cache.past_lengths = torch.tensor([2, 0])   # a new tensor: a new mask, not the one built above
+    assert cache.mask(2, 5, torch.device("cpu"))[1, 0, 0].tolist() == [False, False, False, True, False]
