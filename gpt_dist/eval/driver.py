@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None, help="folder holding NAME.jsonl for named tasks")
     ap.add_argument("--out", default=None, help="results JSON (default: print only)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")
+    # the deepspeed launcher appends --local_rank=N (the rank itself comes from the environment)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun/deepspeed)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size; data parallel = world/(tp*pp)")
     ap.add_argument("--batch-size", type=int, default=8)

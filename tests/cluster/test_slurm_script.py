@@ -267,3 +267,28 @@ def test_sbatch_from_a_made_checkout_without_the_venv_active(fake):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "No module named" not in proc.stderr
     assert "dry run: gpt-123  world=2" in proc.stdout, proc.stdout[-2000:]
+
+
+EVAL_SCRIPT = ROOT / "slurm" / "evaluate.sh"
+
+
+def test_evaluate_script_runs_launch_evaluate(fake, tmp_path):
+    """slurm/evaluate.sh: the same rendezvous as pretrain.sh, srun of launch/evaluate.py with
+    the job's arguments untouched; with a real python under srun (exec mode) evaluate's own
+    one-line error and exit status come back through the script."""
+    env, log = fake
+    assert subprocess.run(["bash", "-n", str(EVAL_SCRIPT)], check=False).returncode == 0
+    args = ["--model", "runs/a b", "--tp", "2", "--tasks", "lambada,hellaswag", "--out", "r.json"]
+    proc = subprocess.run(["bash", str(EVAL_SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert _argv(log / "srun.argv") == ["--kill-on-bad-exit=1", "python", "launch/evaluate.py", *args]
+    srun_env = _env(log / "srun.env")
+    assert (srun_env["MASTER_ADDR"], srun_env["MASTER_PORT"]) == ("node-a", str(20000 + 123))
+    env.update(FAKE_SRUN_MODE="exec", PYTHON=sys.executable, SLURM_NTASKS="1", SLURM_SUBMIT_DIR=str(ROOT))
+    proc = subprocess.run(["bash", str(EVAL_SCRIPT), "--model", str(tmp_path), "--tasks", "lambada",
+                           "--local_rank=0"], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "evaluate: error: --tasks lambada: needs --data-dir" in proc.stderr   # argv parsed, --local_rank too
+    assert "evaluate.sh: srun exited with 2" in proc.stdout
