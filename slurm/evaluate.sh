@@ -33,21 +33,13 @@ fi
 : "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}"
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
 
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python; fi
-fi
-# Rendezvous on the first node; the port derived from the job id (as slurm/pretrain.sh).
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-if [ -z "$MASTER_ADDR" ]; then
-    echo "evaluate.sh: cannot resolve the first host of $SLURM_JOB_NODELIST" >&2
+# PYTHON, the rendezvous and the NCCL/OMP environment, as for pretraining (slurm/env.sh).
+# shellcheck source=/dev/null
+if ! . slurm/env.sh 2>/dev/null; then
+    echo "evaluate.sh: no slurm/env.sh in $PWD: submit from the repository root" >&2
     exit 2
 fi
-MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
-export MASTER_ADDR MASTER_PORT
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
+job_env evaluate.sh || exit 2
 
 echo "evaluate.sh: job $SLURM_JOB_ID nodes=${SLURM_NNODES:-?} tasks=${SLURM_NTASKS:-?}" \
      "master=$MASTER_ADDR:$MASTER_PORT"

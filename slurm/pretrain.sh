@@ -60,42 +60,17 @@ shift
 : "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}"
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
 
-# The checkout's venv by default: a plain `sbatch` from a `make`-built checkout has no venv
-# on PATH, and python on PATH would not find gpt_dist.
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python; fi
+# PYTHON, the rendezvous (MASTER_ADDR/MASTER_PORT) and the NCCL/CUDA/OMP environment: one
+# definition for every job script (slurm/env.sh, which lists the NCCL knobs).
+# shellcheck source=/dev/null
+if ! . slurm/env.sh 2>/dev/null; then
+    echo "pretrain.sh: no slurm/env.sh in $PWD: submit from the repository root" >&2
+    exit 2
 fi
+job_env pretrain.sh || exit 2
 MAX_RESTARTS="${MAX_RESTARTS:-10}"
 RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
 RUN_NAME="${RUN_NAME:-${SLURM_JOB_NAME:-gpt_dist}-${SLURM_JOB_ID}}"
-
-# Rendezvous: the first node of the allocation; the port is derived from the job id so two
-# jobs sharing a node do not collide, and a requeued job (same id) reuses it.
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-if [ -z "$MASTER_ADDR" ]; then
-    echo "pretrain.sh: cannot resolve the first host of $SLURM_JOB_NODELIST" >&2
-    exit 2
-fi
-MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
-export MASTER_ADDR MASTER_PORT
-
-# torch: do not share the rendezvous TCPStore between c10d and the elastic agent.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-
-# NCCL / CUDA (override in the submitting environment):
-#   NCCL_DEBUG=WARN|INFO         INFO prints the transport chosen (IB/RoCE vs sockets)
-#   NCCL_SOCKET_IFNAME=ib0|eth0  the interface for bootstrap/socket traffic ("^lo,docker")
-#   NCCL_IB_HCA=mlx5             restrict to these InfiniBand adapters
-#   NCCL_IB_DISABLE=1            force TCP sockets (slow; debugging only)
-#   NCCL_NET_GDR_LEVEL=PHB       GPUDirect RDMA distance
-#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1  abort collectives on a failed peer instead of hanging
-#   TORCH_NCCL_BLOCKING_WAIT=0   (keep async error handling)
-#   CUDA_DEVICE_MAX_CONNECTIONS=1  megatron-core's TP/SP comm-compute overlap ordering
-#   OMP_NUM_THREADS              CPU threads per rank (data loading, CPU Adam)
-export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
 
 SET_ARGS=("run.name=$RUN_NAME")
 if [ -n "${RUN_DIR:-}" ]; then

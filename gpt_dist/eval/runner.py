@@ -102,7 +102,6 @@ class Runner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.caches: dict[int, Any] = {}
-        self.lengths: dict[int, torch.Tensor | None] = {}   # a Fill's real context lengths
         self.step = ctx.tp * ctx.dp                       # global-rank distance between stages
 
     # ------------------------------------------------------------------ one stage
@@ -134,7 +133,6 @@ class Runner:
 
         if isinstance(item, Fill):
             self.caches[item.key] = KVCache()
-            self.lengths[item.key] = item.lengths
             return self.caches[item.key]
         if item.cache is None:
             return None
@@ -152,9 +150,8 @@ class Runner:
         for layer in src.k:       # each row's own context ([b, nh/tp, past, hd], a copy)
             cache.k[layer] = src.k[layer].index_select(0, rows)
             cache.v[layer] = src.v[layer].index_select(0, rows)
-        lengths = self.lengths.get(item.cache)
-        if lengths is not None:
-            cache.past_lengths = lengths.to(self.device).index_select(0, rows)
+        if src.past_lengths is not None:
+            cache.past_lengths = src.past_lengths.index_select(0, rows)
         return cache
 
     # ------------------------------------------------------------------ many items
@@ -178,6 +175,8 @@ class Runner:
             x = self._forward(x, cache, item)
             if cache is not None:
                 cache.length += ids.shape[1]
+                if isinstance(item, Fill) and item.lengths is not None:   # its rows: right-padded pasts
+                    cache.past_lengths = item.lengths.to(self.device)
             if not last:
                 sends.append(dist.isend(x.contiguous(), dst=ctx.rank + self.step))
                 sends = [w for w in sends if not w.is_completed()]
@@ -197,7 +196,6 @@ class Runner:
             w.wait()
         for key in release or []:
             self.caches.pop(key, None)
-            self.lengths.pop(key, None)
         if ctx.pp > 1:
             out = self._broadcast_scores(items, out)
         return out

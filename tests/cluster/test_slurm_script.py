@@ -49,6 +49,13 @@ fi
 """
 
 
+def _checkout(path: Path) -> Path:
+    """A checkout as the job scripts need it: the slurm/env.sh they source, nothing else."""
+    (path / "slurm").mkdir(parents=True)
+    shutil.copy(ROOT / "slurm" / "env.sh", path / "slurm" / "env.sh")
+    return path
+
+
 @pytest.fixture
 def fake(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
@@ -61,8 +68,7 @@ def fake(tmp_path):
            if not k.startswith(("SLURM_", "RUN_", "MASTER_", "NCCL_", "FAKE_"))
            and k not in ("MAX_RESTARTS", "SRUN_ARGS", "PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # submitted from a checkout without a .venv: the interpreter is python on PATH
-    checkout = tmp_path / "checkout"
-    checkout.mkdir()
+    checkout = _checkout(tmp_path / "checkout")
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_LOG=str(log),
                SLURM_JOB_ID="123", SLURM_JOB_NAME="gpt", SLURM_JOB_NODELIST="node-[a-b]",
                SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(checkout))
@@ -85,6 +91,7 @@ def _run(env, *args, timeout=60):
 
 def test_syntax_and_shellcheck():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
+    assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "env.sh")], check=False).returncode == 0
     if shutil.which("shellcheck"):
         proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stdout
@@ -222,7 +229,7 @@ def test_generated_command_is_accepted_by_pretrain(fake, tmp_path):
 
 def _venv_checkout(tmp_path: Path) -> Path:
     """A submit directory that looks like a `make`-built checkout: an executable .venv python."""
-    checkout = tmp_path / "made"
+    checkout = _checkout(tmp_path / "made")
     (checkout / ".venv" / "bin").mkdir(parents=True)
     py = checkout / ".venv" / "bin" / "python"
     py.write_text("#!/bin/sh\nexit 0\n")
@@ -292,3 +299,15 @@ def test_evaluate_script_runs_launch_evaluate(fake, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "evaluate: error: --tasks lambada: needs --data-dir" in proc.stderr   # argv parsed, --local_rank too
     assert "evaluate.sh: srun exited with 2" in proc.stdout
+
+
+@pytest.mark.parametrize("script", [SCRIPT, EVAL_SCRIPT], ids=["pretrain", "evaluate"])
+def test_submitted_outside_a_checkout_is_one_line(fake, tmp_path, script):
+    env, log = fake
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(["bash", str(script), "configs/x.json"], env=dict(env, SLURM_SUBMIT_DIR=str(elsewhere)),
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"{script.name}: no slurm/env.sh in {elsewhere}: submit from the repository root"
+    assert not (log / "srun.argv").exists()
