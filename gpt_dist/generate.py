@@ -153,7 +153,7 @@ def generate_ids(model: Any, cfg: ModelConfig, prompt: torch.Tensor, max_new_tok
 
     Rows that produced ``eos_id`` keep yielding ``eos_id``; the generator stops when every
     row has (or after ``max_new_tokens``)."""
-    from gpt_dist.model.gpt import KVCache
+    from gpt_dist.model.kv_cache import KVCache
 
     if prompt.dim() == 1:
         prompt = prompt[None]

@@ -10,10 +10,12 @@ Rank grid (Megatron order ``tp-dp-pp``, which is also DeepSpeed's
       stage 0:  [0, 1]    [2, 3]      <- each [..] is one TP group
       stage 1:  [4, 5]    [6, 7]
 
-megatron-core's ``parallel_state`` holds the groups its parallel layers use; DeepSpeed gets
-an mpu adapter over the same groups so ZeRO partitions over the data-parallel group only,
-and the pipeline engine gets a topology with the same coordinates (checked at start-up).
-Everything else receives the context explicitly: no module reads a global.
+megatron-core's ``parallel_state`` holds the groups its parallel layers use (initialised
+here, read by megatron-core's own layers internally); DeepSpeed gets an mpu adapter over
+the same groups so ZeRO partitions over the data-parallel group only, and the pipeline
+engine gets a topology with the same coordinates (checked at start-up). Everything else
+receives the context (or its ``TPGroup``) explicitly: no module of the project outside this
+one reads megatron-core's globals (``tests/test_layering.py`` checks it).
 """
 
 from __future__ import annotations
@@ -85,45 +87,62 @@ def discover_launch_env() -> str:
     return "python"
 
 
+@dataclass(frozen=True)
+class TPGroup:
+    """The tensor-parallel group as the model's own code sees it (the sequence-parallel
+    regions, the padded-vocabulary mask, the vocabulary-parallel argmax and cross entropy):
+    handed down explicitly from the ``ParallelContext`` through ``ModelSpec``, so no layer of
+    the project reads megatron-core's globals. ``group`` None with ``size`` 1: no TP."""
+
+    group: Any = None
+    size: int = 1
+    rank: int = 0
+
+    @property
+    def src_rank(self) -> int:
+        """Global rank of TP rank 0 of this group (broadcast source)."""
+        if self.group is None or self.size == 1:
+            return dist.get_rank() if dist.is_initialized() else 0
+        return dist.get_global_rank(self.group, 0)
+
+
 class MegatronMPU:
-    """DeepSpeed's ``mpu`` interface over megatron-core ``parallel_state`` (pp=1 engine).
+    """DeepSpeed's ``mpu`` interface over the context's groups.
 
     DeepSpeed asks the mpu for the "model parallel" group to reduce norms of TP-sharded
     parameters, and for the data-parallel group to partition ZeRO state over.
     """
 
-    def __init__(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        self.ps = ps
+    def __init__(self, ctx: ParallelContext) -> None:
+        self.ctx = ctx
 
     def get_model_parallel_group(self) -> Any:
-        return self.ps.get_tensor_model_parallel_group()
+        return self.ctx.tp_group
 
     def get_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
+        return self.ctx.tp_rank
 
     def get_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
+        return self.ctx.tp
 
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_src_rank()
+        return self.ctx.tensor_parallel.src_rank
 
     def get_data_parallel_group(self) -> Any:
-        return self.ps.get_data_parallel_group()
+        return self.ctx.dp_group
 
     def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
+        return self.ctx.dp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
+        return self.ctx.dp
 
     def get_pipe_parallel_group(self) -> Any:
-        return self.ps.get_pipeline_model_parallel_group()
+        return self.ctx.pp_group
 
     def get_sequence_parallel_world_size(self) -> int:
         return 1
@@ -131,7 +150,13 @@ class MegatronMPU:
 
 @dataclass
 class ParallelContext:
-    """Sizes, coordinates, device and groups of this rank; built once per process."""
+    """Sizes, coordinates, device and groups of this rank; built once per process.
+
+    A context manager: leaving the ``with`` block destroys what this context created
+    (megatron-core's model-parallel state, and the default process group when this context
+    initialised it), on every exit path, errors and ``SystemExit`` included. Left to
+    interpreter shutdown, gloo's threads are sometimes destroyed while joinable
+    ("terminate called without an active exception", SIGABRT) after all work succeeded."""
 
     tp: int
     pp: int
@@ -143,6 +168,10 @@ class ParallelContext:
     sequence_parallel: bool = False
     launcher: str = "python"
     topology: Any = field(default=None, repr=False)
+    _groups: dict[str, Any] = field(default_factory=dict, repr=False)
+    _owns_process_group: bool = field(default=False, repr=False)
+    _owns_model_parallel: bool = field(default=False, repr=False)
+    _destroyed: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.tp * self.pp * self.dp != self.world_size:
@@ -167,33 +196,44 @@ class ParallelContext:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if timeout_s is None:
             timeout_s = float(os.environ.get("GPT_DIST_PG_TIMEOUT", "1800"))
+        if world % (pcfg.tp * pcfg.pp):
+            raise ValueError(f"world size {world} is not divisible by tp*pp = {pcfg.tp * pcfg.pp}")
         import deepspeed
 
+        from gpt_dist import deepspeed_compat
+
         if not use_cuda:
-            # DeepSpeed's TorchBackend JIT-compiles its shared-memory all-reduce op at start-up
-            # (60-130 s on a 2-core machine, once per fresh cache) but only its inference
-            # all-reduce ever uses it; training on CPU/gloo never does, so do not build it.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if not dist.is_initialized():
+            deepspeed_compat.skip_shm_comm_build()
+        owns_pg = not dist.is_initialized()
+        if owns_pg:
             deepspeed.init_distributed(
                 dist_backend="nccl" if use_cuda else "gloo",
                 auto_mpi_discovery=False,
                 timeout=datetime.timedelta(seconds=timeout_s),
                 rank=rank, world_size=world,
             )
-        if world % (pcfg.tp * pcfg.pp):
-            raise ValueError(f"world size {world} is not divisible by tp*pp = {pcfg.tp * pcfg.pp}")
         ctx = cls(tp=pcfg.tp, pp=pcfg.pp, dp=world // (pcfg.tp * pcfg.pp), world_size=world,
                   rank=rank, local_rank=local_rank, device=dev,
                   sequence_parallel=pcfg.sequence_parallel, launcher=launcher)
-        ctx._init_groups(timeout_s)
+        ctx._owns_process_group = owns_pg
+        try:
+            ctx._init_groups(timeout_s)
+        except BaseException:
+            ctx.destroy()
+            raise
         return ctx
 
     def _init_groups(self, timeout_s: float) -> None:
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
         from megatron.core import parallel_state as ps
 
-        if not ps.model_parallel_is_initialized():
+        if ps.model_parallel_is_initialized():
+            sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+            if sizes != (self.tp, self.pp):
+                raise RuntimeError(f"a parallel context with tp={sizes[0]}, pp={sizes[1]} is still alive in "
+                                   f"this process; leave it (or destroy it) before building tp={self.tp}, "
+                                   f"pp={self.pp}")
+        else:
             ps.initialize_model_parallel(
                 tensor_model_parallel_size=self.tp,
                 pipeline_model_parallel_size=self.pp,
@@ -201,12 +241,41 @@ class ParallelContext:
                 distributed_timeout_minutes=timeout_s / 60,
                 create_gloo_process_groups=False,
             )
+            self._owns_model_parallel = True
         self.topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
         coord = self.topology.get_coord(self.rank)
         mine = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
                 ps.get_tensor_model_parallel_rank())
         if (coord.pipe, coord.data, coord.model) != mine:  # the two grids must agree
             raise RuntimeError(f"rank {self.rank}: DeepSpeed topology {coord} != megatron {mine}")
+        self._groups = {
+            "tp": ps.get_tensor_model_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+            "pp": ps.get_pipeline_model_parallel_group(),
+            "mp": ps.get_model_parallel_group(),
+        }
+
+    # ------------------------------------------------------------------ lifetime
+    def __enter__(self) -> ParallelContext:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.barrier()  # no rank tears its groups down while another still uses them
+        self.destroy()
+
+    def destroy(self) -> None:
+        """Destroy what this context created (idempotent; see the class docstring)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._groups = {}
+        from megatron.core import parallel_state as ps
+
+        if self._owns_model_parallel or self._owns_process_group:
+            ps.destroy_model_parallel()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ coordinates
     @property
@@ -233,35 +302,70 @@ class ParallelContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def stage_stride(self) -> int:
+        """Global-rank distance between consecutive pipeline stages (same tp and dp rank)."""
+        return self.tp * self.dp
+
+    @property
+    def prev_stage_rank(self) -> int | None:
+        """Global rank of the previous stage's peer (None on the first stage)."""
+        return None if self.is_first_stage else self.rank - self.stage_stride
+
+    @property
+    def next_stage_rank(self) -> int | None:
+        """Global rank of the next stage's peer (None on the last stage)."""
+        return None if self.is_last_stage else self.rank + self.stage_stride
+
+    @property
+    def first_stage_rank(self) -> int:
+        """Global rank of this pipeline's first stage (same tp and dp rank)."""
+        return self.rank - self.pp_rank * self.stage_stride
+
+    @property
+    def last_stage_rank(self) -> int:
+        """Global rank of this pipeline's last stage (same tp and dp rank)."""
+        return self.first_stage_rank + (self.pp - 1) * self.stage_stride
+
     @staticmethod
     def coords_of(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
         """(pp, dp, tp) of ``rank`` in the grid above; used by --dry-run and tests."""
         return rank // (tp * dp), (rank // tp) % dp, rank % tp
 
     # ------------------------------------------------------------------ groups
+    def _group(self, name: str) -> Any:
+        if name not in self._groups:
+            raise RuntimeError("this ParallelContext has been destroyed" if self._destroyed
+                               else "this ParallelContext has no process groups")
+        return self._groups[name]
+
     @property
     def tp_group(self) -> Any:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_tensor_model_parallel_group()
+        return self._group("tp")
 
     @property
     def dp_group(self) -> Any:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group()
+        return self._group("dp")
 
     @property
     def pp_group(self) -> Any:
-        from megatron.core import parallel_state as ps
+        return self._group("pp")
 
-        return ps.get_pipeline_model_parallel_group()
+    @property
+    def model_parallel_group(self) -> Any:
+        """TP x PP ranks of one data-parallel replica."""
+        return self._group("mp")
+
+    @property
+    def tensor_parallel(self) -> TPGroup:
+        """The TP group for the model's own layers (``ModelSpec.tp_group``)."""
+        return TPGroup(self.tp_group if self.tp > 1 else None, self.tp, self.tp_rank)
 
     def mpu(self) -> MegatronMPU:
-        return MegatronMPU()
+        return MegatronMPU(self)
 
     def barrier(self) -> None:
-        if dist.is_initialized():
+        if dist.is_initialized() and not self._destroyed:
             dist.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -279,10 +383,3 @@ class ParallelContext:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
-
-    def destroy(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -89,7 +89,7 @@ def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: 
             import torch
 
             from gpt_dist.generate import continuation_text
-            from gpt_dist.model.gpt import KVCache
+            from gpt_dist.model.kv_cache import KVCache
 
             kw = dict(gen_kwargs or {})
             if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0.0:

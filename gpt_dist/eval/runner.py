@@ -129,7 +129,7 @@ class Runner:
         return x
 
     def _cache_for(self, item: Item) -> Any:
-        from gpt_dist.model.gpt import KVCache
+        from gpt_dist.model.kv_cache import KVCache
 
         if isinstance(item, Fill):
             self.caches[item.key] = KVCache()

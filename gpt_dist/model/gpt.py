@@ -43,6 +43,7 @@ from torch import nn
 from gpt_dist.config import ModelConfig
 from gpt_dist.config_kernels import KernelChoice
 from gpt_dist.model.heads import TaskHead, TaskHeadSpec
+from gpt_dist.model.kv_cache import KVCache
 from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, mask_padded_vocab, vocab_parallel_logits  # noqa: F401
 from gpt_dist.model.sequence_parallel import seq_gather, seq_split
 from gpt_dist.rng import param_generator, tp_region
@@ -423,50 +424,6 @@ def init_task_head(linear: nn.Linear, spec: ModelSpec) -> None:
     """W_y ~ N(0, init_std) seeded by its name, bias 0 (also inside ZeRO-3's ``zero.Init``)."""
     _init_partitioned(linear.weight, spec.init("task_head.linear.weight", spec.cfg.init_std))
     _init_partitioned(linear.bias, lambda t: t.data.zero_())
-
-
-class KVCache:
-    """Keys and values of past positions per layer, for incremental decoding.
-
-    ``past_lengths`` ([b], optional): the rows' pasts are right-padded to ``length``: row r's
-    first ``past_lengths[r]`` cached positions are real, the rest padding that no query sees,
-    and its new tokens sit at positions ``past_lengths[r]...``. This lets rows that continue
-    contexts of different lengths (multiple-choice endings of different questions) share one
-    batch: each row's scores are those of its own context alone, to rounding."""
-
-    def __init__(self) -> None:
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        self.length = 0
-        self.past_lengths: torch.Tensor | None = None
-        self._mask: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
-
-    @property
-    def offset(self) -> int | torch.Tensor:
-        """The position of the next token: one for all rows, or one per row ([b])."""
-        return self.length if self.past_lengths is None else self.past_lengths
-
-    def mask(self, s: int, n_keys: int, device: torch.device) -> torch.Tensor:
-        """Attention mask of ``s`` new queries over ``n_keys`` (the cached past, then the
-        ``s`` new) keys: [s, n_keys], or [b, 1, s, n_keys] with ``past_lengths``. Built
-        once per forward pass (every layer asks for the same one)."""
-        if self._mask is not None and self._mask[0] == (s, n_keys) and self._mask[2] is self.past_lengths:
-            return self._mask[1]
-        past = n_keys - s
-        mask = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
-        if self.past_lengths is not None:
-            real = torch.arange(past + s, device=device) < self.past_lengths.to(device)[:, None]  # [b, past+s]
-            real[:, past:] = True                                # the new keys: causal alone
-            mask = (mask[None] & real[:, None, :])[:, None]
-        self._mask = ((s, n_keys), mask, self.past_lengths)
-        return mask
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.k:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
 
 
 def count_parameters(model: nn.Module, cfg: ModelConfig, tp: int = 1) -> int:

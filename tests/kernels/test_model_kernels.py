@@ -67,7 +67,7 @@ def test_kernel_choice_changes_no_parameter_name_or_shape(ctx):
 
 
 def test_generation_with_a_kv_cache_runs_with_kernels_on(ctx):
-    from gpt_dist.model.gpt import KVCache
+    from gpt_dist.model.kv_cache import KVCache
 
     g = gen()
     ids = torch.randint(0, 301, (2, 6), generator=g).to(DEVICE)

@@ -48,7 +48,7 @@ def test_rows_continue_their_own_padded_context(ctx, arch):
 
 
 def test_mask_follows_the_rows_past_lengths() -> None:
-    from gpt_dist.model.gpt import KVCache
+    from gpt_dist.model.kv_cache import KVCache
 
     cache = KVCache()
     cache.length = 3
