@@ -9,6 +9,8 @@ each patch or registration explicitly, when they build what needs it.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def skip_shm_comm_build() -> None:
     """Do not JIT-build DeepSpeed's shared-memory all-reduce op on CPU.
@@ -20,3 +22,12 @@ def skip_shm_comm_build() -> None:
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def pipeline_layers(module: Any) -> list[Any]:
+    """This stage's layers of a DeepSpeed ``PipelineModule``, in order: modules, and
+    ``functools.partial`` objects for a ``TiedLayerSpec`` with a ``forward_fn``.
+
+    ``PipelineModule`` builds only this stage's layers but exposes them only as the private-
+    by-convention ``forward_funcs`` list (no public accessor)."""
+    return list(module.forward_funcs)

@@ -1,15 +1,15 @@
 """The decoder as DeepSpeed ``PipelineModule``: a flat view of the same blocks (gpt-neox's
 ``GPT2ModelPipe`` idea, without its tuple protocol).
 
-    layer 0       TiedLayerSpec("embed", Embedding)       tokens [b,s] -> x [s,b,h]
-    layer 1..L    LayerSpec(Block, i)                      x -> x
-    layer L+1     LayerSpec(FinalNorm)                     GPT-2's ln_f (identity for GPT-1)
-    layer L+2     TiedLayerSpec("embed", Embedding, forward_fn=logits)  x -> logits [s,b,V/tp]
-    loss_fn       vocab_parallel_cross_entropy(logits, (labels, loss_mask))
+    layer 0       TiedLayerSpec("embed", EmbeddingPipe)   tokens [b,s] -> x [s,b,h]
+    layer 1..L    LayerSpec(BlockPipe, i)                  x -> x
+    layer L+1     LayerSpec(LMHeadPipe)                    the model's LMHead: h_L = ln_f(x) (GPT-2)
+    layer L+2     TiedLayerSpec("embed", forward_fn=_with_wte)   h_L -> (h_L, wte of the tied copy)
+    loss_fn       LMLoss: the same ``LMHead.loss`` as the plain model (fused CE or logits + CE)
 
-    fine-tuning:  layer L+2 returns (logits, x); layer L+3 TaskHeadPipe (GPT-1's W_y) passes
-                  them on; loss_fn = TaskHead.objective(logits, x, (labels, loss_mask,
-                  extract_pos, task_labels)): the last stage computes both heads.
+    fine-tuning:  layer L+3 TaskHeadPipe (GPT-1's W_y) passes (h_L, wte) on; loss_fn = TaskLoss:
+                  ``TaskHead.objective(LMHead.logits(h_L, wte), h_L, ...)``: the last stage
+                  computes both heads.
 
     e.g. pp=2, n_layer=4, partition by parameters:
       stage 0: embed, h.0, h.1           stage 1: h.2, h.3, ln_f, embed (tied copy)
@@ -19,76 +19,76 @@ token embedding lives on the first and the last stage; DeepSpeed all-reduces its
 over the two and keeps the copies equal. Blocks are built with their global index, so every
 parameter is initialised from (seed, GPT-2 name) exactly as in ``GPT``: PP=2 and PP=1 models
 from one seed hold the same weights, and ``pipe_name_to_gpt`` maps a pipeline checkpoint's
-per-layer names back to GPT-2 names for export.
+per-layer names back to GPT-2 names for export. The layers' forwards take the same optional
+arguments as the plain model's (position offset, KV cache), so the inference runtime runs a
+stage through the same interface as a whole ``GPT``.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from gpt_dist.config import Config
-from gpt_dist.model.gpt import Block, Embedding, LayerNorm, ModelSpec, init_task_head, lm_loss, vocab_parallel_logits
+from gpt_dist.model.gpt import Block, Embedding, LMHead, ModelSpec, init_task_head
 from gpt_dist.model.heads import TaskHead
+from gpt_dist.model.kv_cache import KVCache
 from gpt_dist.parallel import ParallelContext
 
 
 class EmbeddingPipe(Embedding):
-    """First stage: token ids [b, s] -> hidden [s, b, h]; on the last stage, the tied logits."""
+    """First stage: token ids [b, s] -> hidden [s, b, h]; on the last stage, the tied wte."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
-        self.vocab_size, self.padded_vocab, self.tp = spec.cfg.vocab_size, spec.padded_vocab, spec.tp
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(input_ids)
+    def forward(self, input_ids: torch.Tensor, position_offset: int | torch.Tensor = 0) -> torch.Tensor:
+        return super().forward(input_ids, position_offset)
 
 
 class BlockPipe(Block):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        return super().forward(x, kv_cache)
 
 
-class FinalNorm(nn.Module):
-    """GPT-2's final LayerNorm as its own pipeline layer (identity for GPT-1)."""
+class LMHeadPipe(LMHead):
+    """The model's ``LMHead`` as the last stage's layer: its forward is the final norm; the
+    loss (``LMLoss``) and inference call its ``logits``/``loss`` with the tied copy's wte."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
-        self.ln_f = (LayerNorm(spec.cfg.n_embd, spec.cfg.ln_eps, spec.sequence_parallel)
-                     if spec.cfg.arch == "gpt2" else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_f(x) if self.ln_f is not None else x
+    def forward(self, x: torch.Tensor, wte: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return self.norm(x)
 
 
-def _tied_logits(embed: Embedding, x: torch.Tensor) -> torch.Tensor:
-    """Last stage: hidden [s, b, h] -> vocab-parallel logits [s, b, V/tp] with the tied wte."""
-    return vocab_parallel_logits(x, embed.wte.weight, embed.vocab_size, embed.padded_vocab, embed.tp,
-                                 embed.sequence_parallel)
+def _with_wte(embed: Embedding, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last stage: h_L -> (h_L, the tied wte shard) for the loss function."""
+    return hidden, embed.wte.weight
 
 
-def _tied_logits_and_hidden(embed: Embedding, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _tied_logits(embed, x), x
+class LMLoss:
+    """The pipeline's loss function: ``LMHead.loss`` of the last stage's head, so the fused
+    cross-entropy switch runs the same kernel as at pp=1."""
 
+    def __init__(self) -> None:
+        self.head: LMHead | None = None
 
-def _loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor], fused: bool = False) -> torch.Tensor:
-    target, loss_mask = labels
-    return lm_loss(logits, target, loss_mask, fused=fused)  # fused: kernels.cross_entropy, streamed
+    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
+        assert self.head is not None, "LMLoss called on a stage without the LM head"
+        hidden, wte = outputs
+        target, loss_mask = labels
+        return self.head.loss(hidden, wte, target, loss_mask)
 
 
 class TaskHeadPipe(TaskHead):
-    """GPT-1's W_y on the last stage: passes (logits, hidden) on; ``TaskLoss`` applies it."""
+    """GPT-1's W_y on the last stage: passes (h_L, wte) on; ``TaskLoss`` applies it."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec.cfg.n_embd, spec.task, spec.sequence_parallel,
+        super().__init__(spec.cfg.n_embd, spec.task, spec.tp_group, spec.sequence_parallel,
                          init=lambda lin: init_task_head(lin, spec))
 
     def forward(self, *outputs: Any) -> Any:  # type: ignore[override]
-        """DeepSpeed unpacks a tuple activation into arguments: (logits, hidden) -> the same."""
+        """A tuple activation may arrive unpacked into arguments: (h_L, wte) -> the same."""
         return outputs if len(outputs) > 1 else outputs[0]
 
 
@@ -99,12 +99,14 @@ class TaskLoss:
 
     def __init__(self) -> None:
         self.head: TaskHead | None = None
+        self.lm_head: LMHead | None = None
         self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        assert self.head is not None, "TaskLoss called on a stage without the task head"
-        logits, hidden = outputs
+        assert self.head is not None and self.lm_head is not None, "TaskLoss called on a stage without the heads"
+        hidden, wte = outputs
         lm_labels, lm_mask, extract_pos, task_labels = labels
+        logits = self.lm_head.logits(hidden, wte)
         loss, parts, task_logits = self.head.objective(logits, hidden, lm_labels, lm_mask, extract_pos, task_labels)
         self.records.append((parts, task_logits, task_labels.detach()))
         return loss
@@ -113,14 +115,14 @@ class TaskLoss:
 def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) -> Any:
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+    from gpt_dist.deepspeed_compat import pipeline_layers
+
     task = spec.task is not None
     layers = [TiedLayerSpec("embed", EmbeddingPipe, spec, tied_weight_attr="wte.weight")]
     layers += [LayerSpec(BlockPipe, spec, i) for i in range(cfg.model.n_layer)]
-    layers += [LayerSpec(FinalNorm, spec),
-               TiedLayerSpec("embed", EmbeddingPipe, spec,
-                             forward_fn=_tied_logits_and_hidden if task else _tied_logits,
-                             tied_weight_attr="wte.weight")]
-    loss_fn: Any = functools.partial(_loss, fused=spec.kernels.cross_entropy)
+    layers += [LayerSpec(LMHeadPipe, spec),
+               TiedLayerSpec("embed", EmbeddingPipe, spec, forward_fn=_with_wte, tied_weight_attr="wte.weight")]
+    loss_fn: LMLoss | TaskLoss = LMLoss()
     if task:
         layers.append(LayerSpec(TaskHeadPipe, spec))
         loss_fn = TaskLoss()
@@ -132,10 +134,45 @@ def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) ->
                             partition_method=cfg.parallel.pipeline_partition,
                             activation_checkpoint_interval=interval,
                             checkpointable_layers=["BlockPipe"])
-    if task:
-        heads = [f for f in module.forward_funcs if isinstance(f, TaskHeadPipe)]
+    funcs = pipeline_layers(module)
+    lm_heads = [f for f in funcs if isinstance(f, LMHeadPipe)]
+    if isinstance(loss_fn, TaskLoss):
+        heads = [f for f in funcs if isinstance(f, TaskHeadPipe)]
         loss_fn.head = heads[0] if heads else None
+        loss_fn.lm_head = lm_heads[0] if lm_heads else None
+    else:
+        loss_fn.head = lm_heads[0] if lm_heads else None
     return module
+
+
+@dataclass
+class StageParts:
+    """This rank's part of the model as the inference runtime runs it, the same for a whole
+    ``GPT`` (every part present) and a pipeline stage: the embedding on the first stage, the
+    blocks, the LM head and the tied output weight on the last stage."""
+
+    embed: Embedding | None
+    blocks: list[Block]
+    head: LMHead | None
+    wte: torch.Tensor | None
+    task_head: TaskHead | None = None
+
+
+def stage_parts(model: Any) -> StageParts:
+    """``StageParts`` of a ``GPT`` or of this rank's ``PipelineModule`` stage."""
+    from gpt_dist.deepspeed_compat import pipeline_layers
+    from gpt_dist.model.gpt import GPT
+
+    if isinstance(model, GPT):
+        return StageParts(model.embed, list(model.h), model.head, model.embed.wte.weight, model.task_head)
+    layers = pipeline_layers(model)
+    embeds = [f for f in layers if isinstance(f, EmbeddingPipe)]
+    heads = [f for f in layers if isinstance(f, LMHeadPipe)]
+    tied = [f for f in layers if isinstance(f, functools.partial) and f.func is _with_wte]
+    tasks = [f for f in layers if isinstance(f, TaskHeadPipe)]
+    return StageParts(embeds[0] if embeds else None, [f for f in layers if isinstance(f, BlockPipe)],
+                      heads[0] if heads else None, tied[0].args[0].wte.weight if tied else None,
+                      tasks[0] if tasks else None)
 
 
 def pipe_name_to_gpt(layer_idx: int, local_name: str, n_layer: int) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from gpt_dist.config import ModelConfig
+from gpt_dist.parallel import TPGroup
 from gpt_dist.export.hf import from_hf
 from gpt_dist.export.names import (
     CONFIG,
@@ -143,9 +144,10 @@ def load_export(export_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
 
 
 def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
-                          tp_rank: int, tp: int, cfg: ModelConfig | None = None,
+                          tp_group: TPGroup | None = None, cfg: ModelConfig | None = None,
                           grow_vocab: bool = False) -> list[str]:
-    """Copy a full native state into ``model`` (a ``GPT`` or a pipeline stage) for its TP rank.
+    """Copy a full native state into ``model`` (a ``GPT`` or a pipeline stage) for its TP rank
+    (``tp_group``: the model's TP group, ``ParallelContext.tensor_parallel``; None: no TP).
 
     The vocabulary is re-padded with zero rows to the model's padded size. With
     ``grow_vocab`` (fine-tuning: start/delimiter/extract appended after a pretrained
@@ -154,6 +156,8 @@ def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Te
     in every layout). Parameters the state lacks under the ``task_head.`` prefix (a pretrained
     export has no fine-tuning head) keep their initialisation. ZeRO-3 parameters are
     gathered, written and re-partitioned. Returns the native names loaded."""
+    tp_group = tp_group or TPGroup()
+    tp, tp_rank = tp_group.size, tp_group.rank
     n_layer = cfg.n_layer if cfg is not None else getattr(getattr(model, "spec", None), "cfg", ModelConfig()).n_layer
     loaded = []
     for name, param in model.named_parameters():
@@ -169,7 +173,7 @@ def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Te
         dim = tp_dim(canon)
         with _gathered(param):
             if canon == "wte.weight":
-                full = _vocab_rows(full, param, shape[0] * tp, tp_rank, tp, cfg, grow_vocab)
+                full = _vocab_rows(full, param, shape[0] * tp, tp_group, cfg, grow_vocab)
             if dim is not None and tp > 1:
                 if full.dim() <= dim or full.shape[dim] % tp:
                     raise ExportError(f"load: tensor {canon} of shape {tuple(full.shape)} cannot be split "
@@ -196,7 +200,7 @@ def _gathered(param: torch.nn.Parameter) -> Any:
     return contextlib.nullcontext()
 
 
-def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter, padded: int, tp_rank: int, tp: int,
+def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter, padded: int, tp_group: TPGroup,
                 cfg: ModelConfig | None, grow_vocab: bool) -> torch.Tensor:
     """The export's token embedding brought to the model's padded vocabulary (full rows)."""
     if full.shape[0] > padded or full.dim() != 2:
@@ -208,22 +212,21 @@ def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter, padded: int, tp_r
             raise ExportError(f"load: the export has {full.shape[0]} token rows, the model {vocab}; "
                               "only fine-tuning grows the vocabulary")
         # the new real rows: this model's own seeded init (the TP shard's rows, gathered)
-        own = _full_rows(param.data, tp_rank, tp)
+        own = _full_rows(param.data, tp_group)
         full = torch.cat([full, own[full.shape[0]:vocab].to(full.dtype)])
     if full.shape[0] < padded:
         full = torch.cat([full, full.new_zeros(padded - full.shape[0], full.shape[1])])
     return full
 
 
-def _full_rows(shard: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+def _full_rows(shard: torch.Tensor, tp_group: TPGroup) -> torch.Tensor:
     """All TP shards of the vocab-parallel embedding (gathered over the TP group)."""
-    if tp == 1:
+    if tp_group.size == 1:
         return shard.detach().clone()
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    parts = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(parts, shard.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    parts = [torch.empty_like(shard) for _ in range(tp_group.size)]
+    dist.all_gather(parts, shard.detach().contiguous(), group=tp_group.group)
     return torch.cat(parts)
 
 
@@ -273,7 +276,7 @@ def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
         # pretraining, or another task's head: W_y starts from its initialisation
         state = {k: v for k, v in state.items() if not k.startswith(TASK_PREFIX)}
     module = eng.ds.module
-    loaded = set(load_state_into_model(module, state, ctx.tp_rank, ctx.tp, cfg.model, grow_vocab=finetune))
+    loaded = set(load_state_into_model(module, state, ctx.tensor_parallel, cfg.model, grow_vocab=finetune))
     if not eng.is_pipeline or ctx.pp == 1:
         missing = set(expected_shapes(mcfg)) - loaded
         if missing:

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from gpt_dist.kernels._common import next_pow2
+from gpt_dist.parallel import TPGroup
 
 
 @triton.jit
@@ -70,16 +71,6 @@ def _ce_grad(L, stride, G, g_stride, T, LSE, SCALE, V, n_valid, BLOCK_V: tl.cons
         tl.store(out + cols, d.to(G.dtype.element_ty), mask=cols < V)
 
 
-def _tp() -> tuple[Any, int, int]:
-    """(TP group or None when tp == 1, tp size, tp rank)."""
-    from megatron.core import parallel_state as ps
-
-    world = ps.get_tensor_model_parallel_world_size()
-    if world == 1:
-        return None, 1, 0
-    return ps.get_tensor_model_parallel_group(), world, ps.get_tensor_model_parallel_rank()
-
-
 def _block(v: int, t: torch.Tensor, block_v: int | None) -> int:
     return block_v or (min(4096, next_pow2(v)) if t.is_cuda else min(16384, next_pow2(v)))
 
@@ -112,9 +103,10 @@ def _dlogits(logits2d: torch.Tensor, out2d: torch.Tensor, tgt_local: torch.Tenso
                           n_valid, BLOCK_V=block)
 
 
-def _local(vocab: int | None, v_local: int) -> tuple[Any, int, int]:
-    """(TP group, this rank's first vocabulary id, how many of its columns are real ids)."""
-    group, world, rank = _tp()
+def _local(vocab: int | None, v_local: int, tp: TPGroup | None) -> tuple[Any, int, int]:
+    """(TP group or None, this rank's first vocabulary id, how many of its columns are real ids)."""
+    tp = tp or TPGroup()
+    group, world, rank = (tp.group if tp.size > 1 else None), tp.size, tp.rank
     start = rank * v_local
     real = v_local * world if vocab is None else vocab
     return group, start, max(0, min(v_local, real - start))
@@ -125,9 +117,9 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, vocab: int | None,  # type: ignore[override]
-                block_v: int | None) -> torch.Tensor:
+                block_v: int | None, tp: TPGroup | None) -> torch.Tensor:
         v_local = logits.shape[-1]
-        group, start, n_valid = _local(vocab, v_local)
+        group, start, n_valid = _local(vocab, v_local, tp)
         l2 = logits.reshape(-1, v_local)
         if l2.stride(-1) != 1:
             l2 = l2.contiguous()
@@ -143,14 +135,15 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         l2, tgt, lse = ctx.saved_tensors
         grad = torch.empty(l2.shape, dtype=l2.dtype, device=l2.device)
         _dlogits(l2, grad, tgt, lse, g.reshape(-1).float().contiguous(), ctx.n_valid, ctx.block)
-        return grad.view(ctx.shape), None, None, None
+        return grad.view(ctx.shape), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab: int | None = None,
-                                 block_v: int | None = None) -> torch.Tensor:
+                                 block_v: int | None = None, tp: TPGroup | None = None) -> torch.Tensor:
     """megatron-core's ``tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)``
-    without the float32 copy; ``vocab`` (the real vocabulary) masks the TP padding columns."""
-    return VocabParallelCrossEntropy.apply(logits, target, vocab, block_v)
+    without the float32 copy; ``vocab`` (the real vocabulary) masks the TP padding columns;
+    ``tp``: the TP group the vocabulary is split over (None: not split)."""
+    return VocabParallelCrossEntropy.apply(logits, target, vocab, block_v, tp)
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -163,9 +156,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,  # type: ignore[override]
                 tok_weight: torch.Tensor, vocab: int, chunk: int, need_grad: bool,
-                block_v: int | None) -> torch.Tensor:
+                block_v: int | None, tp: TPGroup | None) -> torch.Tensor:
         n_rows, v_local = x.shape[0], weight.shape[0]
-        group, start, n_valid = _local(vocab, v_local)
+        group, start, n_valid = _local(vocab, v_local, tp)
         tgt = (target.reshape(-1).long() - start).contiguous()
         w = tok_weight.reshape(-1).float().contiguous()
         block = _block(v_local, x, block_v)
@@ -195,14 +188,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         gx, gw = ctx.saved_tensors
         if gx is None:
             raise RuntimeError("fused_linear_cross_entropy: backward through a forward run without need_grad")
-        return gx * g.to(gx.dtype), (gw * g).to(ctx.w_dtype), None, None, None, None, None, None
+        return gx * g.to(gx.dtype), (gw * g).to(ctx.w_dtype), None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                tok_weight: torch.Tensor, vocab: int, chunk: int = 2048,
-                               block_v: int | None = None) -> torch.Tensor:
+                               block_v: int | None = None, tp: TPGroup | None = None) -> torch.Tensor:
     """Scalar ``sum_i tok_weight_i * CE_i`` of the tied output layer; x [N, h], weight
     [V/tp, h], target and tok_weight [N]. Gradients are computed in the forward only when
     autograd will need them."""
     need = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return FusedLinearCrossEntropy.apply(x, weight, target, tok_weight, vocab, chunk, need, block_v)
+    return FusedLinearCrossEntropy.apply(x, weight, target, tok_weight, vocab, chunk, need, block_v, tp)

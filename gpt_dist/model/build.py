@@ -1,8 +1,10 @@
-"""Model construction in one place: the spec from the run config, and the plain (pp=1) or
+"""Model construction in one place: the spec from config sections, and the plain (pp=1) or
 pipeline model built from it, inside ZeRO-3's ``zero.Init`` when the run shards parameters.
 
-Training (``training/engine.py``), fine-tuning and evaluation all build through here, so a
-spec field (sequence parallelism, the seed, the fine-tuning head) cannot differ between them.
+Training (``training/engine.py``), fine-tuning, evaluation, generation and prediction all
+build through here, so a spec field (the TP group, sequence parallelism, the seed, the
+fine-tuning head, the kernels) cannot differ between them. ``ModelSpec`` is assembled
+nowhere else.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Any
 from torch import nn
 
 from gpt_dist.config import Config, ModelConfig, ParallelConfig
-from gpt_dist.config_kernels import kernels_for
+from gpt_dist.config_kernels import KernelChoice, kernels_for
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.model.heads import TaskHeadSpec
-from gpt_dist.parallel import ParallelContext
+from gpt_dist.parallel import ParallelContext, TPGroup
 
 
 def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
@@ -28,9 +30,18 @@ def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
                         lm_coef=ft.lm_coef)
 
 
-def model_spec(cfg: Config, tp: int) -> ModelSpec:
-    return ModelSpec(cfg.model, tp=tp, sequence_parallel=cfg.parallel.sequence_parallel,
+def model_spec(cfg: Config, tp: TPGroup) -> ModelSpec:
+    """The spec of a run's model from its config sections, on the TP group ``tp``."""
+    return ModelSpec(cfg.model, tp_group=tp, sequence_parallel=cfg.parallel.sequence_parallel,
                      seed=cfg.training.seed, task=task_head_spec(cfg), kernels=kernels_for(cfg))
+
+
+def build_gpt(mcfg: ModelConfig, tp: TPGroup | None = None, *, sequence_parallel: bool = False,
+              seed: int = 1234, kernels: KernelChoice | None = None, task: TaskHeadSpec | None = None) -> GPT:
+    """A plain ``GPT`` from the model section alone (one process, or this rank's TP slice of
+    ``tp``): exports, references, benchmarks. Initialised from (seed, parameter name)."""
+    return GPT(ModelSpec(mcfg, tp_group=tp or TPGroup(), sequence_parallel=sequence_parallel, seed=seed,
+                         task=task, kernels=kernels or KernelChoice()))
 
 
 def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) -> nn.Module:
@@ -39,7 +50,7 @@ def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) ->
     Under ZeRO-3 the pp=1 model is built inside ``zero.Init``, so no rank ever holds it whole."""
     import deepspeed
 
-    spec = model_spec(cfg, ctx.tp)
+    spec = model_spec(cfg, ctx.tensor_parallel)
     full_ac = cfg.parallel.activation_checkpointing == "full"
     if full_ac:
         configure_activation_checkpointing(cfg, ctx)
@@ -66,7 +77,7 @@ def build_inference_model(mcfg: ModelConfig, ctx: ParallelContext,
     The caller loads its TP slice of an export (``export.load_state_into_model``)."""
     cfg = Config(model=mcfg, parallel=ParallelConfig(tp=ctx.tp, pp=ctx.pp,
                                                      pipeline_partition=pipeline_partition))  # type: ignore[arg-type]
-    spec = model_spec(cfg, ctx.tp)
+    spec = model_spec(cfg, ctx.tensor_parallel)
     if ctx.pp > 1:
         from gpt_dist.pipeline import build_pipeline_module
 

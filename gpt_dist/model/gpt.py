@@ -44,8 +44,9 @@ from gpt_dist.config import ModelConfig
 from gpt_dist.config_kernels import KernelChoice
 from gpt_dist.model.heads import TaskHead, TaskHeadSpec
 from gpt_dist.model.kv_cache import KVCache
-from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, mask_padded_vocab, vocab_parallel_logits  # noqa: F401
+from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, vocab_parallel_logits
 from gpt_dist.model.sequence_parallel import seq_gather, seq_split
+from gpt_dist.parallel import TPGroup
 from gpt_dist.rng import param_generator, tp_region
 
 
@@ -57,10 +58,12 @@ def _tp() -> Any:
 
 @dataclass
 class ModelSpec:
-    """What the layers need besides ModelConfig: parallel sizes and the init seed."""
+    """What the layers need besides ModelConfig: the TP group, the init seed, the kernels.
+    Assembled from config sections in one place, ``gpt_dist.model.build``."""
 
     cfg: ModelConfig
-    tp: int = 1
+    tp_group: TPGroup = field(default_factory=TPGroup)
+    """The tensor-parallel group (``ParallelContext.tensor_parallel``); size 1: no TP."""
     sequence_parallel: bool = False
     seed: int = 1234
     task: TaskHeadSpec | None = None
@@ -74,10 +77,13 @@ class ModelSpec:
 
         # use_cpu_initialization: build each full weight from the seed on every rank, keep
         # this rank's slice. Needed on CPU (the GPU path forks CUDA RNG) and it makes the
-        # weights independent of the layout.
+        # weights independent of the layout. sequence_parallel stays off inside megatron-core's
+        # linears: its sequence mappings allocate on CUDA only, and the project has one
+        # sequence-parallel implementation for every device (``sequence_parallel.py``), the
+        # one the CPU tests run.
         self.megatron = ModelParallelConfig(
             tensor_model_parallel_size=self.tp,
-            sequence_parallel=self.native_sp,
+            sequence_parallel=False,
             use_cpu_initialization=True,
             perform_initialization=True,
             params_dtype=torch.float32,
@@ -85,11 +91,8 @@ class ModelSpec:
         )
 
     @property
-    def native_sp(self) -> bool:
-        """Sequence parallelism inside megatron-core's linears (CUDA only: they allocate their
-        all-gather buffers with ``torch.cuda.current_device()``). Without CUDA the blocks do the
-        same split around the linears themselves (``seq_gather`` / ``seq_split``)."""
-        return self.sequence_parallel and torch.cuda.is_available()
+    def tp(self) -> int:
+        return self.tp_group.size
 
     @property
     def padded_vocab(self) -> int:
@@ -119,7 +122,7 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, n: int, eps: float, sequence_parallel: bool, fused: bool = False) -> None:
         super().__init__(n, eps=eps)
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel = sequence_parallel  # (then tp > 1: validated with the config)
         self.fused = fused  # kernels.layernorm: the Triton kernel (gpt_dist/kernels/layernorm.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,19 +168,19 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.attn_dropout = cfg.attn_dropout
         self.dropout = cfg.dropout
-        self.sequence_parallel = spec.sequence_parallel
-        self.manual_sp = spec.sequence_parallel and not spec.native_sp
+        self.sequence_parallel, self.tp_group = spec.sequence_parallel, spec.tp_group
         self.flash, self.fused_bda = spec.kernels.flash_attention, spec.kernels.bias_dropout_add
         self.c_attn = tp.ColumnParallelLinear(
             cfg.n_embd, 3 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
+            disable_grad_reduce=spec.sequence_parallel,  # SP: seq_gather's backward reduce-scatters
             init_method=spec.init(f"{prefix}.c_attn.weight", cfg.init_std))
         self.c_proj = tp.RowParallelLinear(
             cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.manual_sp:  # the linear all-reduces its input gradient: take our slice back
-            x = seq_gather(x, reduce_grad=False)
+        if self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward: reduce-scatter
+            x = seq_gather(x, self.tp_group, reduce_grad=True)
         qkv, _ = self.c_attn(x)                                  # [s, b, 3h/tp]
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.n_head_local, 3, self.head_dim)  # [s, b, nh/tp, 3, hd]
@@ -207,9 +210,9 @@ class Attention(nn.Module):
             else:  # decoding with a cache: query i sees keys up to past + i
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask(s, k.shape[2], q.device), dropout_p=p)
         y = y.permute(2, 0, 1, 3).reshape(s, b, self.n_head_local * self.head_dim)  # [s, b, h/tp]
-        y, bias = self.c_proj(y)                                 # [s, b, h] (or [s/tp, b, h] with SP)
-        if self.manual_sp:  # all-reduced [s, b, h] -> [s/tp, b, h]: a reduce-scatter
-            y = seq_split(y)
+        y, bias = self.c_proj(y)                                 # [s, b, h], all-reduced over TP
+        if self.sequence_parallel:  # -> [s/tp, b, h] (an all-reduce and a slice: a reduce-scatter's
+            y = seq_split(y, self.tp_group)  # result; RowParallelLinear has no SP mode off CUDA)
         bias = _maybe_tp_copy(bias, self.sequence_parallel) if bias is not None else None
         return _bias_dropout_add(y, bias, residual, self.dropout, self.training, self.sequence_parallel,
                                  self.fused_bda)
@@ -225,19 +228,19 @@ class MLP(nn.Module):
         super().__init__()
         cfg, tp = spec.cfg, _tp()
         self.dropout = cfg.dropout
-        self.sequence_parallel = spec.sequence_parallel
-        self.manual_sp = spec.sequence_parallel and not spec.native_sp
+        self.sequence_parallel, self.tp_group = spec.sequence_parallel, spec.tp_group
         self.fused_gelu, self.fused_bda = spec.kernels.bias_gelu, spec.kernels.bias_dropout_add
         self.c_fc = tp.ColumnParallelLinear(  # fused GELU: the kernel adds the bias
             cfg.n_embd, 4 * cfg.n_embd, config=spec.megatron, bias=cfg.bias, gather_output=False,
+            disable_grad_reduce=spec.sequence_parallel,
             skip_bias_add=self.fused_gelu, init_method=spec.init(f"{prefix}.c_fc.weight", cfg.init_std))
         self.c_proj = tp.RowParallelLinear(
             4 * cfg.n_embd, cfg.n_embd, config=spec.megatron, bias=cfg.bias, input_is_parallel=True,
             skip_bias_add=True, init_method=spec.init(f"{prefix}.c_proj.weight", spec.resid_std()))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.manual_sp:
-            x = seq_gather(x, reduce_grad=False)
+        if self.sequence_parallel:
+            x = seq_gather(x, self.tp_group, reduce_grad=True)
         y, fc_bias = self.c_fc(x)                                # [s, b, 4h/tp]
         if self.fused_gelu:
             from gpt_dist.kernels.bias_gelu import bias_gelu
@@ -246,8 +249,8 @@ class MLP(nn.Module):
         else:
             y = F.gelu(y, approximate="tanh")
         y, bias = self.c_proj(y)                                 # [s, b, h]
-        if self.manual_sp:
-            y = seq_split(y)
+        if self.sequence_parallel:
+            y = seq_split(y, self.tp_group)
         bias = _maybe_tp_copy(bias, self.sequence_parallel) if bias is not None else None
         return _bias_dropout_add(y, bias, residual, self.dropout, self.training, self.sequence_parallel,
                                  self.fused_bda)
@@ -295,7 +298,7 @@ class Embedding(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         cfg, tp = spec.cfg, _tp()
-        self.sequence_parallel = spec.sequence_parallel
+        self.sequence_parallel, self.tp_group = spec.sequence_parallel, spec.tp_group
         self.dropout = cfg.dropout
         self.wte = tp.VocabParallelEmbedding(
             spec.padded_vocab, cfg.n_embd, config=spec.megatron,
@@ -316,7 +319,7 @@ class Embedding(nn.Module):
         x = self.wte(input_ids) + self.wpe(pos)                  # [b, s, h]
         x = x.transpose(0, 1).contiguous()                       # [s, b, h]
         if self.sequence_parallel:
-            x = seq_split(x)                                     # [s/tp, b, h]
+            x = seq_split(x, self.tp_group)                      # [s/tp, b, h]
         return _dropout(x, self.dropout, self.training, self.sequence_parallel)
 
 
@@ -337,42 +340,51 @@ def _init_partitioned(param: nn.Parameter, init: Callable[[torch.Tensor], None])
 
 
 class LMHead(nn.Module):
-    """Final LN (GPT-2) and the tied output layer; holds no weight of its own.
+    """Final LN (GPT-2), the tied output layer and the next-token loss; holds no weight but ln_f.
 
-    The one LM head: ``GPT`` calls it whole; the pipeline view (``pipeline.py``) runs ``norm``
-    as its own layer and ``vocab_parallel_logits`` on the last stage's tied embedding copy."""
+    The one LM head: ``GPT`` holds one, and the pipeline's last stage holds the same class as
+    a layer (``pipeline.LMHeadPipe``), so every kernel switch (fused LayerNorm, fused
+    cross-entropy) means the same thing at any pp."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         cfg = spec.cfg
         self.ln_f = (LayerNorm(cfg.n_embd, cfg.ln_eps, spec.sequence_parallel, spec.kernels.layernorm)
                      if cfg.arch == "gpt2" else None)
-        self.sequence_parallel = spec.sequence_parallel
-        self.vocab_size, self.padded_vocab, self.tp = cfg.vocab_size, spec.padded_vocab, spec.tp
-        self.chunk = spec.kernels.ce_chunk_tokens
+        self.sequence_parallel, self.tp_group = spec.sequence_parallel, spec.tp_group
+        self.vocab_size, self.padded_vocab = cfg.vocab_size, spec.padded_vocab
+        self.fused_ce, self.chunk = spec.kernels.cross_entropy, spec.kernels.ce_chunk_tokens
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden state h_L: after ln_f for GPT-2, the last block's output for GPT-1."""
         return self.ln_f(x) if self.ln_f is not None else x
 
     def logits(self, hidden: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
-        """Normalised hidden [s, b, h] -> vocab-parallel logits [s, b, V/tp], padding masked."""
-        return vocab_parallel_logits(hidden, wte, self.vocab_size, self.padded_vocab, self.tp,
+        """Normalised hidden [s(/tp), b, h] -> vocab-parallel logits [s, b, V/tp], padding masked."""
+        return vocab_parallel_logits(hidden, wte, self.vocab_size, self.padded_vocab, self.tp_group,
                                      self.sequence_parallel)
+
+    def loss(self, hidden: torch.Tensor, wte: torch.Tensor, labels: torch.Tensor,
+             loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """L1 from the normalised hidden [s(/tp), b, h]: with ``kernels.cross_entropy`` the
+        chunked CE fused with the tied output layer (no whole logits), else megatron-core's
+        vocabulary-parallel CE over ``logits``."""
+        if self.fused_ce:
+            return fused_lm_loss(hidden, wte, labels, loss_mask, self.vocab_size, self.chunk, self.tp_group,
+                                 self.sequence_parallel)
+        return lm_loss(self.logits(hidden, wte), labels, loss_mask)
 
     def forward(self, x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
         """[s, b, h] -> vocab-parallel logits [s, b, V/tp]; padding rows masked out."""
         return self.logits(self.norm(x), wte)
 
-    def fused_loss(self, hidden: torch.Tensor, wte: torch.Tensor, labels: torch.Tensor,
-                   loss_mask: torch.Tensor | None) -> torch.Tensor:
-        """``lm_loss(self.logits(hidden, wte), labels, loss_mask)`` without whole logits
-        (kernels.cross_entropy: the chunked CE fused with the tied output layer)."""
-        return fused_lm_loss(hidden, wte, labels, loss_mask, self.vocab_size, self.chunk, self.sequence_parallel)
-
 
 class GPT(nn.Module):
-    """The whole decoder (pp=1). The pipeline view in ``pipeline.py`` reuses these blocks."""
+    """The whole decoder (pp=1). The pipeline view in ``pipeline.py`` reuses these blocks.
+
+    Three entry points, by what they return: ``hidden`` (h_L), ``logits`` (inference, with
+    an optional KV cache) and ``forward`` (training: the loss, what the DeepSpeed engine calls;
+    with a fine-tuning head, ``TaskHead.objective``'s tuple)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -380,7 +392,7 @@ class GPT(nn.Module):
         self.embed = Embedding(spec)
         self.h = nn.ModuleList(Block(spec, i) for i in range(spec.cfg.n_layer))
         self.head = LMHead(spec)
-        self.task_head = (TaskHead(spec.cfg.n_embd, spec.task, spec.sequence_parallel,
+        self.task_head = (TaskHead(spec.cfg.n_embd, spec.task, spec.tp_group, spec.sequence_parallel,
                                    init=lambda lin: init_task_head(lin, spec))
                           if spec.task is not None else None)
         self.checkpoint_every = 0  # set by the trainer: recompute every k-th block
@@ -388,14 +400,8 @@ class GPT(nn.Module):
             for block in self.h:
                 block.compile(backend=spec.kernels.compile_backend)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                extract_pos: torch.Tensor | None = None,
-                task_labels: torch.Tensor | None = None) -> Any:
-        """input_ids [b, s] -> scalar loss (with labels) or vocab-parallel logits [b, s, V/tp].
-
-        Fine-tuning (``extract_pos`` [b] and ``task_labels`` [B] given): the head's
-        ``(L3, [L1, L2], task logits [B, n])``, see ``TaskHead.objective``."""
+    def hidden(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [b, s] -> h_L [s(/tp), b, h] (after GPT-2's final LN); extends ``kv_cache``."""
         offset = kv_cache.offset if kv_cache is not None else 0
         x = self.embed(input_ids, offset)                        # [s, b, h]
         for i, block in enumerate(self.h):
@@ -407,17 +413,26 @@ class GPT(nn.Module):
                 x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
-        hidden = self.head.norm(x)                               # h_L [s, b, h]
-        if labels is not None and extract_pos is None and self.spec.kernels.cross_entropy:
-            return self.head.fused_loss(hidden, self.embed.wte.weight, labels, loss_mask)
-        logits = self.head.logits(hidden, self.embed.wte.weight)  # [s, b, V/tp]
-        if extract_pos is not None:
-            if self.task_head is None:
-                raise ValueError("extract_pos given to a model without a task head")
-            return self.task_head.objective(logits, hidden, labels, loss_mask, extract_pos, task_labels)
-        if labels is None:
-            return logits.transpose(0, 1)                        # [b, s, V/tp]
-        return lm_loss(logits, labels, loss_mask)
+        return self.head.norm(x)
+
+    def logits(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [b, s] -> vocab-parallel logits [b, s, V/tp] (padding rows masked)."""
+        return self.head.logits(self.hidden(input_ids, kv_cache), self.embed.wte.weight).transpose(0, 1)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                extract_pos: torch.Tensor | None = None, task_labels: torch.Tensor | None = None) -> Any:
+        """Training: input_ids and labels [b, s] -> the scalar next-token loss L1.
+
+        With a fine-tuning head (``extract_pos`` [b] and ``task_labels`` [B] then required):
+        ``(L3, [L1, L2], task logits [B, n])``, see ``TaskHead.objective``."""
+        hidden = self.hidden(input_ids)                          # h_L [s, b, h]
+        wte = self.embed.wte.weight
+        if self.task_head is None:
+            return self.head.loss(hidden, wte, labels, loss_mask)
+        if extract_pos is None or task_labels is None:
+            raise ValueError("a model with a task head needs extract_pos and task_labels")
+        return self.task_head.objective(self.head.logits(hidden, wte), hidden, labels, loss_mask, extract_pos,
+                                        task_labels)
 
 
 def init_task_head(linear: nn.Linear, spec: ModelSpec) -> None:
@@ -441,9 +456,3 @@ def analytic_parameters(cfg: ModelConfig) -> int:
     per_block = 12 * h * h + 13 * h if cfg.bias else 12 * h * h + 4 * h
     final_ln = 2 * h if cfg.arch == "gpt2" else 0
     return cfg.vocab_size * h + cfg.n_ctx * h + cfg.n_layer * per_block + final_ln
-
-
-def build_model(cfg: ModelConfig, *, tp: int = 1, sequence_parallel: bool = False,
-                seed: int = 1234, kernels: KernelChoice | None = None) -> GPT:
-    return GPT(ModelSpec(cfg, tp=tp, sequence_parallel=sequence_parallel, seed=seed,
-                         kernels=kernels or KernelChoice()))

@@ -30,6 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_dist.model.lm_head import lm_loss
+from gpt_dist.model.sequence_parallel import seq_gather
+from gpt_dist.parallel import TPGroup
+
 
 @dataclass(frozen=True)
 class TaskHeadSpec:
@@ -55,11 +59,12 @@ class TaskHeadSpec:
 class TaskHead(nn.Module):
     """W_y and the fine-tuning objective. Parameters: ``linear.weight`` [n_out, h], ``linear.bias``."""
 
-    def __init__(self, n_embd: int, spec: TaskHeadSpec, sequence_parallel: bool = False,
+    def __init__(self, n_embd: int, spec: TaskHeadSpec, tp: TPGroup | None = None, sequence_parallel: bool = False,
                  init: Any = None) -> None:
         super().__init__()
         self.spec = spec
         self.sequence_parallel = sequence_parallel
+        self.tp = tp or TPGroup()
         self.linear = nn.Linear(n_embd, spec.n_out)
         if init is not None:  # (seed, name)-seeded N(0, 0.02) weight, zero bias (GPT-1's code)
             init(self.linear)
@@ -67,9 +72,7 @@ class TaskHead(nn.Module):
     def extract(self, hidden: torch.Tensor, extract_pos: torch.Tensor) -> torch.Tensor:
         """hidden [s(/tp), b, h] -> the extract tokens' states [b, h]."""
         if self.sequence_parallel:  # every TP rank uses the whole gathered tensor the same way
-            from gpt_dist.model.sequence_parallel import seq_gather
-
-            hidden = seq_gather(hidden, reduce_grad=False)
+            hidden = seq_gather(hidden, self.tp, reduce_grad=False)
         rows = torch.arange(hidden.shape[1], device=hidden.device)
         return hidden[extract_pos, rows]
 
@@ -98,8 +101,6 @@ class TaskHead(nn.Module):
 
         lm_logits [s, b, V/tp] (vocabulary-parallel), hidden [s(/tp), b, h], lm_labels and
         lm_mask [b, s], extract_pos [b], task_labels [B] with b = B*K."""
-        from gpt_dist.model.gpt import lm_loss
-
         n = task_labels.shape[0]
         task_logits = self.scores(self.extract(hidden, extract_pos), n)  # not self(): the pipeline
         # layer's forward passes activations through
