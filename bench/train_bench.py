@@ -71,7 +71,7 @@ def main() -> None:
         ScheduleConfig,
         TrainingConfig,
     )
-    from gpt_dist.model.gpt import GPT, ModelSpec
+    from gpt_dist.model.build import build_gpt
     from gpt_dist.parallel import ParallelContext
     from gpt_dist.rng import seed_all
     from gpt_dist.training.engine import build_engine
@@ -106,7 +106,7 @@ def main() -> None:
         train_step(cfg, ctx, eng, objective, iter([batch]))
 
     # 2. the same model in a plain PyTorch loop
-    plain = GPT(ModelSpec(mcfg, seed=1)).to(dev, dtype)
+    plain = build_gpt(mcfg, seed=1).to(dev, dtype)
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=cuda)
     def plain_step() -> None:
         loss = plain(batch["tokens"], batch["labels"], batch["loss_mask"])

@@ -88,8 +88,7 @@ class TaskObjective(Objective):
 
     # -- one micro-batch --------------------------------------------------------------
     def model_inputs(self, batch: Batch) -> tuple[Any, ...]:
-        return (batch["tokens"], batch["lm_labels"], batch["lm_mask"], None, batch["extract_pos"],
-                batch["task_labels"])
+        return (batch["tokens"], batch["lm_labels"], batch["lm_mask"], batch["extract_pos"], batch["task_labels"])
 
     def _metrics(self, parts: torch.Tensor, task_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.spec.regression:

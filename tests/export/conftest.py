@@ -37,7 +37,7 @@ def small_cfg(arch: str = "gpt2", **kw):
 
 def random_model(cfg, seed: int = 0):
     """A TP=1 GPT whose every parameter (LN gains and biases too) is random, in eval mode."""
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
 
     model = build_model(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ def test_hf_logits_equal_ours(ctx, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
     from gpt_dist.export import export_state, load_native, load_state_into_model
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
 
     cfg = small_cfg(arch)
     src = random_model(cfg, seed=1)
@@ -27,10 +27,10 @@ def test_hf_logits_equal_ours(ctx, tmp_path, arch):
     cfg2, loaded = load_native(tmp_path / "native")
     assert cfg2 == cfg
     ours = build_model(cfg2, seed=99).eval()
-    load_state_into_model(ours, loaded, 0, 1)
+    load_state_into_model(ours, loaded)
     ids = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = ours(ids)[..., : cfg.vocab_size].double()
+        want = ours.logits(ids)[..., : cfg.vocab_size].double()
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == ("GPT2LMHeadModel" if arch == "gpt2" else "OpenAIGPTLMHeadModel")

@@ -31,7 +31,7 @@ def _tensors(path):
 @pytest.mark.slow
 def test_tp2_export_reimported_into_tp1_is_bitwise_identical(ctx, tp2_run, tmp_path):
     from gpt_dist.export import export_state, load_native, load_state_into_model
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
 
     res = helpers.run(helpers.python_cmd(ROOT / "launch" / "export.py", "--run", tp2_run, "--out", tmp_path / "e1"),
                       timeout=120)
@@ -46,7 +46,7 @@ def test_tp2_export_reimported_into_tp1_is_bitwise_identical(ctx, tp2_run, tmp_p
     cfg, state = load_native(tmp_path / "e1")
     assert state["wte.weight"].shape == (500, 32)          # padding rows (to 512) stripped
     model = build_model(cfg, seed=7)                        # TP=1, different init
-    load_state_into_model(model, state, 0, 1)
+    load_state_into_model(model, state)
     export_state(native_state(model, cfg), cfg, tmp_path / "e2")
     a, b = _tensors(tmp_path / "e1" / "model.safetensors"), _tensors(tmp_path / "e2" / "model.safetensors")
     assert a and set(a) == set(b), (sorted(a), sorted(b))
@@ -126,7 +126,7 @@ def test_truncated_or_misshapen_safetensors_name_the_tensor(ctx, tmp_path):
         load_native,
         load_state_into_model,
     )
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
 
     cfg = small_cfg()
     state = native_state(random_model(cfg), cfg)
@@ -142,7 +142,7 @@ def test_truncated_or_misshapen_safetensors_name_the_tensor(ctx, tmp_path):
     with pytest.raises(ExportError, match=r"tensor h.1.mlp.c_fc.weight has shape \(5, 5\)"):
         load_native(tmp_path / "e")
     with pytest.raises(ExportError, match=r"tensor h.1.mlp.c_fc.weight has shape"):
-        load_state_into_model(build_model(cfg), bad, 0, 1)
+        load_state_into_model(build_model(cfg), bad)
     w.unlink()
     (tmp_path / "e" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ExportError, match="pickle files are not loaded"):

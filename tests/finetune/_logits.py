@@ -34,7 +34,7 @@ def main() -> None:
         exs, _ = read_task_file(f, s, tok, require_labels=False)
         b = collate([_with_valid_label(e, s) for e in exs], tok.eod_id)
         with torch.no_grad():
-            _, _, logits = model(b["tokens"], b["lm_labels"], b["lm_mask"], None, b["extract_pos"], b["task_labels"])
+            _, _, logits = model(b["tokens"], b["lm_labels"], b["lm_mask"], b["extract_pos"], b["task_labels"])
         arrays[f"logits{i}"] = logits.double().numpy()
         arrays[f"tokens{i}"] = b["tokens"].numpy()
         arrays[f"extract{i}"] = b["extract_pos"].numpy()

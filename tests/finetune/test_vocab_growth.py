@@ -12,12 +12,12 @@ from tests import helpers
 
 def _model(vocab: int):
     from gpt_dist.config import ModelConfig
-    from gpt_dist.model.gpt import GPT, ModelSpec
+    from gpt_dist.model.build import build_gpt
     from gpt_dist.model.heads import TaskHeadSpec
 
     cfg = ModelConfig(arch="gpt2", n_layer=1, n_head=2, n_embd=16, n_ctx=16, vocab_size=vocab,
                       dropout=0.0, attn_dropout=0.0)
-    return cfg, GPT(ModelSpec(cfg, seed=5, task=TaskHeadSpec("multiple_choice", 1)))
+    return cfg, build_gpt(cfg, seed=5, task=TaskHeadSpec("multiple_choice", 1))
 
 
 def test_export_with_50257_rows_loads_into_50260():
@@ -29,7 +29,7 @@ def test_export_with_50257_rows_loads_into_50260():
         own = model.embed.wte.weight.detach().clone()           # [50304 padded, 16]
         g = torch.Generator().manual_seed(1)
         state = {k: torch.randn(s, generator=g) for k, s in expected_shapes(small_cfg).items()}
-        loaded = load_state_into_model(model, state, 0, 1, cfg, grow_vocab=True)
+        loaded = load_state_into_model(model, state, None, cfg, grow_vocab=True)
     wte = model.embed.wte.weight.detach()
     assert wte.shape[0] == cfg.padded_vocab_size(1) == 50304
     assert torch.equal(wte[:50257], state["wte.weight"])               # the old rows, unchanged
@@ -48,4 +48,4 @@ def test_growth_only_when_fine_tuning():
         cfg, model = _model(50260)
         state = {k: torch.zeros(s) for k, s in expected_shapes(small_cfg).items()}
         with pytest.raises(ExportError, match="only fine-tuning grows the vocabulary"):
-            load_state_into_model(model, state, 0, 1, cfg)
+            load_state_into_model(model, state, None, cfg)

@@ -67,13 +67,13 @@ def _forward_backward(ctx, arch: str, kernels) -> dict:
 
     from gpt_dist import rng
     from gpt_dist.config import ModelConfig
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
 
     mcfg = ModelConfig(arch=arch, n_layer=2, n_head=4, n_embd=32, n_ctx=16, vocab_size=VOCAB,
                        dropout=0.1, attn_dropout=0.1)
     sp = arch == "gpt2"
     rng.seed_all(5, tp_rank=ctx.tp_rank)
-    model = build_model(mcfg, tp=2, sequence_parallel=sp, seed=99, kernels=kernels).train()
+    model = build_model(mcfg, ctx.tensor_parallel, sequence_parallel=sp, seed=99, kernels=kernels).train()
     g = torch.Generator().manual_seed(11)  # the same batch on both ranks
     ids = torch.randint(0, VOCAB, (3, 16), generator=g)
     labels = torch.randint(0, VOCAB, (3, 16), generator=g)
@@ -101,7 +101,7 @@ def _ce(ctx) -> dict:
     from megatron.core import tensor_parallel
 
     from gpt_dist.kernels.cross_entropy import vocab_parallel_cross_entropy
-    from gpt_dist.model.gpt import mask_padded_vocab
+    from gpt_dist.model.lm_head import mask_padded_vocab
 
     g = torch.Generator().manual_seed(3)
     full = torch.randn(5, 2, 512, generator=g) * 3
@@ -110,10 +110,10 @@ def _ce(ctx) -> dict:
     local = full[..., ctx.tp_rank * 256:(ctx.tp_rank + 1) * 256].clone().requires_grad_(True)
     # a copy: megatron-core's CE shifts its (float32) input in place, and without padding on
     # this rank mask_padded_vocab returns the same tensor
-    masked = mask_padded_vocab(local.clone(), VOCAB, 512, 2)
+    masked = mask_padded_vocab(local.clone(), VOCAB, 512, ctx.tensor_parallel)
     ref = tensor_parallel.vocab_parallel_cross_entropy(masked.float(), target)
     (ref_g,) = torch.autograd.grad(ref, local, dy)
-    got = vocab_parallel_cross_entropy(local, target, VOCAB, block_v=64)
+    got = vocab_parallel_cross_entropy(local, target, VOCAB, block_v=64, tp=ctx.tensor_parallel)
     (got_g,) = torch.autograd.grad(got, local, dy)
     grads = [torch.empty_like(got_g) for _ in range(2)], [torch.empty_like(ref_g) for _ in range(2)]
     dist.all_gather(grads[0], got_g, group=ctx.tp_group)

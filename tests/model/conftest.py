@@ -19,7 +19,7 @@ from tests import helpers
 @pytest.fixture
 def meta_model():
     """``meta_model(model_cfg)`` -> a TP=1 GPT on the meta device."""
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
 
     def build(mcfg):
         with helpers.tp1_without_groups(), torch.device("meta"):

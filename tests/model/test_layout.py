@@ -84,7 +84,9 @@ def _expected(per_block: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("arch", ["gpt1", "gpt2"])
 def test_layer_norm_placement_in_forward(ctx, arch):
-    from gpt_dist.model.gpt import build_model, mask_padded_vocab
+    from gpt_dist.model.build import build_gpt as build_model
+    from gpt_dist.model.lm_head import mask_padded_vocab
+    from gpt_dist.parallel import TPGroup
 
     mcfg = _small(arch)
     model = build_model(mcfg, seed=3).eval()
@@ -95,7 +97,7 @@ def test_layer_norm_placement_in_forward(ctx, arch):
     calls, handles = _trace(model)
     ids = torch.randint(0, mcfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = model(ids)
+        logits = model.logits(ids)
     for h in handles:
         h.remove()
 
@@ -133,5 +135,5 @@ def test_layer_norm_placement_in_forward(ctx, arch):
         last = rec["head.ln_f"][1]
     # the output layer is the tied token embedding applied to (ln_f of) the last block's output
     ref = mask_padded_vocab(torch.nn.functional.linear(last, model.embed.wte.weight),
-                            mcfg.vocab_size, mcfg.padded_vocab_size(1), 1).transpose(0, 1)
+                            mcfg.vocab_size, mcfg.padded_vocab_size(1), TPGroup()).transpose(0, 1)
     torch.testing.assert_close(logits, ref, **close)

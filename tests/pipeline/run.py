@@ -5,9 +5,11 @@
 Faults and probes come from GPT_DIST_TEST_* variables (tests/faults.py): KILL_AT, and
 TIED_DIR=DIR, where after every optimizer step each rank that holds the tied token
 embedding (first and last pipeline stage) saves its copy (its TP shard) to
-DIR/tied_rank{R}_step{S}.pt, so the test can check the copies stay equal.
+DIR/tied_rank{R}_step{S}.pt, so the test can check the copies stay equal; KERNEL_COUNTS=PATH
+counts the fused kernels' calls per rank (tests/pipeline/kernel_probe.py).
 """
 
+import os
 import sys
 
 import gpt_dist.training.loop as L
@@ -17,6 +19,10 @@ from tests.faults import EnvFaults
 L.load_tokenizer_info = lambda cfg: (500, 499, "fake")  # toy data: ids < 500, 499 = end of doc
 
 if __name__ == "__main__":
+    if os.environ.get("GPT_DIST_TEST_KERNEL_COUNTS"):
+        from tests.pipeline.kernel_probe import install
+
+        install(os.environ["GPT_DIST_TEST_KERNEL_COUNTS"])
     cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"])
     state = L.pretrain(cfg, hooks=EnvFaults())
     print("FINAL", state)

@@ -31,10 +31,10 @@ def _run(ctx, mcfg, *, sp: bool, every: int = 0, partition: bool = False, seed: 
     """Build, seed, forward + backward one batch; returns (loss, {name: grad})."""
     from gpt_dist import rng
     from gpt_dist.config import ParallelConfig
-    from gpt_dist.model.gpt import build_model
+    from gpt_dist.model.build import build_gpt as build_model
     from gpt_dist.training.engine import configure_activation_checkpointing
 
-    model = build_model(mcfg, tp=2, sequence_parallel=sp, seed=seed)
+    model = build_model(mcfg, ctx.tensor_parallel, sequence_parallel=sp, seed=seed)
     model.train()
     if every:
         cfg = type("C", (), {})()

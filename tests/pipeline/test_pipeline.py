@@ -171,3 +171,50 @@ def test_tp2_pp2_sequence_parallel_checkpointing_equals_pp1_and_resumes(pp1, tp2
         assert abs(losses[-1] - ref_train[step]) <= TOL, (step, losses, ref_train[step])
     # grid tp=2, dp=1, pp=2: ranks 0,1 = stage 0 (tp 0,1); ranks 2,3 = stage 1
     _tied_equal(run / "tied", range(1, 6), [(0, 2), (1, 3)])
+
+
+# --------------------------------------------------------------------------- fused kernels at any pp
+
+KERNELS_ON = {"kernels.layernorm": "on", "kernels.bias_gelu": "on", "kernels.bias_dropout_add": "on",
+              "kernels.cross_entropy": "on", "kernels.ce_chunk_tokens": 7,
+              "training.train_steps": 3, "schedule.decay_steps": 10, "training.eval_interval": 3}
+
+
+def _kernel_run(toy_data, run, pp: int) -> dict[str, int]:
+    """A 3-step run with every Triton kernel on (Triton's interpreter on CPU); the kernels'
+    calls summed over the ranks (tests/pipeline/kernel_probe.py)."""
+    import json
+
+    counts = run / "kernels"
+    env = {"GPT_DIST_TEST_KERNEL_COUNTS": str(counts)}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    launch(pp, overrides(toy_data, run, **{**KERNELS_ON, "parallel.pp": pp}), env=env, timeout=600,
+           log_to=run / "launch.log")
+    total: dict[str, int] = {}
+    for rank in range(pp):
+        for k, v in json.loads((run / f"kernels.rank{rank}.json").read_text()).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+@pytest.mark.slow
+def test_fused_kernels_mean_the_same_at_pp1_and_pp2(pp1, toy_data, tmp_path):
+    """Every kernel switch runs the same kernels at pp=1 and pp=2 (the last stage's head is the
+    model's LMHead: the fused LayerNorm for ln_f, the cross-entropy fused with the output layer,
+    not a different CE kernel), and the losses equal each other and the unfused pp=1 run."""
+    c1 = _kernel_run(toy_data, tmp_path / "k1", 1)
+    c2 = _kernel_run(toy_data, tmp_path / "k2", 2)
+    assert c1 == c2, (c1, c2)
+    # every switch really ran: LN (2 per block + ln_f), bias+GELU, bias+dropout+add, fused CE
+    assert all(c1.get(k, 0) > 0 for k in ("layer_norm", "bias_gelu", "bias_dropout_add",
+                                           "fused_linear_cross_entropy")), c1
+    assert c1.get("vocab_parallel_cross_entropy", 0) == 0, c1
+    assert c1["layer_norm"] == c1["bias_gelu"] * (2 * 2 + 1) // 2, c1  # 2 blocks: 4 block LNs + ln_f per pass
+    ref, _ = metrics(pp1)
+    l1, _ = metrics(tmp_path / "k1")
+    l2, _ = metrics(tmp_path / "k2")
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert abs(l2[step] - l1[step]) <= TOL * max(1.0, l1[step]), (step, l1[step], l2[step])
+        assert abs(l1[step] - ref[step]) <= TOL * max(1.0, ref[step]), (step, l1[step], ref[step])

@@ -140,12 +140,13 @@ def _forward_backward(ctx, arch: str) -> dict:
 
     from gpt_dist import rng
     from gpt_dist.config import ModelConfig
-    from gpt_dist.model.gpt import analytic_parameters, build_model, count_parameters
+    from gpt_dist.model.build import build_gpt as build_model
+    from gpt_dist.model.gpt import analytic_parameters, count_parameters
 
     mcfg = ModelConfig(arch=arch, n_layer=2, n_head=4, n_embd=32, n_ctx=16, vocab_size=VOCAB,
                        dropout=0.0, attn_dropout=0.0)
     rng.seed_all(5, tp_rank=ctx.tp_rank)
-    model = build_model(mcfg, tp=ctx.tp, seed=99).train()
+    model = build_model(mcfg, ctx.tensor_parallel, seed=99).train()
     g = torch.Generator().manual_seed(11)  # the same batch on every rank
     ids = torch.randint(0, VOCAB, (3, 16), generator=g)
     labels = torch.randint(0, VOCAB, (3, 16), generator=g)
