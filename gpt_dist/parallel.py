@@ -24,7 +24,8 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -256,10 +257,11 @@ class ParallelContext:
         }
 
     # ------------------------------------------------------------------ lifetime
-    def __enter__(self) -> ParallelContext:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.barrier()  # no rank tears its groups down while another still uses them
         self.destroy()

@@ -33,6 +33,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from gpt_dist.utils import atomic_write_json
+
 SPECIAL_TOKENS: dict[str, str] = {
     "eod": "<|endoftext|>",
     "start": "<|start|>",
@@ -153,7 +155,7 @@ class Tokenizer(ABC):
         for f in self.files():
             if f.resolve() != (out / f.name).resolve():
                 shutil.copyfile(f, out / f.name)
-        _atomic_write_text(out / META_FILE, json.dumps(self.metadata(), indent=2) + "\n")
+        atomic_write_json(out / META_FILE, self.metadata(), indent=2)
         return out
 
     def __repr__(self) -> str:
@@ -484,15 +486,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpt_dist import utils
 from gpt_dist.utils import fsync_dir, sha256_file
 
 if TYPE_CHECKING:  # megatron-core imports torch: keep it out of light-weight callers
@@ -76,14 +77,9 @@ def fsync_file(path: str | Path) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path.tmp``, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The shard format's JSON (indent 1, sorted keys), through ``gpt_dist.utils``' one
+    atomic-write rule: readers see the old file or the new one."""
+    utils.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 class ShardWriter:
@@ -210,12 +206,20 @@ class ShardWriter:
 def remove_shard_files(prefix: str, committed: bool = True) -> None:
     """Delete a shard's temporary files (and its final files when ``committed``)."""
     names = [prefix + ".bin", prefix + ".idx", str(sidecar_path(prefix))]
+    # and atomic_path's unique temporaries of a write that died: .NAME.XXXX.tmp
+    strays = glob.glob(os.path.join(glob.escape(os.path.dirname(prefix) or "."),
+                                    "." + glob.escape(os.path.basename(prefix)) + ".*.tmp"))
     for name in names:
-        for path in ([name + TMP, name + TMP + TMP] + ([name] if committed else [])):
+        for path in ([name + TMP] + ([name] if committed else [])):
             try:
                 os.remove(path)
             except FileNotFoundError:
                 pass
+    for path in strays:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def read_sidecar(prefix: str) -> dict[str, Any] | None:

@@ -55,6 +55,7 @@ from gpt_dist.data.worker import (
     ping,
     process_batch,
 )
+from gpt_dist.utils import atomic_open
 
 MANIFEST_FORMAT = "gpt_dist.preprocess"
 
@@ -398,11 +399,8 @@ class Preprocessor:
             self.resume_dir.mkdir(exist_ok=True)
             stem = self.resume_dir / f"{self.shard_index:05d}"
             keys = np.stack(self.shard_keys) if self.shard_keys else np.zeros((0, 1 + self.bands), np.uint64)
-            with open(f"{stem}.npy.tmp", "wb") as f:
+            with atomic_open(f"{stem}.npy", "wb") as f:
                 np.save(f, keys, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(f"{stem}.npy.tmp", f"{stem}.npy")
             indexed.atomic_write_json(f"{stem}.json", {
                 "config_key": self.key, "position": asdict(end), "counts": dict(self.counts),
                 "rejects_bytes": self.rejects.tell()})

@@ -23,6 +23,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpt_dist.utils import atomic_open
+
 DOC_SUFFIXES = (".rst", ".md", ".txt")
 SKIP_DIRS = {"__pycache__", "tests", "test", "testing", "idlelib", "site-packages", "lib2to3"}
 MAX_FILE_BYTES = 400_000  # larger files are mostly generated code or data tables
@@ -125,9 +127,8 @@ def write_sample_corpus(out: str | Path, max_bytes: int = 4_000_000, max_doc_cha
     """Write the corpus as JSONL (atomically) until ``max_bytes`` of text; returns counts."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     docs = total = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out, "w") as f:
         for doc in iter_documents(max_doc_chars=max_doc_chars, packages=packages):
             line = json.dumps(doc, ensure_ascii=False)
             f.write(line + "\n")
@@ -135,7 +136,4 @@ def write_sample_corpus(out: str | Path, max_bytes: int = 4_000_000, max_doc_cha
             total += len(doc["text"].encode("utf-8"))
             if total >= max_bytes or (max_docs is not None and docs >= max_docs):
                 break
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
     return {"documents": docs, "text_bytes": total, "file_bytes": out.stat().st_size}

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from gpt_dist.config import ModelConfig
-from gpt_dist.parallel import TPGroup
 from gpt_dist.export.hf import from_hf
 from gpt_dist.export.names import (
     CONFIG,
@@ -24,6 +23,7 @@ from gpt_dist.export.names import (
     model_config_from_dict,
     tp_dim,
 )
+from gpt_dist.parallel import TPGroup
 
 # --------------------------------------------------------------------------- loading exports
 

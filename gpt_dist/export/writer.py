@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +24,7 @@ from gpt_dist.export.names import (
     task_info,
 )
 from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
+from gpt_dist.utils import atomic_path, atomic_write_json
 
 # --------------------------------------------------------------------------- export
 
@@ -80,18 +79,12 @@ def _hf_tokenizer(out: Path, cfg: ModelConfig) -> dict[str, Any]:
 def _write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o644 & ~umask)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from gpt_dist.utils import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_json(path, obj, indent=2)
 
 
 def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, fmt: str = "native",

@@ -28,8 +28,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,7 +37,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from gpt_dist.tokenizer import Tokenizer
-from gpt_dist.utils import fsync_dir
+from gpt_dist.utils import atomic_write_bytes
 
 TaskType = Literal["classification", "entailment", "similarity", "multiple_choice"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
@@ -356,23 +354,6 @@ def _from_npz(file: Path, key: str, spec: TaskSpec, vocab_size: int) -> list[Exa
                     bool(arrays["truncated"][i])) for i in range(n)]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename with a unique tmp name per writer (mkstemp, not the pid, which
-    can repeat across hosts sharing a file system): several ranks may write the same
-    cache entry at once; each rename is atomic, so readers see one whole file or none."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync_dir(path.parent)
-
-
 def load_task_cached(path: str | Path, spec: TaskSpec, tokenizer: Tokenizer, cache_dir: str | Path, *,
                      require_labels: bool = True) -> tuple[list[Example], TaskStats]:
     """:func:`read_task_file`, tokenized once: later calls with the same file content,
@@ -394,7 +375,7 @@ def load_task_cached(path: str | Path, spec: TaskSpec, tokenizer: Tokenizer, cac
     try:
         if stats.sha256 == sha:  # else the file changed between the two reads: cache nothing
             cache_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(file, _to_npz(key, examples))
+            atomic_write_bytes(file, _to_npz(key, examples))  # ranks may write it at once: atomic_path
     except OSError as exc:
         raise TaskFileError(file, None, f"cannot write the token cache ({exc.strerror or exc})") from None
     return examples, stats
