@@ -128,7 +128,7 @@ def dry_run_estimate_gb(cfg: Any) -> float:
 
 def run_project(cfg: Any, ctx: Any, args: argparse.Namespace) -> dict[str, Any]:
     """gpt_dist's training step under DeepSpeed (what launch/pretrain.py runs)."""
-    from gpt_dist.config_kernels import kernels_for
+    from gpt_dist.config import kernels_for
     from gpt_dist.rng import seed_all
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.loop import train_step

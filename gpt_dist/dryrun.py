@@ -25,8 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from gpt_dist.config import Config, bubble_fraction, validate
-from gpt_dist.config_kernels import KernelChoice
+from gpt_dist.config import Config, KernelChoice, bubble_fraction, validate
 
 GB = 1e9
 

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt_dist.config import Config
-from gpt_dist.config_kernels import kernels_for
+from gpt_dist.config import Config, kernels_for
 from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
 from gpt_dist.parallel import ParallelContext
 
