@@ -171,7 +171,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
     aliases of ``--set eval.KEY=VALUE``."""
     data = read_config_file(path) if path is not None else {}
     for section, items in (values or {}).items():
-        node = data.setdefault(section, {})
+        if data.get(section) is None:  # absent, or null in a dumped config
+            data[section] = {}
+        node = data[section]
         if not isinstance(node, dict):
             raise ConfigError(f"{section}: expected an object, got {type(node).__name__}")
         node.update(items)
