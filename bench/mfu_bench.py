@@ -121,8 +121,9 @@ def dry_run_estimate_gb(cfg: Any) -> float:
     output layer), in GiB to compare with torch.cuda.max_memory_allocated."""
     from gpt_dist.dryrun import activation_bytes, memory_per_gpu, output_layer_bytes, stage_parameters
 
-    (st,) = stage_parameters(cfg)
-    states = memory_per_gpu(cfg, st.per_rank, 1)["model_states"] * 1e9
+    (st,) = stage_parameters(cfg.model, cfg.parallel)
+    mem = memory_per_gpu(st.per_rank, 1, zero_stage=cfg.zero_stage, precision=cfg.training.precision)
+    states = mem["model_states"] * 1e9
     return (states + activation_bytes(cfg)[0] + output_layer_bytes(cfg)[0]) / 2**30
 
 

@@ -83,10 +83,9 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True,
             raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} does not exist")
 
 
-def bubble_fraction(cfg: Config, world_size: int) -> float:
+def bubble_fraction(pp: int, micro_batches: int) -> float:
     """1F1B pipeline bubble: (pp - 1) / (micro-batches + pp - 1)."""
-    pp, m = cfg.parallel.pp, cfg.grad_accum_steps(world_size)
-    return (pp - 1) / (m + pp - 1)
+    return (pp - 1) / (micro_batches + pp - 1)
 
 
 #: Keys whose change makes a checkpoint incompatible (resume refuses with a diff).
