@@ -36,17 +36,19 @@ def test_pretraining_schedule_is_the_sections_as_written() -> None:
 @pytest.mark.parametrize("n_train,epochs,frac,eval_every,save,want", [
     # steps/epoch = n // 32; total = epochs x that; warmup = ceil(frac x total);
     # validation and a checkpoint at least once an epoch
-    (100, 3, 0.02, None, 1000, dict(train_steps=9, warmup_steps=1, eval_interval=3, save_interval=3)),
-    (1000, 2, 0.1, 5, 1000, dict(train_steps=62, warmup_steps=7, eval_interval=5, save_interval=31)),
-    (1000, 2, 0.0, 500, 4, dict(train_steps=62, warmup_steps=0, eval_interval=31, save_interval=4)),
-    (32, 1, 0.002, None, 1000, dict(train_steps=1, warmup_steps=1, eval_interval=1, save_interval=1)),
+    (100, 3, 0.02, None, 1000, (9, 1, 3, 3)),
+    (1000, 2, 0.1, 5, 1000, (62, 7, 5, 31)),
+    (1000, 2, 0.0, 500, 4, (62, 0, 31, 4)),
+    (32, 1, 0.002, None, 1000, (1, 1, 1, 1)),
 ])
 def test_finetune_schedule_from_the_data_size(n_train, epochs, frac, eval_every, save, want) -> None:
     cfg = _ft(epochs=epochs, warmup_fraction=frac, eval_interval=eval_every)
     cfg.checkpoint.save_interval = save
     before = cfg.to_dict()
     got = cfg.run_schedule(n_train)
-    assert got == Schedule(decay="linear", decay_steps=want["train_steps"], **want)
+    steps, warmup, eval_interval, save_interval = want
+    assert got == Schedule(train_steps=steps, warmup_steps=warmup, decay="linear", decay_steps=steps,
+                           eval_interval=eval_interval, save_interval=save_interval)
     assert got.warmup_steps == math.ceil(frac * got.train_steps)
     assert cfg.to_dict() == before                          # no section rewritten
     with pytest.raises(AttributeError):
