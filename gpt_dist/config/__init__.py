@@ -13,9 +13,9 @@ The package, from the bottom up (each module imports only those above it):
     errors.py      ConfigError
     sections.py    model, parallel, optimizer, schedule, data, training, checkpoint, logging, run
     kernels.py     kernels (auto|on|off per fused kernel) -> KernelChoice
-    finetune.py    finetune (GPT-1 fine-tuning; absent for pretraining)
-    evaluation.py  eval (launch/evaluate.py; absent for training)
+    evaluation.py  eval (launch/evaluate.py's options; absent for training)
     schedule.py    Schedule: the step plan derived from the sections (and the data size)
+    finetune.py    finetune (GPT-1 fine-tuning; absent for pretraining), its Schedule
     tree.py        Config, the root, with its derived values
     loader.py      JSON + --set -> Config; dump
     checks.py      rules spanning sections or needing the world size; kernels_for
