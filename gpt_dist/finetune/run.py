@@ -30,7 +30,7 @@ def task_spec(cfg: Config, tok: Tokenizer) -> TaskSpec:
     ``finetune.num_choices``, the first example of the training file)."""
     ft = cfg.finetune
     assert ft is not None
-    max_len = ft.max_len or cfg.model.n_ctx
+    max_len = cfg.sequence_length
     if max_len > cfg.model.n_ctx:
         raise ConfigError(f"finetune.max_len: {max_len} exceeds model.n_ctx={cfg.model.n_ctx}")
     if ft.task == "multiple_choice":
