@@ -192,6 +192,7 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
     (``Config.run_schedule``)."""
     t, plan = cfg.training, schedule or cfg.run_schedule()
     log.extra_keys = objective.metric_names
+    log.write(plan.describe())
     while state.step < plan.train_steps:
         hooks.on_step_start(state.step + 1, ctx, stop)
         if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
@@ -265,7 +266,6 @@ def training_session(cfg: Config, ctx: ParallelContext | None = None, fingerprin
     rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
     plan = schedule or cfg.run_schedule()
     log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main, train_steps=plan.train_steps)
-    log.write(plan.describe())
     if ctx.pp > 1:
         bubble = bubble_fraction(ctx.pp, cfg.grad_accum_steps(ctx.world_size))
         log.write(f"warning: pipeline bubble {bubble:.1%} of each step (pp={ctx.pp}, "
