@@ -116,7 +116,7 @@ def main() -> None:
     from gpt_dist.config import ModelConfig
     from gpt_dist.data.sample_corpus import iter_documents
     from gpt_dist.eval import tasks as T
-    from gpt_dist.eval.driver import build_parser, evaluate_model
+    from gpt_dist.eval.driver import evaluate_model, parse_args
     from gpt_dist.eval.model import load_eval_model, parallel_context
     from gpt_dist.export import expected_shapes, export_state
     from gpt_dist.tokenizer import train_tokenizer
@@ -148,8 +148,8 @@ def main() -> None:
     counts = {"lambada": args.lambada, "ptb": args.rolling, "hellaswag": args.mc}
 
     def ours(name: str) -> float:
-        a = build_parser().parse_args(["--model", str(hf), "--tasks", name, "--data-dir", str(data),
-                                       "--batch-size", str(args.batch), "--bootstrap-iters", "0", "--no-progress"])
+        a = parse_args(["--model", str(hf), "--tasks", name, "--data-dir", str(data),
+                        "--batch-size", str(args.batch), "--bootstrap-iters", "0", "--no-progress"])
         t0 = time.perf_counter()
         evaluate_model(em, [T.read(t) for t in T.resolve(a.tasks, a.data_dir)], a)
         return time.perf_counter() - t0

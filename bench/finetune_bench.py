@@ -42,13 +42,13 @@ def main() -> None:
     from gpt_dist.config import (
         Config,
         DataConfig,
+        FinetuneConfig,
         ModelConfig,
         OptimizerConfig,
         ParallelConfig,
         ScheduleConfig,
         TrainingConfig,
     )
-    from gpt_dist.config_finetune import FinetuneConfig
     from gpt_dist.finetune.objective import TaskObjective
     from gpt_dist.finetune.tasks import Example, TaskSpec
     from gpt_dist.parallel import ParallelContext

@@ -121,14 +121,15 @@ def dry_run_estimate_gb(cfg: Any) -> float:
     output layer), in GiB to compare with torch.cuda.max_memory_allocated."""
     from gpt_dist.dryrun import activation_bytes, memory_per_gpu, output_layer_bytes, stage_parameters
 
-    (st,) = stage_parameters(cfg)
-    states = memory_per_gpu(cfg, st.per_rank, 1)["model_states"] * 1e9
+    (st,) = stage_parameters(cfg.model, cfg.parallel)
+    mem = memory_per_gpu(st.per_rank, 1, zero_stage=cfg.zero_stage, precision=cfg.training.precision)
+    states = mem["model_states"] * 1e9
     return (states + activation_bytes(cfg)[0] + output_layer_bytes(cfg)[0]) / 2**30
 
 
 def run_project(cfg: Any, ctx: Any, args: argparse.Namespace) -> dict[str, Any]:
     """gpt_dist's training step under DeepSpeed (what launch/pretrain.py runs)."""
-    from gpt_dist.config_kernels import kernels_for
+    from gpt_dist.config import kernels_for
     from gpt_dist.rng import seed_all
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.loop import train_step

@@ -25,8 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from gpt_dist.config import Config, bubble_fraction, validate
-from gpt_dist.config_kernels import KernelChoice
+from gpt_dist.config import Config, KernelChoice, ModelConfig, ParallelConfig, bubble_fraction, validate
 
 GB = 1e9
 
@@ -46,7 +45,7 @@ def coords_of(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
     return rank // (tp * dp), (rank // tp) % dp, rank % tp
 
 
-def stage_parameters(cfg: Config) -> list[StageParams]:
+def stage_parameters(model: ModelConfig, parallel: ParallelConfig) -> list[StageParams]:
     """Parameters per pipeline stage and per TP rank of that stage.
 
     First stage: word embedding (padded vocabulary, vocab-parallel /tp) + positions
@@ -55,7 +54,7 @@ def stage_parameters(cfg: Config) -> list[StageParams]:
     column-parallel QKV/fc weights+biases and the row-parallel weights are /tp, the
     row-parallel biases and the two LayerNorms are replicated on every TP rank.
     """
-    m, p = cfg.model, cfg.parallel
+    m, p = model, parallel
     h, tp, pp = m.n_embd, p.tp, p.pp
     vocab = m.padded_vocab_size(tp)
     layers = m.n_layer // pp
@@ -80,10 +79,11 @@ def stage_parameters(cfg: Config) -> list[StageParams]:
     return out
 
 
-def memory_per_gpu(cfg: Config, params: int, dp: int) -> dict[str, float]:
-    """Model-state bytes (in GB) for a rank holding ``params`` parameters; see module doc."""
-    stage = cfg.zero_stage
-    mixed = cfg.training.precision in ("bf16", "fp16")
+def memory_per_gpu(params: int, dp: int, *, zero_stage: int, precision: str) -> dict[str, float]:
+    """Model-state bytes (in GB) for a rank holding ``params`` parameters under ZeRO
+    ``zero_stage`` (``Config.zero_stage``) and ``training.precision``; see module doc."""
+    stage = zero_stage
+    mixed = precision in ("bf16", "fp16")
     wbytes = 2 if mixed else 4
     weights = params * wbytes / (dp if stage >= 3 else 1)
     grads = params * wbytes / (dp if stage >= 2 else 1)
@@ -98,9 +98,8 @@ def planned_kernels(cfg: Config) -> KernelChoice:
     """The kernels the planned launch runs: ``training.device`` cpu plans a CPU job, auto and
     cuda a GPU one (with Triton there: the dry run plans for another machine)."""
     device = "cpu" if cfg.training.device == "cpu" else "cuda"
-    offload = cfg.deepspeed.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     return cfg.kernels.resolve(device, cfg.training.precision, attn_dropout=cfg.model.attn_dropout,
-                               offload=offload, plan=True)
+                               offload=cfg.optimizer_offloaded, plan=True)
 
 
 def activation_bytes(cfg: Config, micro_batch: int | None = None,
@@ -123,7 +122,7 @@ def activation_bytes(cfg: Config, micro_batch: int | None = None,
     """
     m, p = cfg.model, cfg.parallel
     k = kernels if kernels is not None else planned_kernels(cfg)
-    s, b, h, a, t = cfg.data.seq_len, micro_batch or cfg.training.micro_batch_size, m.n_embd, m.n_head, p.tp
+    s, b, h, a, t = cfg.sequence_length, micro_batch or cfg.training.micro_batch_size, m.n_embd, m.n_head, p.tp
     layers = m.n_layer // p.pp
     gpu = cfg.training.device != "cpu"
     rep = 10 - (2 if (k.bias_dropout_add and gpu) else 0)
@@ -160,7 +159,7 @@ def output_layer_bytes(cfg: Config, micro_batch: int | None = None,
     [s*b, h] and a float32 gradient of the embedding shard [V/t, h], computed in the forward."""
     m, t = cfg.model, cfg.parallel.tp
     k = kernels if kernels is not None else planned_kernels(cfg)
-    tokens = cfg.data.seq_len * (micro_batch or cfg.training.micro_batch_size)
+    tokens = cfg.sequence_length * (micro_batch or cfg.training.micro_batch_size)
     v = m.padded_vocab_size(t) // t
     e = 4 if cfg.training.precision == "fp32" else 2
     if k.cross_entropy:
@@ -177,10 +176,10 @@ def _fmt(n: float) -> str:
     return str(int(n))
 
 
-def rank_grid(cfg: Config, nodes: int, gpus_per_node: int, limit: int = 64) -> list[str]:
+def rank_grid(parallel: ParallelConfig, nodes: int, gpus_per_node: int, limit: int = 64) -> list[str]:
     world = nodes * gpus_per_node
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    dp = cfg.dp_size(world)
+    tp, pp = parallel.tp, parallel.pp
+    dp = world // (tp * pp)
     lines = [f"{'rank':>6} {'node':>5} {'local':>5}   (pp, dp, tp)"]
     shown = range(world) if world <= limit else list(range(limit // 2)) + list(range(world - limit // 2, world))
     prev = -1
@@ -210,12 +209,12 @@ def dry_run(cfg: Config, nodes: int, gpus_per_node: int) -> str:
         f"tp={p.tp} pp={p.pp} dp={dp}  ZeRO-{cfg.zero_stage}  precision={t.precision}")
     add("")
     add("rank grid: global_rank = pp*(dp*tp) + dp*tp + tp")
-    out.extend("  " + line for line in rank_grid(cfg, nodes, gpus_per_node))
+    out.extend("  " + line for line in rank_grid(p, nodes, gpus_per_node))
     if p.tp > gpus_per_node or gpus_per_node % p.tp:
         add(f"  WARNING: tp={p.tp} does not fit inside a node of {gpus_per_node} GPUs; "
             "TP all-reduces would cross the inter-node network")
     add("")
-    stages = stage_parameters(cfg)
+    stages = stage_parameters(m, p)
     add(f"parameters: {_fmt(analytic_parameters(m))} (real vocab {m.vocab_size}; "
         f"padded to {m.padded_vocab_size(p.tp)} for tp={p.tp})")
     for st in stages:
@@ -225,18 +224,19 @@ def dry_run(cfg: Config, nodes: int, gpus_per_node: int) -> str:
     add("deepspeed config:")
     out.extend("  " + line for line in json.dumps(deepspeed_config(cfg, world), indent=2).splitlines())
     add("")
-    tokens = t.global_batch_size * cfg.data.seq_len
+    seq = cfg.sequence_length
+    tokens = t.global_batch_size * seq
     add(f"batch: micro {t.micro_batch_size} x accum {accum} x dp {dp} = global {t.global_batch_size} "
-        f"sequences; x seq_len {cfg.data.seq_len} = {tokens:,} tokens per step; "
+        f"sequences; x seq_len {seq} = {tokens:,} tokens per step; "
         f"{tokens * t.train_steps / 1e9:.2f}B tokens in {t.train_steps} steps")
-    add(f"pipeline bubble (1F1B): (pp-1)/(m+pp-1) = {bubble_fraction(cfg, world):.3f}")
+    add(f"pipeline bubble (1F1B): (pp-1)/(m+pp-1) = {bubble_fraction(p.pp, accum):.3f}")
     add("")
     add(f"memory per GPU (GB, model states under ZeRO-{cfg.zero_stage} over dp={dp}):")
     kernels = planned_kernels(cfg)
     act, formula = activation_bytes(cfg, kernels=kernels)
     head, head_formula = output_layer_bytes(cfg, kernels=kernels)
     for st in stages:
-        mem = memory_per_gpu(cfg, st.per_rank, dp)
+        mem = memory_per_gpu(st.per_rank, dp, zero_stage=cfg.zero_stage, precision=t.precision)
         in_flight = min(p.pp - st.stage, accum) if p.pp > 1 else 1
         out_layer = head if st.stage == p.pp - 1 else 0.0
         add(f"  stage {st.stage}: weights {mem['weights']:.2f}  gradients {mem['gradients']:.2f}  "
@@ -244,7 +244,7 @@ def dry_run(cfg: Config, nodes: int, gpus_per_node: int) -> str:
             f"{act / GB:.2f}/micro-batch x {in_flight} in flight"
             + (f" + output layer {out_layer / GB:.2f}" if out_layer else "")
             + f" = {mem['model_states'] + (act * in_flight + out_layer) / GB:.2f} total")
-    add(f"  activations: {formula} (Korthikanti et al. 2022; s={cfg.data.seq_len} "
+    add(f"  activations: {formula} (Korthikanti et al. 2022; s={seq} "
         f"b={t.micro_batch_size}); buffers, fragmentation and the CUDA context are extra")
     add(f"  output layer: {head_formula}")
     add(f"  kernels: {', '.join(kernels.names_on()) or 'none (the reference path)'}")

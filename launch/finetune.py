@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 launch/finetune.py --config configs/finetune_tiny_mc.json
     python launch/finetune.py --config configs/finetune_tiny_cls.json --set finetune.epochs=1
 
-The config is the pretraining tree plus a ``finetune`` section (gpt_dist/config_finetune.py);
+The config is the pretraining tree plus a ``finetune`` section (gpt_dist/config/finetune.py);
 ``checkpoint.init_from`` names an export (native or Hugging Face) or a run directory. Exit
 codes: 2 for a config or task-file error (one line naming the key or FILE:LINE), 1 for other
 bad input (a checkpoint, an export), 17 after too many non-finite steps.

@@ -169,3 +169,26 @@ def test_launcher_exits_2_when_the_device_lacks_the_precision(tmp_path):
     assert len(lines) == 1 and "training.precision: bf16 is not supported" in lines[0], lines
     assert "cpu (forced CPU)" in lines[0] and "fp32" in lines[0], lines
     assert not (tmp_path / "run").exists()  # refused before the run directory was written
+
+
+def test_config_package_has_no_import_cycle():
+    """errors.py is the bottom (imports nothing of the project); the rest form a DAG."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+
+    pkg = Path(ROOT) / "gpt_dist" / "config"
+    graph = {}
+    for path in pkg.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("gpt_dist.config.")}
+        project = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                   and n.module.startswith("gpt_dist")}
+        if path.stem == "errors":
+            assert project == set(), project
+    assert {"errors", "sections", "kernels", "finetune", "evaluation", "tree", "loader", "checks"} <= set(graph)
+    try:
+        order = list(TopologicalSorter({k: v - {k} for k, v in graph.items()}).static_order())
+    except CycleError as exc:  # pragma: no cover - the failure this test exists for
+        pytest.fail(f"import cycle in gpt_dist/config: {exc.args[1]}")
+    assert order[0] == "errors" and order[-1] == "__init__"

@@ -20,10 +20,10 @@ prints and writes. Nothing is downloaded: tasks come from ``--include-path`` YAM
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
+from gpt_dist.config import EvalConfig
 from gpt_dist.eval.model import EvalError
 
 LMEVAL_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -129,7 +129,7 @@ def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: 
     return GptDistLM()
 
 
-def run_harness(args: argparse.Namespace) -> int:
+def run_harness(args: EvalConfig) -> int:
     """``launch/evaluate.py --harness lm-eval``: lm-eval's ``simple_evaluate`` on our model."""
     from gpt_dist.eval.model import load_eval_model, parallel_context
     from gpt_dist.eval.results import write_json
@@ -142,7 +142,7 @@ def run_harness(args: argparse.Namespace) -> int:
 
     ctx = parallel_context(args.tp, args.pp, args.device)
     em = load_eval_model(args.model, ctx, args.tokenizer, args.dtype)
-    lm = make_lm(em, args.batch_size, not args.no_reuse_context, progress=not args.no_progress)
+    lm = make_lm(em, args.batch_size, args.reuse_context, progress=args.progress)
     manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [n for n in names if n not in manager.all_tasks]

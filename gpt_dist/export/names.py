@@ -74,7 +74,7 @@ def task_info(training_config: dict[str, Any] | None) -> dict[str, Any] | None:
     ft = (training_config or {}).get("finetune")
     if not ft:
         return None
-    from gpt_dist.config_finetune import FinetuneConfig
+    from gpt_dist.config import FinetuneConfig
 
     f = FinetuneConfig(**ft)
     return {"task": f.task, "n_out": f.head_outputs(), "label_names": f.label_names,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt_dist.config import Config
+from gpt_dist.config import Config, Schedule
 from gpt_dist.finetune.metrics import majority_baseline
 from gpt_dist.finetune.objective import TaskObjective, prediction_rows
 from gpt_dist.finetune.run import TaskData
@@ -46,7 +46,7 @@ def _pipe_loss(eng: Any) -> Any:
     return getattr(eng.ds.module, "loss_fn", None) if eng.is_pipeline else None
 
 
-def run(cfg: Config, tok: Tokenizer, data: TaskData, ctx: Any = None, hooks: Any = None) -> Any:
+def run(cfg: Config, tok: Tokenizer, data: TaskData, schedule: Schedule, ctx: Any = None, hooks: Any = None) -> Any:
     from gpt_dist.export import export_checkpoint, load_into_engine
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.hooks import NO_HOOKS
@@ -55,10 +55,10 @@ def run(cfg: Config, tok: Tokenizer, data: TaskData, ctx: Any = None, hooks: Any
     hooks = hooks or NO_HOOKS
     ft = cfg.finetune
     assert ft is not None
-    with training_session(cfg, ctx, tok.fingerprint) as (pc, log, stop):
+    with training_session(cfg, ctx, tok.fingerprint, schedule) as (pc, log, stop):
         ctx = pc
         _report_data(log, data)
-        eng = build_engine(cfg, ctx)
+        eng = build_engine(cfg, ctx, schedule=schedule)
         if cfg.checkpoint.init_from:
             load_into_engine(cfg.checkpoint.init_from, eng, cfg, ctx)
             log.write(f"initialised from {cfg.checkpoint.init_from}")
@@ -77,9 +77,9 @@ def run(cfg: Config, tok: Tokenizer, data: TaskData, ctx: Any = None, hooks: Any
             ctx.barrier()
 
         state = train_loop(cfg, ctx, eng, objective, state, tok.fingerprint, log, stop, hooks,
-                           on_eval=tracker.on_eval, on_saved=on_saved)
+                           on_eval=tracker.on_eval, on_saved=on_saved, schedule=schedule)
         tracker.state = state
-        if stop.signum or state.step < cfg.training.train_steps:
+        if stop.signum or state.step < schedule.train_steps:
             return state  # preempted: the requeued job finishes (predictions, results)
         results = _finish(cfg, ctx, eng, objective, data, state, log)
         log.results(results)

@@ -1,8 +1,9 @@
 """``finetune(cfg)``: everything ``launch/finetune.py`` does after parsing.
 
     read + validate the task files (cached tokens)  -> one-line errors before any process group
-    resolve the schedule: steps = epochs x (train examples // global batch); linear warmup
-        over finetune.warmup_fraction of them, then linear decay (GPT-1 §4.1)
+    derive the schedule (``FinetuneConfig.schedule``): steps = epochs x (train examples //
+        global batch); linear warmup over finetune.warmup_fraction of them, then linear decay
+        (GPT-1 §4.1); the config itself is never rewritten
     context -> engine (the pretraining model plus W_y, any TP/PP/ZeRO layout)
         -> checkpoint.init_from (an export, native or HF, vocabulary grown; or a run directory)
         -> resume (exact, mid-epoch) -> the shared training loop with ``TaskObjective``
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ def task_spec(cfg: Config, tok: Tokenizer) -> TaskSpec:
     ``finetune.num_choices``, the first example of the training file)."""
     ft = cfg.finetune
     assert ft is not None
-    max_len = ft.max_len or cfg.model.n_ctx
+    max_len = cfg.sequence_length
     if max_len > cfg.model.n_ctx:
         raise ConfigError(f"finetune.max_len: {max_len} exceeds model.n_ctx={cfg.model.n_ctx}")
     if ft.task == "multiple_choice":
@@ -94,29 +94,6 @@ def load_task_data(cfg: Config, tok: Tokenizer) -> TaskData:
     return TaskData(spec, train, valid, test, stats)
 
 
-def resolve_schedule(cfg: Config, n_train: int, world_size: int) -> Config:
-    """The run config with the fine-tuning schedule filled in (written to RUN_DIR/config.json).
-
-    GPT-1: linear warmup over 0.2% of the updates, then linear decay to 0; validation (and a
-    checkpoint) at the end of every epoch at least."""
-    ft, t = cfg.finetune, cfg.training
-    assert ft is not None
-    steps_per_epoch = n_train // t.global_batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(f"training.global_batch_size: {t.global_batch_size} exceeds the {n_train} training "
-                          f"examples of {ft.train_file}")
-    total = ft.epochs * steps_per_epoch
-    warmup = math.ceil(ft.warmup_fraction * total) if ft.warmup_fraction > 0 else 0
-    eval_every = min(ft.eval_interval or steps_per_epoch, steps_per_epoch)
-    training = dataclasses.replace(t, train_steps=total, eval_interval=eval_every)
-    schedule = dataclasses.replace(cfg.schedule, warmup_steps=warmup, decay="linear", decay_steps=total)
-    ckpt = dataclasses.replace(cfg.checkpoint, save_interval=min(cfg.checkpoint.save_interval, steps_per_epoch))
-    data = dataclasses.replace(cfg.data, seq_len=ft.max_len or cfg.model.n_ctx)
-    out = dataclasses.replace(cfg, training=training, schedule=schedule, checkpoint=ckpt, data=data)
-    validate(out, world_size, check_paths=False)
-    return out
-
-
 def finetune(cfg: Config, ctx: Any = None, hooks: Any = None) -> Any:
     """Fine-tune; returns the final ``TrainState``. See the module docstring."""
     from gpt_dist.finetune.driver import run
@@ -124,9 +101,7 @@ def finetune(cfg: Config, ctx: Any = None, hooks: Any = None) -> Any:
     if cfg.finetune is None:
         raise ConfigError("finetune: the config has no finetune section (use launch/pretrain.py to pretrain)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # the sequence length is the task's, not the pretraining data's
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=cfg.finetune.max_len or cfg.model.n_ctx))
-    validate(cfg, world)
+    validate(cfg, world)  # the sequence length is the task's (Config.sequence_length)
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer: fine-tuning needs the tokenizer (its start/delimiter/extract ids)")
     from gpt_dist.tokenizer import load_tokenizer
@@ -136,5 +111,5 @@ def finetune(cfg: Config, ctx: Any = None, hooks: Any = None) -> Any:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {tok.vocab_size} "
                           f"({cfg.data.tokenizer}); set it to {tok.vocab_size}")
     data = load_task_data(cfg, tok)
-    cfg = resolve_schedule(cfg, len(data.train), world)
-    return run(cfg, tok, data, ctx, hooks)
+    schedule = cfg.run_schedule(len(data.train))  # derived; the config is never rewritten
+    return run(cfg, tok, data, schedule, ctx, hooks)

@@ -1,4 +1,4 @@
-"""Fused kernels behind one switch (the ``kernels`` config section, ``gpt_dist/config_kernels.py``).
+"""Fused kernels behind one switch (the ``kernels`` config section, ``gpt_dist/config/kernels.py``).
 
 Each kernel is an ``torch.autograd.Function`` whose forward and backward are Triton kernels;
 the unfused PyTorch/megatron-core path in ``gpt_dist/model/gpt.py`` stays the reference.

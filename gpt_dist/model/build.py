@@ -14,8 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from gpt_dist.config import Config, ModelConfig, ParallelConfig
-from gpt_dist.config_kernels import KernelChoice, kernels_for
+from gpt_dist.config import Config, KernelChoice, ModelConfig, ParallelConfig, kernels_for
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.model.heads import TaskHeadSpec
 from gpt_dist.parallel import ParallelContext, TPGroup

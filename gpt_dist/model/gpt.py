@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt_dist.config import ModelConfig
-from gpt_dist.config_kernels import KernelChoice
+from gpt_dist.config import KernelChoice, ModelConfig
 from gpt_dist.model.heads import TaskHead, TaskHeadSpec
 from gpt_dist.model.kv_cache import KVCache
 from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, vocab_parallel_logits

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt_dist.config import Config
-from gpt_dist.config_kernels import kernels_for
+from gpt_dist.config import Config, OptimizerConfig, Schedule, kernels_for
 from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
 from gpt_dist.parallel import ParallelContext
 
@@ -58,19 +57,18 @@ def deepspeed_config(cfg: Config, world_size: int, device: str = "cuda") -> dict
     return ds
 
 
-def lr_lambda(cfg: Config) -> Any:
+def lr_lambda(opt: OptimizerConfig, schedule: Schedule) -> Any:
     """Linear warmup to optimizer.lr, then cosine/linear decay to min_lr (a multiplier)."""
-    warm = cfg.schedule.warmup_steps
-    total = cfg.schedule.decay_steps or cfg.training.train_steps
-    floor = cfg.optimizer.min_lr / cfg.optimizer.lr
+    warm, total, decay = schedule.warmup_steps, schedule.decay_steps, schedule.decay
+    floor = opt.min_lr / opt.lr
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if cfg.schedule.decay == "constant" or total <= warm:
+        if decay == "constant" or total <= warm:
             return 1.0
         progress = min(1.0, (step - warm) / max(1, total - warm))
-        if cfg.schedule.decay == "cosine":
+        if decay == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return floor + (1 - floor) * (1 - progress)
 
@@ -153,14 +151,17 @@ class Engine:
         return hasattr(self.ds, "train_batch")
 
 
-def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = None) -> Engine:
+def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = None,
+                 schedule: Schedule | None = None) -> Engine:
+    """``schedule``: the run's step plan (default: the config's sections as written,
+    ``Config.run_schedule``); fine-tuning passes the one derived from its data size."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, ctx.world_size, ctx.device.type)
     if model is None:
         model = build_model(cfg, ctx, ds_config)
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, schedule or cfg.run_schedule()))
     guard = NonFiniteGuard(optimizer, ctx.device)  # after LambdaLR, which re-wraps .step
     ds_engine, _, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from gpt_dist import rng
-from gpt_dist.config import Config, arch_diff, bubble_fraction, dump_config, validate
+from gpt_dist.config import Config, Schedule, arch_diff, bubble_fraction, dump_config, validate
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
 from gpt_dist.training.data import build_datasets
@@ -183,14 +183,17 @@ def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: int | N
 def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Objective, state: TrainState,
                fingerprint: str, log: RunLogger, stop: StopFlag, hooks: TrainHooks = NO_HOOKS,
                on_eval: Callable[[int, dict[str, float]], bool] | None = None,
-               on_saved: Callable[[int, Path | None], None] | None = None) -> TrainState:
-    """Steps until ``training.train_steps``: evaluate every ``eval_interval``, checkpoint every
+               on_saved: Callable[[int, Path | None], None] | None = None,
+               schedule: Schedule | None = None) -> TrainState:
+    """Steps until ``schedule.train_steps``: evaluate every ``eval_interval``, checkpoint every
     ``save_interval`` (and at the end, at a signal). ``on_eval(step, metrics)`` returning True
     asks for a checkpoint at that step (fine-tuning's best model); ``on_saved(step, path)``
-    runs on every rank after each save."""
-    t = cfg.training
+    runs on every rank after each save. ``schedule``: default the config's sections as written
+    (``Config.run_schedule``)."""
+    t, plan = cfg.training, schedule or cfg.run_schedule()
     log.extra_keys = objective.metric_names
-    while state.step < t.train_steps:
+    log.write(plan.describe())
+    while state.step < plan.train_steps:
         hooks.on_step_start(state.step + 1, ctx, stop)
         if ctx.all_reduce_max(float(stop.signum)) > 0:  # every rank saves at the same step
             log.write(f"signal received: saving at step {state.step} and exiting")
@@ -225,13 +228,13 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
                     f"step {state.step}: {state.consecutive_skips} consecutive non-finite steps "
                     f"(training.max_consecutive_skips={t.max_consecutive_skips}); stopping")
         want_save = False
-        if state.step % t.eval_interval == 0 or state.step == t.train_steps:
+        if state.step % plan.eval_interval == 0 or state.step == plan.train_steps:
             results = objective.evaluate(eng, state.step)
             if results:
                 state.last_val_loss = results.get("loss", results.get("task_loss"))
                 log.eval(state.step, results)
                 want_save = bool(on_eval(state.step, results)) if on_eval is not None else False
-        if want_save or state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
+        if want_save or state.step % plan.save_interval == 0 or state.step == plan.train_steps:
             tag_dir = save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
             if on_saved is not None:
                 on_saved(state.step, tag_dir)
@@ -247,12 +250,13 @@ def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
 
 
 @contextlib.contextmanager
-def training_session(cfg: Config, ctx: ParallelContext | None = None,
-                     fingerprint: str = "") -> Iterator[tuple[ParallelContext, RunLogger, StopFlag]]:
+def training_session(cfg: Config, ctx: ParallelContext | None = None, fingerprint: str = "",
+                     schedule: Schedule | None = None) -> Iterator[tuple[ParallelContext, RunLogger, StopFlag]]:
     """What every training run sets up and tears down around its loop: signal handlers,
     determinism, the parallel context (built from the launcher's environment unless given,
     and then destroyed in order at the end), seeds, the run directory with its resolved
-    config, the logger; a ``NonFiniteLossError`` ends the process with ``EXIT_NONFINITE``."""
+    config, the logger (counting to ``schedule.train_steps``, default the config's); a
+    ``NonFiniteLossError`` ends the process with ``EXIT_NONFINITE``."""
     stop = StopFlag()
     stop.install()
     if t_det := cfg.training.deterministic:
@@ -260,9 +264,10 @@ def training_session(cfg: Config, ctx: ParallelContext | None = None,
     owns_ctx = ctx is None
     ctx = ctx or ParallelContext.from_env(cfg.parallel, device=cfg.training.device)
     rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
-    log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main)
+    plan = schedule or cfg.run_schedule()
+    log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main, train_steps=plan.train_steps)
     if ctx.pp > 1:
-        bubble = bubble_fraction(cfg, ctx.world_size)
+        bubble = bubble_fraction(ctx.pp, cfg.grad_accum_steps(ctx.world_size))
         log.write(f"warning: pipeline bubble {bubble:.1%} of each step (pp={ctx.pp}, "
                   f"{cfg.grad_accum_steps(ctx.world_size)} micro-batches); more micro-batches shrink it")
     if ctx.is_main:

@@ -28,7 +28,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4":
 
 def flops_per_token(cfg: Config) -> float:
     m = cfg.model
-    l, h, s, v = m.n_layer, m.n_embd, cfg.data.seq_len, m.padded_vocab_size(cfg.parallel.tp)
+    l, h, s, v = m.n_layer, m.n_embd, cfg.sequence_length, m.padded_vocab_size(cfg.parallel.tp)
     return 72 * l * h * h + 12 * l * h * s + 6 * h * v
 
 
@@ -60,6 +60,8 @@ class RunLogger:
     device: torch.device
     start_step: int
     enabled: bool = True
+    train_steps: int = 0
+    """The run's length (``Schedule.train_steps``; 0: the config's ``training.train_steps``)."""
     _tb: Any = None
     _bar: Any = None
     _t0: float = field(default_factory=time.perf_counter)
@@ -69,6 +71,7 @@ class RunLogger:
     """The objective's per-step metrics (fine-tuning: lm_loss, task_loss, task_acc)."""
 
     def __post_init__(self) -> None:
+        self.train_steps = self.train_steps or self.cfg.training.train_steps
         if not self.enabled:
             return
         run_dir = self.cfg.run_dir
@@ -81,7 +84,7 @@ class RunLogger:
         if self.cfg.logging.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.cfg.training.train_steps, initial=self.start_step,
+            self._bar = tqdm(total=self.train_steps, initial=self.start_step,
                              desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         self._peak = peak_tflops(self.cfg, self.device)
         self._fpt = flops_per_token(self.cfg)
@@ -97,7 +100,7 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        if step % self.cfg.logging.log_interval and step != self.cfg.training.train_steps:
+        if step % self.cfg.logging.log_interval and step != self.train_steps:
             return
         now = time.perf_counter()
         dt, self._t_last = now - self._t_last, now
@@ -107,9 +110,9 @@ class RunLogger:
         extra = {"tokens_per_s": tok_s, "tflops_per_rank": tflops, "memory_gb": memory_gb(self.device)}
         if self._peak:
             extra["mfu"] = tflops / self._peak
-        left = self.cfg.training.train_steps - step
+        left = self.train_steps - step
         per_step = (now - self._t0) / max(1, step - self.start_step)
-        msg = (f"step {step:>6}/{self.cfg.training.train_steps} | loss {record['loss']:.4f} | "
+        msg = (f"step {step:>6}/{self.train_steps} | loss {record['loss']:.4f} | "
                f"ppl {record['ppl']:.2f} | lr {record['lr']:.3e} | gnorm {record['grad_norm']:.3f} | "
                f"scale {record['loss_scale']:g} | skipped {record['skipped']} | "
                + "".join(f"{k} {record[k]:.4f} | " for k in self.extra_keys if k in record)

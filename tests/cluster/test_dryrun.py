@@ -33,9 +33,10 @@ def test_zero2_matches_deepspeed_estimator(nodes, gpn):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     cfg = _xl(2, tp=1, pp=1)
-    (st,) = stage_parameters(cfg)
+    (st,) = stage_parameters(cfg.model, cfg.parallel)
     n = nodes * gpn
-    ours = memory_per_gpu(cfg, st.per_rank, n)["model_states"] * 1e9
+    mem = memory_per_gpu(st.per_rank, n, zero_stage=cfg.zero_stage, precision=cfg.training.precision)
+    ours = mem["model_states"] * 1e9
     # DeepSpeed: 2P (bf16 params) + 18P/N (2 bf16 grads + 4 fp32 grads + 4 fp32 master + 8 Adam
     # moments). Our accounting is the same byte for byte; the only difference is P: we count
     # the padded vocabulary (50304 rows) that the embedding really allocates (+0.005%).
@@ -53,9 +54,10 @@ def test_zero3_matches_deepspeed_estimator(nodes, gpn):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cfg = _xl(3, tp=1, pp=1)
-    (st,) = stage_parameters(cfg)
+    (st,) = stage_parameters(cfg.model, cfg.parallel)
     n = nodes * gpn
-    ours = memory_per_gpu(cfg, st.per_rank, n)["model_states"] * 1e9
+    mem = memory_per_gpu(st.per_rank, n, zero_stage=cfg.zero_stage, precision=cfg.training.precision)
+    ours = mem["model_states"] * 1e9
     h = cfg.model.n_embd
     largest = cfg.model.padded_vocab_size(1) * h          # the word embedding is the largest layer
     _, theirs, gather_buffer = estimate_zero3_model_states_mem_needs(
@@ -74,7 +76,8 @@ def test_zero3_matches_deepspeed_estimator(nodes, gpn):
 def test_zero_stages_shard_what_they_should():
     cfg0, cfg1, cfg2, cfg3 = (_xl(s, tp=1, pp=1) for s in range(4))
     p, n = 1_000_000_000, 16
-    m0, m1, m2, m3 = (memory_per_gpu(c, p, n) for c in (cfg0, cfg1, cfg2, cfg3))
+    m0, m1, m2, m3 = (memory_per_gpu(p, n, zero_stage=c.zero_stage, precision=c.training.precision)
+                      for c in (cfg0, cfg1, cfg2, cfg3))
     assert m0["model_states"] == pytest.approx(2 + 6 + 12)         # 20 bytes/param replicated
     assert m1["optimizer"] == pytest.approx(12 / n) and m1["weights"] == pytest.approx(2)
     assert m2["gradients"] == pytest.approx(6 / n) and m2["weights"] == pytest.approx(2)
@@ -83,12 +86,12 @@ def test_zero_stages_shard_what_they_should():
 
 def test_stage_parameters_sum_to_model():
     cfg = config_from_dict({**GPT2_XL, "parallel": {"tp": 1, "pp": 1}})
-    (st,) = stage_parameters(cfg)
+    (st,) = stage_parameters(cfg.model, cfg.parallel)
     pad = (cfg.model.padded_vocab_size(1) - cfg.model.vocab_size) * cfg.model.n_embd
     assert st.total == st.per_rank == analytic_parameters(cfg.model) + pad
     # tp=2 pp=4: stages sum to the model + padding + the tied copy on the last stage
     cfg = config_from_dict({**GPT2_XL, "parallel": {"tp": 5, "pp": 4}})
-    stages = stage_parameters(cfg)
+    stages = stage_parameters(cfg.model, cfg.parallel)
     h, v = cfg.model.n_embd, cfg.model.padded_vocab_size(5)
     total = sum(s.total for s in stages)
     assert total == analytic_parameters(cfg.model) + (v - cfg.model.vocab_size) * h + v * h

@@ -54,11 +54,11 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     try:
         from gpt_dist.eval import tasks as T
-        from gpt_dist.eval.driver import build_parser, evaluate_model
+        from gpt_dist.eval.driver import evaluate_model, parse_args
         from gpt_dist.eval.model import load_eval_model, parallel_context
 
-        args = build_parser().parse_args(["--model", str(native), "--tasks", "lambada,wikitext,hellaswag",
-                                          "--data-dir", str(tasks), "--no-progress", "--bootstrap-iters", "1000"])
+        args = parse_args(["--model", str(native), "--tasks", "lambada,wikitext,hellaswag",
+                           "--data-dir", str(tasks), "--no-progress", "--bootstrap-iters", "1000"])
         loaded = [T.read(t) for t in T.resolve(args.tasks, args.data_dir)]
         for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
             ctx = parallel_context(tp, pp, "cpu")

@@ -18,11 +18,11 @@ TASKS = "lambada,wikitext,hellaswag"
 
 def evaluate(model: Path, data: Path, ctx: Any, *extra: str, tasks: str = TASKS) -> dict[str, Any]:
     from gpt_dist.eval import tasks as T
-    from gpt_dist.eval.driver import build_parser, evaluate_model
+    from gpt_dist.eval.driver import evaluate_model, parse_args
     from gpt_dist.eval.model import load_eval_model
 
-    args = build_parser().parse_args(["--model", str(model), "--tasks", tasks, "--data-dir", str(data),
-                                      "--no-progress", "--bootstrap-iters", "1000", *extra])
+    args = parse_args(["--model", str(model), "--tasks", tasks, "--data-dir", str(data),
+                       "--no-progress", "--bootstrap-iters", "1000", *extra])
     loaded = [T.read(t, args.limit) for t in T.resolve(args.tasks, args.data_dir)]
     em = load_eval_model(model, ctx, args.tokenizer)
     return evaluate_model(em, loaded, args)

@@ -147,8 +147,7 @@ def worker(rank: int, out: str, data: str, port: int) -> None:
     try:
         import gpt_dist.training.loop as L
         import gpt_dist.training.metrics as M
-        from gpt_dist.config import ParallelConfig
-        from gpt_dist.config_kernels import KernelsConfig
+        from gpt_dist.config import KernelsConfig, ParallelConfig
         from gpt_dist.parallel import ParallelContext
 
         L.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "toy")  # toy shards: ids < 500, 499 = EOD

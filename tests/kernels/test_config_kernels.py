@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from gpt_dist.config import ARCH_KEYS, Config, ConfigError, arch_diff, config_from_dict, load_config
-from gpt_dist.config_kernels import KernelsConfig
+from gpt_dist.config import ARCH_KEYS, Config, ConfigError, KernelsConfig, arch_diff, config_from_dict, load_config
 
 ALL_TRITON = ("layernorm", "bias_gelu", "bias_dropout_add", "cross_entropy")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt_dist.config_kernels import KernelChoice
+from gpt_dist.config import KernelChoice
 from tests.kernels.conftest import CUDA, DEVICE, gen, rel_err
 
 TOL = 1e-5

@@ -1,20 +1,20 @@
 """The ``finetune`` section of the run config (GPT-1 supervised fine-tuning, §3.2).
 
-Kept out of ``config.py`` only for size; it is a section of the same typed tree, loaded and
-checked by the same strict loader (unknown keys, types, one-line errors naming the key).
-A config without this section is a pretraining run.
+A section of the same typed tree, loaded and checked by the same strict loader (unknown keys,
+types, one-line errors naming the key). A config without this section is a pretraining run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-TASKS = ("classification", "entailment", "similarity", "multiple_choice")
-def _error(msg: str) -> Exception:
-    from gpt_dist.config import ConfigError  # config.py imports this module
+from gpt_dist.config.errors import ConfigError
+from gpt_dist.config.schedule import Schedule
+from gpt_dist.config.sections import CheckpointConfig, TrainingConfig
 
-    return ConfigError(msg)
+TASKS = ("classification", "entailment", "similarity", "multiple_choice")
 
 
 @dataclass
@@ -57,26 +57,26 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise _error(f"finetune.epochs: must be >= 1, got {self.epochs}")
+            raise ConfigError(f"finetune.epochs: must be >= 1, got {self.epochs}")
         if self.lm_coef < 0:
-            raise _error(f"finetune.lm_coef: must be >= 0, got {self.lm_coef}")
+            raise ConfigError(f"finetune.lm_coef: must be >= 0, got {self.lm_coef}")
         if not 0.0 <= self.classifier_dropout < 1.0:
-            raise _error(f"finetune.classifier_dropout: must be in [0, 1), got {self.classifier_dropout}")
+            raise ConfigError(f"finetune.classifier_dropout: must be in [0, 1), got {self.classifier_dropout}")
         if not 0.0 <= self.warmup_fraction < 1.0:
-            raise _error(f"finetune.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+            raise ConfigError(f"finetune.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.regression and self.task != "similarity":
-            raise _error(f"finetune.regression: only for task similarity, not {self.task}")
+            raise ConfigError(f"finetune.regression: only for task similarity, not {self.task}")
         if self.task != "multiple_choice" and not self.regression and self.classes() < 2:
-            raise _error(f"finetune.label_names: task {self.task} needs label_names or num_labels >= 2")
+            raise ConfigError(f"finetune.label_names: task {self.task} needs label_names or num_labels >= 2")
         if self.label_names is not None and self.num_labels is not None and len(self.label_names) != self.num_labels:
-            raise _error(f"finetune.num_labels: {self.num_labels} != {len(self.label_names)} label_names")
+            raise ConfigError(f"finetune.num_labels: {self.num_labels} != {len(self.label_names)} label_names")
         if self.num_choices is not None and self.num_choices < 2:
-            raise _error(f"finetune.num_choices: must be >= 2, got {self.num_choices}")
+            raise ConfigError(f"finetune.num_choices: must be >= 2, got {self.num_choices}")
         if self.metric is not None and self.metric not in self.metrics():
-            raise _error(f"finetune.metric: {self.metric!r} is not reported for this task; "
+            raise ConfigError(f"finetune.metric: {self.metric!r} is not reported for this task; "
                          f"choose one of {list(self.metrics())}")
         if self.eval_interval is not None and self.eval_interval < 1:
-            raise _error(f"finetune.eval_interval: must be >= 1, got {self.eval_interval}")
+            raise ConfigError(f"finetune.eval_interval: must be >= 1, got {self.eval_interval}")
 
     def classes(self) -> int:
         if self.label_names is not None:
@@ -100,3 +100,17 @@ class FinetuneConfig:
 
     def selection_metric(self) -> str:
         return self.metric or self.metrics()[0]
+
+    def schedule(self, n_train: int, training: TrainingConfig, checkpoint: CheckpointConfig) -> Schedule:
+        """The step plan for ``n_train`` training examples: ``epochs`` x (examples // global
+        batch) steps; linear warmup over ``warmup_fraction`` of them, then linear decay to
+        optimizer.min_lr (GPT-1: 0.2%, to 0); validation and a checkpoint at the end of every
+        epoch at least (more often with ``eval_interval`` / ``checkpoint.save_interval``)."""
+        steps_per_epoch = n_train // training.global_batch_size
+        if steps_per_epoch < 1:
+            raise ConfigError(f"training.global_batch_size: {training.global_batch_size} exceeds the {n_train} "
+                              f"training examples of {self.train_file}")
+        total = self.epochs * steps_per_epoch
+        return Schedule(train_steps=total, warmup_steps=math.ceil(self.warmup_fraction * total), decay="linear",
+                        decay_steps=total, eval_interval=min(self.eval_interval or steps_per_epoch, steps_per_epoch),
+                        save_interval=min(checkpoint.save_interval, steps_per_epoch))

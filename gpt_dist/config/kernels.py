@@ -11,8 +11,8 @@ naming the key, a machine that cannot run it; ``auto`` picks by device and preci
     compile           off: torch.compile of each block is an option until a GPU run shows
                       it beats the Triton kernels (BENCHMARKS.md)
 
-Kept out of ``config.py`` for size, like ``config_finetune.py``; loaded by the same strict
-loader. Kernel choice is deliberately not an architecture key (``config.ARCH_KEYS``): the
+A section of the same tree, loaded by the same strict loader; ``checks.kernels_for`` resolves
+it for a whole run config. Kernel choice is deliberately not an architecture key (``ARCH_KEYS``): the
 parameters, their names and the optimizer state are the same with and without any kernel,
 so a checkpoint written with kernels resumes without them and vice versa.
 
@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
+
+from gpt_dist.config.errors import ConfigError
 
 Choice = Literal["auto", "on", "off"]
 TRITON_KERNELS = ("layernorm", "bias_gelu", "bias_dropout_add", "cross_entropy")
-
-
-def _error(msg: str) -> Exception:
-    from gpt_dist.config import ConfigError  # config.py imports this module
-
-    return ConfigError(msg)
 
 
 def triton_problem() -> str | None:
@@ -95,7 +91,7 @@ class KernelsConfig:
 
     def __post_init__(self) -> None:
         if self.ce_chunk_tokens < 1:
-            raise _error(f"kernels.ce_chunk_tokens: must be >= 1, got {self.ce_chunk_tokens}")
+            raise ConfigError(f"kernels.ce_chunk_tokens: must be >= 1, got {self.ce_chunk_tokens}")
 
     def resolve(self, device: str, precision: str, *, attn_dropout: float = 0.0,
                 offload: bool = False, plan: bool = False) -> KernelChoice:
@@ -109,33 +105,22 @@ class KernelsConfig:
             want = getattr(self, name)
             if want == "on" and not plan:
                 if problem:
-                    raise _error(f"kernels.{name}: on, but {problem}")
+                    raise ConfigError(f"kernels.{name}: on, but {problem}")
                 if not cuda and not interpreting():
-                    raise _error(f"kernels.{name}: on needs a CUDA device, or TRITON_INTERPRET=1 "
+                    raise ConfigError(f"kernels.{name}: on needs a CUDA device, or TRITON_INTERPRET=1 "
                                  "(Triton's interpreter, for tests) on a CPU; set it auto or off")
             out[name] = want == "on" or (want == "auto" and cuda and half and problem is None)
         if self.flash_attention == "on":
             if cuda and not half:
-                raise _error(f"kernels.flash_attention: the flash backend has no {precision} kernel on "
+                raise ConfigError(f"kernels.flash_attention: the flash backend has no {precision} kernel on "
                              "CUDA; use training.precision bf16/fp16 or set it auto/off")
             if not cuda and attn_dropout > 0:
-                raise _error(f"kernels.flash_attention: PyTorch's CPU flash kernel has no dropout, and "
+                raise ConfigError(f"kernels.flash_attention: PyTorch's CPU flash kernel has no dropout, and "
                              f"model.attn_dropout={attn_dropout}; set it auto/off or attn_dropout 0")
         out["flash_attention"] = self.flash_attention == "on" or (self.flash_attention == "auto" and cuda and half)
         if self.fused_adam == "on" and offload:
-            raise _error("kernels.fused_adam: on, but ZeRO-Offload moves the optimizer to the CPU "
+            raise ConfigError("kernels.fused_adam: on, but ZeRO-Offload moves the optimizer to the CPU "
                          "(DeepSpeedCPUAdam); set it auto or off")
         out["fused_adam"] = self.fused_adam == "on" or (self.fused_adam == "auto" and cuda and not offload)
         out["compile"] = self.compile == "on"
         return KernelChoice(**out, ce_chunk_tokens=self.ce_chunk_tokens, compile_backend=self.compile_backend)
-
-
-def kernels_for(cfg: object, device: str | None = None) -> KernelChoice:
-    """The resolved switch of a run config (``device`` defaults to ``training.device``, auto
-    resolved as ParallelContext does)."""
-    from gpt_dist.device import resolve_device
-
-    c: Any = cfg
-    offload = c.deepspeed.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-    return c.kernels.resolve(resolve_device(device or c.training.device), c.training.precision,
-                             attn_dropout=c.model.attn_dropout, offload=offload)
