@@ -124,8 +124,9 @@ def _checkpoint_dirs(run: Path) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from gpt_dist.eval import tasks as T
-    from gpt_dist.eval.model import load_eval_model, parallel_context
+    from gpt_dist.eval.model import load_eval_model
     from gpt_dist.eval.results import FORMAT, markdown_table, sweep_outputs, write_json
+    from gpt_dist.inference import open_context
 
     if args.batch_size < 1:
         raise EvalError(f"--batch-size: must be >= 1, got {args.batch_size}")
@@ -134,31 +135,31 @@ def run(args: argparse.Namespace) -> int:
 
         return run_harness(args)
     tasks = [T.read(t, args.limit) for t in T.resolve(args.tasks, args.data_dir)]
-    ctx = parallel_context(args.tp, args.pp, args.device)
-    models = _checkpoint_dirs(Path(args.model)) if args.all_checkpoints else [Path(args.model)]
-    sweep, overlap = [], None
-    for i, path in enumerate(models):
-        em = load_eval_model(path, ctx, args.tokenizer, args.dtype)
-        if i == 0:
-            overlap = _overlap(args, tasks, em.tokenizer, ctx)
-        res = evaluate_model(em, tasks, args, overlap)
-        sweep.append(res)
+    with open_context(args.tp, args.pp, args.device) as ctx:
+        models = _checkpoint_dirs(Path(args.model)) if args.all_checkpoints else [Path(args.model)]
+        sweep, overlap = [], None
+        for i, path in enumerate(models):
+            em = load_eval_model(path, ctx, args.tokenizer, args.dtype)
+            if i == 0:
+                overlap = _overlap(args, tasks, em.tokenizer, ctx)
+            res = evaluate_model(em, tasks, args, overlap)
+            sweep.append(res)
+            if ctx.rank == 0:
+                step = res["model"].get("step")
+                print(f"\n{res['model']['path']}" + (f" (step {step})" if step is not None else ""))
+                print(markdown_table(res), flush=True)
+            del em
         if ctx.rank == 0:
-            step = res["model"].get("step")
-            print(f"\n{res['model']['path']}" + (f" (step {step})" if step is not None else ""))
-            print(markdown_table(res), flush=True)
-        del em
-    if ctx.rank == 0:
-        if args.all_checkpoints:
-            paths = sweep_outputs(sweep, Path(args.sweep_dir) if args.sweep_dir else Path(args.model) / "eval_sweep")
-            print(f"sweep: TensorBoard {paths['tensorboard']}, plot {paths['plot']}")
+            if args.all_checkpoints:
+                paths = sweep_outputs(sweep, Path(args.sweep_dir) if args.sweep_dir else Path(args.model) / "eval_sweep")
+                print(f"sweep: TensorBoard {paths['tensorboard']}, plot {paths['plot']}")
+                if args.out:
+                    write_json(Path(args.out), {"format": FORMAT, "version": 1, "outputs": paths,
+                                                "sweep": [_strip(r, False) for r in sweep]})
+            elif args.out:
+                write_json(Path(args.out), _strip(sweep[0], args.per_example))
             if args.out:
-                write_json(Path(args.out), {"format": FORMAT, "version": 1, "outputs": paths,
-                                            "sweep": [_strip(r, False) for r in sweep]})
-        elif args.out:
-            write_json(Path(args.out), _strip(sweep[0], args.per_example))
-        if args.out:
-            print(f"results: {args.out}")
+                print(f"results: {args.out}")
     return 0
 
 
