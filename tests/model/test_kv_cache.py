@@ -12,10 +12,11 @@ from tests.model.test_layout import _small
 
 @pytest.mark.parametrize("arch", ["gpt1", "gpt2"])
 def test_rows_continue_their_own_padded_context(ctx, arch):
-    from gpt_dist.model.gpt import KVCache, build_model
+    from gpt_dist.model.build import build_gpt
+    from gpt_dist.model.kv_cache import KVCache
 
     mcfg = _small(arch)
-    model = build_model(mcfg, seed=5).eval()
+    model = build_gpt(mcfg, seed=5).eval()
     g = torch.Generator().manual_seed(1)
     contexts = [torch.randint(0, mcfg.vocab_size, (n,), generator=g).tolist() for n in (5, 2, 7)]
     C = max(len(c) for c in contexts)
@@ -30,18 +31,18 @@ def test_rows_continue_their_own_padded_context(ctx, arch):
         """The continuations after the contexts right-padded with ``junk``: [b, S, V]."""
         padded = torch.tensor([c + [junk] * (C - len(c)) for c in contexts])
         fill = KVCache()
-        model(padded, kv_cache=fill)
+        model.logits(padded, kv_cache=fill)
         cache = KVCache()
         cache.length = fill.length
         cache.k = {i: k.index_select(0, rows) for i, k in fill.k.items()}
         cache.v = {i: v.index_select(0, rows) for i, v in fill.v.items()}
         cache.past_lengths = torch.tensor([len(contexts[r]) for r, _ in conts])
-        return model(ids, kv_cache=cache)
+        return model.logits(ids, kv_cache=cache)
 
     with torch.no_grad():
         got = continue_after(7)
         for i, (r, t) in enumerate(conts):
-            full = model(torch.tensor([contexts[r] + t]))[0, len(contexts[r]):]
+            full = model.logits(torch.tensor([contexts[r] + t]))[0, len(contexts[r]):]
             torch.testing.assert_close(got[i, :len(t)], full, atol=1e-5, rtol=1e-5)
         # what the padding holds is never seen (the rows of the shortest context included)
         torch.testing.assert_close(continue_after(123), got, atol=1e-6, rtol=1e-6)
