@@ -24,6 +24,8 @@ import argparse
 import os
 from typing import Any
 
+import torch
+
 from gpt_dist.eval.model import EvalError, load_eval_model
 from gpt_dist.eval.results import write_json
 from gpt_dist.eval.scoring import Scorer
@@ -87,8 +89,6 @@ def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: 
             return [self._generate(*req.args[:2]) for req in requests]
 
         def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
-            import torch
-
             kw = dict(gen_kwargs or {})
             if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0.0:
                 raise EvalError("--harness lm-eval: generate_until with sampling is not supported (greedy only)")
