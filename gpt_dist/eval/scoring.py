@@ -231,6 +231,12 @@ class Scorer:
         units = self._plan(pairs, greedy)
         ctx = self.ctx
         mine = units[ctx.dp_rank::ctx.dp]
+        pad = 0
+        if self.runner.lockstep and ctx.dp > 1:   # agreed before any pass: the passes are collectives
+            passes = sum(len(u.items) for u in mine)
+            most = torch.tensor([passes], dtype=torch.long, device=ctx.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+            pad = int(most.item()) - passes
         results: dict[int, tuple[float, bool]] = {}
         bar = None
         if self.progress and ctx.rank == 0:
@@ -254,11 +260,7 @@ class Scorer:
                     bar.update(len(u.slots))
         if bar is not None:
             bar.close()
-        if self.runner.lockstep and ctx.dp > 1:   # as many passes as the busiest replica
-            passes = sum(len(u.items) for u in mine)
-            most = torch.tensor([passes], dtype=torch.long, device=ctx.device)
-            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ctx.dp_group)
-            self.runner.pad(int(most.item()) - passes)
+        self.runner.pad(pad)   # lockstep: as many passes as the busiest replica
         if ctx.dp > 1:
             results = self._gather(results)
         self.stats["requests"] += len(pairs)
