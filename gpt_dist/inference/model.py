@@ -7,7 +7,10 @@ model ``model.build.build_inference_model`` builds for its pipeline stage, the s
 or ``PipelineModule`` stage that training builds, so a spec field cannot differ between
 training and inference. A fine-tuned source keeps GPT-1's head (``task_head=True``, for
 prediction), built from the run's own ``finetune`` section (``model.build.task_head_spec``,
-what training built), or, for a Hugging Face double-heads directory, from its config.
+what training built), or, for a Hugging Face double-heads directory, from its config. The
+fused-kernel switches are this machine's defaults for inference (fp32: the reference path),
+not the run's: they compute the same function, and a GPU run's kernels need not exist where
+the model is used.
 
 ``open_context`` is the process's ``ParallelContext`` for inference: entry points hold it in
 a ``with`` block, so the process groups are destroyed on every exit path.
