@@ -117,8 +117,9 @@ def main() -> None:
     from gpt_dist.data.sample_corpus import iter_documents
     from gpt_dist.eval import tasks as T
     from gpt_dist.eval.driver import evaluate_model, parse_args
-    from gpt_dist.eval.model import load_eval_model, parallel_context
+    from gpt_dist.eval.model import load_eval_model
     from gpt_dist.export import expected_shapes, export_state
+    from gpt_dist.inference import open_context
     from gpt_dist.tokenizer import train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
@@ -143,7 +144,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(inc))
-    ctx = parallel_context(1, 1, "cpu")
+    ctx = open_context(1, 1, "cpu")
     em = load_eval_model(hf, ctx)
     counts = {"lambada": args.lambada, "ptb": args.rolling, "hellaswag": args.mc}
 

@@ -6,9 +6,11 @@
 --temperature 0 is greedy decoding. Tokens stream to stdout as they are produced. An
 export without a tokenizer takes --prompt-ids 1,2,3 and prints token ids.
 
-Tensor parallel (the same parallel GPT as training, the export sliced per rank; rank 0 prints):
+Tensor and pipeline parallel (the same parallel model as training, the export sliced per
+rank, through the inference runtime; rank 0 prints). --tp defaults to the world size / --pp:
 
     torchrun --nproc-per-node 2 launch/generate.py --model EXPORT_DIR --prompt "..."
+    torchrun --nproc-per-node 2 launch/generate.py --model EXPORT_DIR --pp 2 --prompt "..."
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size / pp)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise SystemExit("error: --max-new-tokens and --num-samples must be >= 1")
@@ -62,17 +67,33 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --top-p must be in (0, 1]")
 
     with contextlib.redirect_stdout(sys.stderr):
-        from gpt_dist.export import ExportError
-        from gpt_dist.generate import generate, load_model
+        from gpt_dist.inference import InferenceError, open_context
+        from gpt_dist.parallel import discover_launch_env
 
+    discover_launch_env()
+    tp = args.tp or max(int(os.environ["WORLD_SIZE"]) // max(args.pp, 1), 1)
     try:
         # library chatter (DeepSpeed's logger binds sys.stdout when first imported) goes to
         # stderr: stdout carries only the generated text, so it can be piped
         with contextlib.redirect_stdout(sys.stderr):
-            loaded = load_model(args.model, device=args.device)
-    except ExportError as exc:
+            ctx = open_context(tp, args.pp, args.device)
+    except InferenceError as exc:
         raise SystemExit(f"error: {exc}") from None
-    if loaded.tp_rank != 0:  # tensor parallel: every rank runs the model, rank 0 prints
+    with ctx:  # the process groups are destroyed on every way out (a SIGABRT at exit otherwise)
+        return _generate(args, ctx)
+
+
+def _generate(args: argparse.Namespace, ctx: Any) -> int:
+    from gpt_dist.export import ExportError
+    from gpt_dist.generate import generate, load_model
+    from gpt_dist.inference import InferenceError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            loaded = load_model(args.model, ctx)
+    except (InferenceError, ExportError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if ctx.rank != 0:  # every rank runs the model, rank 0 prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     tok = loaded.tokenizer
     if args.prompt is not None:

@@ -46,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy: {tok.decode(ids[0].tolist() + out, skip_special_tokens=True)}")
     with contextlib.redirect_stdout(sys.stderr):
         from gpt_dist.generate import generate, load_model
+        from gpt_dist.inference import open_context
 
-        loaded = load_model(args.model)
-    if loaded.tokenizer is not None:
-        same_ids = loaded.tokenizer.encode(args.prompt) == ids[0].tolist()
-        ours = generate(loaded, ids[0].tolist(), args.max_new_tokens, temperature=0.0,
-                        eos_id=tok.eos_token_id)[0]
-        print(f"same prompt ids as gpt_dist's tokenizer: {same_ids}; "
-              f"same continuation as launch/generate.py: {ours == out[: len(ours)] and len(ours) == len(out)}")
+        ctx = open_context(1, 1, "cpu")
+    with ctx:  # one process; its groups are destroyed on the way out
+        loaded = load_model(args.model, ctx)
+        if loaded.tokenizer is not None:
+            same_ids = loaded.tokenizer.encode(args.prompt) == ids[0].tolist()
+            ours = generate(loaded, ids[0].tolist(), args.max_new_tokens, temperature=0.0,
+                            eos_id=tok.eos_token_id)[0]
+            print(f"same prompt ids as gpt_dist's tokenizer: {same_ids}; "
+                  f"same continuation as launch/generate.py: {ours == out[: len(ours)] and len(ours) == len(out)}")
     return 0
 
 

@@ -159,39 +159,40 @@ def _checkpoint_dirs(run: Path) -> list[Path]:
 
 def run(ev: EvalConfig) -> int:
     from gpt_dist.eval import tasks as T
-    from gpt_dist.eval.model import load_eval_model, parallel_context
+    from gpt_dist.eval.model import load_eval_model
     from gpt_dist.eval.results import FORMAT, markdown_table, sweep_outputs, write_json
+    from gpt_dist.inference import open_context
 
     if ev.harness == "lm-eval":
         from gpt_dist.eval.harness import run_harness
 
         return run_harness(ev)
     tasks = [T.read(t, ev.limit) for t in T.resolve(ev.tasks, ev.data_dir)]
-    ctx = parallel_context(ev.tp, ev.pp, ev.device)
-    models = _checkpoint_dirs(Path(ev.model)) if ev.all_checkpoints else [Path(ev.model)]
-    sweep, overlap = [], None
-    for i, path in enumerate(models):
-        em = load_eval_model(path, ctx, ev.tokenizer, ev.dtype)
-        if i == 0:
-            overlap = _overlap(ev, tasks, em.tokenizer, ctx)
-        res = evaluate_model(em, tasks, ev, overlap)
-        sweep.append(res)
+    with open_context(ev.tp, ev.pp, ev.device) as ctx:
+        models = _checkpoint_dirs(Path(ev.model)) if ev.all_checkpoints else [Path(ev.model)]
+        sweep, overlap = [], None
+        for i, path in enumerate(models):
+            em = load_eval_model(path, ctx, ev.tokenizer, ev.dtype)
+            if i == 0:
+                overlap = _overlap(ev, tasks, em.tokenizer, ctx)
+            res = evaluate_model(em, tasks, ev, overlap)
+            sweep.append(res)
+            if ctx.rank == 0:
+                step = res["model"].get("step")
+                print(f"\n{res['model']['path']}" + (f" (step {step})" if step is not None else ""))
+                print(markdown_table(res), flush=True)
+            del em
         if ctx.rank == 0:
-            step = res["model"].get("step")
-            print(f"\n{res['model']['path']}" + (f" (step {step})" if step is not None else ""))
-            print(markdown_table(res), flush=True)
-        del em
-    if ctx.rank == 0:
-        if ev.all_checkpoints:
-            paths = sweep_outputs(sweep, Path(ev.sweep_dir) if ev.sweep_dir else Path(ev.model) / "eval_sweep")
-            print(f"sweep: TensorBoard {paths['tensorboard']}, plot {paths['plot']}")
+            if ev.all_checkpoints:
+                paths = sweep_outputs(sweep, Path(ev.sweep_dir) if ev.sweep_dir else Path(ev.model) / "eval_sweep")
+                print(f"sweep: TensorBoard {paths['tensorboard']}, plot {paths['plot']}")
+                if ev.out:
+                    write_json(Path(ev.out), {"format": FORMAT, "version": 1, "outputs": paths,
+                                                "sweep": [_strip(r, False) for r in sweep]})
+            elif ev.out:
+                write_json(Path(ev.out), _strip(sweep[0], ev.per_example))
             if ev.out:
-                write_json(Path(ev.out), {"format": FORMAT, "version": 1, "outputs": paths,
-                                      "sweep": [_strip(r, False) for r in sweep]})
-        elif ev.out:
-            write_json(Path(ev.out), _strip(sweep[0], ev.per_example))
-        if ev.out:
-            print(f"results: {ev.out}")
+                print(f"results: {ev.out}")
     return 0
 
 

@@ -23,8 +23,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from gpt_dist.config import EvalConfig
-from gpt_dist.eval.model import EvalError
+from gpt_dist.eval.model import EvalError, load_eval_model
+from gpt_dist.eval.results import write_json
+from gpt_dist.eval.scoring import Scorer
+from gpt_dist.generate import continuation_text
+from gpt_dist.inference import Fill, Score, open_context
 
 LMEVAL_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -40,9 +46,6 @@ def _template_lm() -> type:
 
 def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: bool = True) -> Any:
     """An lm-eval ``LM`` over ``em`` (an ``EvalModel``)."""
-    from gpt_dist.eval.runner import Fill, Score
-    from gpt_dist.eval.scoring import Scorer
-
     TemplateLM = _template_lm()
 
     class GptDistLM(TemplateLM):  # type: ignore[misc, valid-type]
@@ -86,11 +89,6 @@ def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: 
             return [self._generate(*req.args[:2]) for req in requests]
 
         def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
-            import torch
-
-            from gpt_dist.generate import continuation_text
-            from gpt_dist.model.kv_cache import KVCache
-
             kw = dict(gen_kwargs or {})
             if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0.0:
                 raise EvalError("--harness lm-eval: generate_until with sampling is not supported (greedy only)")
@@ -106,7 +104,7 @@ def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: 
             if len(ids) > 1:
                 runner.run([Fill(torch.tensor([ids[:-1]]), key)])
             else:
-                runner.caches[key] = KVCache()
+                runner.new_cache(key)
             last, out = ids[-1], []
             try:
                 for _ in range(max_gen):
@@ -131,32 +129,29 @@ def make_lm(em: Any, batch_size: int = 8, reuse_context: bool = True, progress: 
 
 def run_harness(args: EvalConfig) -> int:
     """``launch/evaluate.py --harness lm-eval``: lm-eval's ``simple_evaluate`` on our model."""
-    from gpt_dist.eval.model import load_eval_model, parallel_context
-    from gpt_dist.eval.results import write_json
-
     for k, v in LMEVAL_OFFLINE.items():
         os.environ.setdefault(k, v)
     _template_lm()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    ctx = parallel_context(args.tp, args.pp, args.device)
-    em = load_eval_model(args.model, ctx, args.tokenizer, args.dtype)
-    lm = make_lm(em, args.batch_size, args.reuse_context, progress=args.progress)
-    manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        raise EvalError(f"--tasks: lm-eval knows no task {unknown[0]!r} (add its YAML under --include-path)")
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=args.limit,
-                                  bootstrap_iters=args.bootstrap_iters, log_samples=False)
-    if ctx.rank == 0 and out is not None:
-        from lm_eval.utils import make_table
+    with open_context(args.tp, args.pp, args.device) as ctx:
+        em = load_eval_model(args.model, ctx, args.tokenizer, args.dtype)
+        lm = make_lm(em, args.batch_size, args.reuse_context, progress=args.progress)
+        manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            raise EvalError(f"--tasks: lm-eval knows no task {unknown[0]!r} (add its YAML under --include-path)")
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=args.limit,
+                                      bootstrap_iters=args.bootstrap_iters, log_samples=False)
+        if ctx.rank == 0 and out is not None:
+            from lm_eval.utils import make_table
 
-        print(make_table(out))
-        if args.out:
-            write_json(args.out, {"format": "gpt_dist-eval-lm-eval", "model": {**em.source, "fingerprint":
-                                  em.fingerprint}, "results": out.get("results"), "n-samples": out.get("n-samples"),
-                                  "configs": out.get("configs")})
-            print(f"results: {args.out}")
+            print(make_table(out))
+            if args.out:
+                write_json(args.out, {"format": "gpt_dist-eval-lm-eval", "model": {**em.source, "fingerprint":
+                                      em.fingerprint}, "results": out.get("results"),
+                                      "n-samples": out.get("n-samples"), "configs": out.get("configs")})
+                print(f"results: {args.out}")
     return 0

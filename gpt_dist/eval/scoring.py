@@ -31,7 +31,11 @@ predicts the next ``max_length - context_len + 1`` tokens with the window's full
 prediction more context at more cost.
 
 Data parallel (world > tp * pp): the batches are dealt out to the replicas and the results
-all-gathered, so every rank ends with every number.
+all-gathered, so every rank ends with every number. On a ZeRO-3 engine's module (evaluation
+during training, ``lockstep``) every replica runs as many passes as the busiest one
+(``Runner.pad``): DeepSpeed gathers each layer's parameters collectively over the replicas.
+
+The forward passes themselves are the inference runtime's (``gpt_dist.inference.runtime``).
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from gpt_dist.eval.runner import Fill, Item, Runner, Score
+from gpt_dist.inference.runtime import Fill, Item, Runner, Score
 
 Pair = tuple[list[int], list[int]]
 
@@ -132,14 +137,15 @@ def _scored(spans: list[tuple[int, int, int]], b: int) -> tuple[torch.Tensor, li
 
 
 class Scorer:
-    """Scores requests on an ``EvalModel`` (see the module docstring)."""
+    """Scores requests on a ``LoadedModel`` (see the module docstring); ``lockstep``: the
+    model is a ZeRO-3 engine's module."""
 
     def __init__(self, em: Any, batch_size: int = 8, reuse_context: bool = True, progress: bool = True,
-                 items_per_run: int = 16) -> None:
+                 items_per_run: int = 16, lockstep: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         self.em, self.ctx = em, em.ctx
-        self.runner = Runner(em.model, em.ctx, em.cfg.n_embd)
+        self.runner = Runner(em.model, em.ctx, em.cfg, lockstep=lockstep)
         self.max_length, self.batch_size = em.max_length, batch_size
         self.reuse_context, self.progress, self.items_per_run = reuse_context, progress, items_per_run
         self.stats = {"requests": 0, "context_passes_saved": 0, "forward_tokens": 0}
@@ -225,6 +231,12 @@ class Scorer:
         units = self._plan(pairs, greedy)
         ctx = self.ctx
         mine = units[ctx.dp_rank::ctx.dp]
+        pad = 0
+        if self.runner.lockstep and ctx.dp > 1:   # agreed before any pass: the passes are collectives
+            passes = sum(len(u.items) for u in mine)
+            most = torch.tensor([passes], dtype=torch.long, device=ctx.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+            pad = int(most.item()) - passes
         results: dict[int, tuple[float, bool]] = {}
         bar = None
         if self.progress and ctx.rank == 0:
@@ -248,14 +260,13 @@ class Scorer:
                     bar.update(len(u.slots))
         if bar is not None:
             bar.close()
+        self.runner.pad(pad)   # lockstep: as many passes as the busiest replica
         if ctx.dp > 1:
             results = self._gather(results)
         self.stats["requests"] += len(pairs)
         return [results[i] for i in range(len(pairs))]
 
     def _gather(self, results: dict[int, tuple[float, bool]]) -> dict[int, tuple[float, bool]]:
-        import torch.distributed as dist
-
         parts: list[Any] = [None] * self.ctx.dp
         dist.all_gather_object(parts, results, group=self.ctx.dp_group)
         merged: dict[int, tuple[float, bool]] = {}

@@ -1,15 +1,19 @@
 """Zero-shot tasks during pretraining (``training.eval_tasks``), run by ``LMObjective.evaluate``
 every ``training.eval_interval`` steps beside the validation loss, on the training model
 itself (the engine's module: the plain ``GPT`` or this rank's pipeline stage, TP slice, data
-parallel replicas splitting the batches), in eval mode. The metrics are returned as
-``TASK/METRIC`` (``lambada/acc``) and logged with the validation loss (metrics.jsonl,
-TensorBoard ``valid/lambada/acc``).
+parallel replicas splitting the batches), in eval mode, through the inference runtime. The
+metrics are returned as ``TASK/METRIC`` (``lambada/acc``) and logged with the validation loss
+(metrics.jsonl, TensorBoard ``valid/lambada/acc``).
+
+Under ZeRO-3 the module's parameters stay partitioned: DeepSpeed's hooks gather each layer's
+parameters as its forward runs, collectively over the data-parallel group, so the runtime
+runs in lockstep (every replica the same passes, the less busy ones padded; see
+``inference.runtime``). No rank ever holds the whole model.
 
 Task files are read and checked when the objective is built, so a bad file stops the run
-before its first step (``training.eval_tasks: FILE:LINE: reason``). ZeRO-3 is refused: its
-parameters are partitioned outside the engine's forward, and the evaluation calls the layers
-directly. Evaluation consumes no random numbers (dropout is off), so it does not change the
-training trajectory or its exact resume.
+before its first step (``training.eval_tasks: FILE:LINE: reason``). Evaluation consumes no
+random numbers (dropout is off), so it does not change the training trajectory or its exact
+resume.
 """
 
 from __future__ import annotations
@@ -17,18 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 from gpt_dist.config import Config, ConfigError
+from gpt_dist.eval import tasks as T
+from gpt_dist.eval.model import EvalError, EvalModel
+from gpt_dist.eval.scoring import Scorer
+from gpt_dist.tokenizer import load_tokenizer
 
 
 class ZeroShot:
     def __init__(self, cfg: Config, ctx: Any) -> None:
-        from gpt_dist.eval import tasks as T
-        from gpt_dist.eval.model import EvalError
-        from gpt_dist.tokenizer import load_tokenizer
-
         t = cfg.training
-        if cfg.zero_stage == 3:
-            raise ConfigError("training.eval_tasks: not supported with ZeRO-3 (partitioned parameters); "
-                              "evaluate the checkpoints with launch/evaluate.py instead")
         try:
             self.tasks = [T.read(task, t.eval_tasks_limit)
                           for task in T.resolve(",".join(t.eval_tasks), t.eval_tasks_dir)]
@@ -39,12 +40,9 @@ class ZeroShot:
 
     def run(self, module: Any, step: int) -> dict[str, float]:
         """{TASK/METRIC: value} on ``module`` (already in eval mode)."""
-        from gpt_dist.eval import tasks as T
-        from gpt_dist.eval.model import EvalModel
-        from gpt_dist.eval.scoring import Scorer
-
         em = EvalModel(module, self.cfg.model, self.ctx, self.tokenizer, fingerprint=f"training step {step}")
-        scorer = Scorer(em, batch_size=max(self.cfg.training.micro_batch_size, 1), progress=False)
+        scorer = Scorer(em, batch_size=max(self.cfg.training.micro_batch_size, 1), progress=False,
+                        lockstep=self.cfg.zero_stage == 3)
         out: dict[str, float] = {}
         for task in self.tasks:
             raw = T.score(task, scorer, self.tokenizer)

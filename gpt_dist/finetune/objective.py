@@ -9,7 +9,7 @@ logging and the progress bar; this objective supplies the task's micro-batches a
   every step has the same size. The checkpointed ``consumed_samples`` (the loop's data
   position, as in pretraining) is therefore the whole position: a resumed run continues
   mid-epoch exactly.
-* one micro-batch: ``GPT.forward(tokens, lm_labels, lm_mask, None, extract_pos, task_labels)``
+* one micro-batch: ``GPT.forward(tokens, lm_labels, lm_mask, extract_pos, task_labels)``
   returns ``TaskHead.objective``'s (L3, [L1, L2], task logits); under pp > 1 the same
   function is the pipeline's loss (``pipeline.TaskLoss``), which keeps the parts for us.
 * evaluation: every example once, in file order, split over the data-parallel ranks with

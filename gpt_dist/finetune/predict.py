@@ -1,13 +1,18 @@
-"""Run a fine-tuned export on new examples: ``launch/predict.py``.
+"""Run a fine-tuned model on new examples: ``launch/predict.py``, on the inference runtime.
 
-The export (native; or a Hugging Face DoubleHeads directory for multiple choice) carries the
-model, W_y, the tokenizer and the fine-tuning config, so the input file is read with exactly
-the transformations and truncation the model was trained with. One process runs the whole
-model; under torchrun with N processes it is split N ways (tensor parallel), as generation is.
+The export (native; or a Hugging Face DoubleHeads directory for multiple choice) or run
+directory carries the model, W_y, the tokenizer and the fine-tuning config: the model and its
+head are built from the run's own settings (``inference.load_model(task_head=True)``: its
+``finetune`` section, as training built them) and the input file is read with exactly the
+transformations and truncation the model was trained with. One process runs the whole model;
+N processes split it TP x PP ways (``tp * pp`` = the world size), each example's task logits
+coming from the last stage (``inference.Classify``). What stays here is the fine-tuning side:
+task files, batches, prediction rows and metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,80 +20,73 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_dist.finetune.tasks import TaskSpec
+from gpt_dist import inference
+from gpt_dist.config import Config, config_from_dict
+from gpt_dist.finetune.batches import collate
+from gpt_dist.finetune.metrics import compute_metrics
+from gpt_dist.finetune.objective import _with_valid_label, prediction_rows, predictions
+from gpt_dist.finetune.run import task_spec
+from gpt_dist.finetune.tasks import TaskSpec, read_task_file
+from gpt_dist.inference import Classify, InferenceError, LoadedModel, Runner
+from gpt_dist.parallel import ParallelContext
+from gpt_dist.utils import atomic_write_text
 
 
-def load_classifier(export_dir: str | Path, device: str = "cpu") -> tuple[Any, TaskSpec, Any]:
-    """(model with its task head, the task spec, the tokenizer) of a fine-tuned export."""
-    from gpt_dist.config import config_from_dict
-    from gpt_dist.export import ExportError, load_export, load_state_into_model
-    from gpt_dist.finetune.run import task_spec
-    from gpt_dist.generate import _ensure_parallel_state
-    from gpt_dist.model.gpt import GPT, ModelSpec
-    from gpt_dist.model.heads import TaskHeadSpec
-    from gpt_dist.tokenizer import load_tokenizer
-
-    export_dir = Path(export_dir)
-    mcfg, state, task = load_export(export_dir)
-    if task is None:
-        raise ExportError(f"{export_dir}: not a fine-tuned export (no task head); export a finetune run")
-    conf = json.loads((export_dir / "config.json").read_text())
-    tok = load_tokenizer(export_dir)
-    training = conf.get("training_config") or {}
+def load_classifier(path: str | Path, ctx: ParallelContext) -> tuple[LoadedModel, TaskSpec | Config]:
+    """(the model with its task head on this rank's part of ``ctx``, the task spec) of a
+    fine-tuned export or run. For multiple choice the spec depends on the input file (its
+    number of choices): the run's config comes back instead (``spec_for``)."""
+    if ctx.dp != 1:
+        raise InferenceError(f"predict: tp ({ctx.tp}) x pp ({ctx.pp}) must be the world size "
+                             f"({ctx.world_size}): no data parallelism")
+    loaded = inference.load_model(path, ctx, task_head=True)
+    training = loaded.training_config or {}
     if training.get("finetune"):
         cfg = config_from_dict({**training, "checkpoint": {**training.get("checkpoint", {}), "init_from": None}})
     else:  # a Hugging Face DoubleHeads directory: multiple choice, the model's context
+        mcfg = loaded.cfg
         cfg = config_from_dict({"model": {k: getattr(mcfg, k) for k in ("arch", "n_layer", "n_head", "n_embd",
                                                                          "n_ctx", "vocab_size")},
                                 "finetune": {"task": "multiple_choice", "train_file": ""}})
-    spec = task_spec(cfg, tok) if task["task"] != "multiple_choice" else None
-    tp, tp_rank = _ensure_parallel_state(device)
-    head = TaskHeadSpec(task["task"], int(task["n_out"]), float(task.get("dropout", 0.1)),
-                        float(task.get("lm_coef", 0.5)))
-    model = GPT(ModelSpec(mcfg, tp=tp, task=head))
-    load_state_into_model(model, state, tp_rank, tp, mcfg)
-    model = model.to(device).eval()
-    return model, spec or cfg, tok
+    assert loaded.task is not None
+    return loaded, (task_spec(cfg, loaded.tokenizer) if loaded.task.task != "multiple_choice" else cfg)
 
 
-def predict_file(export_dir: str | Path, input_path: str | Path, out_path: str | Path,
-                 batch_size: int = 8, device: str = "cpu") -> int:
-    """Predictions for every example of ``input_path`` (labels optional) -> JSONL; returns
-    the number of examples. With labels present, the accuracy/metrics are printed too."""
-    from gpt_dist.finetune.batches import collate
-    from gpt_dist.finetune.objective import _with_valid_label, prediction_rows, predictions
-    from gpt_dist.finetune.run import task_spec
-    from gpt_dist.finetune.tasks import read_task_file
-    from gpt_dist.utils import atomic_write_text
+def spec_for(spec: TaskSpec | Config, input_path: str | Path, tok: Any) -> TaskSpec:
+    """The task spec for reading ``input_path`` (multiple choice: its number of choices)."""
+    if isinstance(spec, TaskSpec):
+        return spec
+    ft = dataclasses.replace(spec.finetune, train_file=str(input_path), num_choices=None)
+    return task_spec(dataclasses.replace(spec, finetune=ft), tok)
 
-    model, spec, tok = load_classifier(export_dir, device)
-    if not isinstance(spec, TaskSpec):  # multiple choice: the number of choices of this file
-        import dataclasses
 
-        cfg = spec
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, train_file=str(input_path),
-                                                                    num_choices=None))
-        spec = task_spec(cfg, tok)
+def task_logits(runner: Runner, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Task logits [B, n] (fp32, every rank) of one collated batch (``batches.collate``)."""
+    n = batch["task_labels"].shape[0]
+    return runner.run([Classify(batch["tokens"], batch["extract_pos"], n)])[0]
+
+
+def predict_file(path: str | Path, input_path: str | Path, out_path: str | Path, ctx: ParallelContext,
+                 batch_size: int = 8) -> int:
+    """Predictions for every example of ``input_path`` (labels optional) -> JSONL (rank 0
+    writes); returns the number of examples. With labels present, the metrics are printed."""
+    loaded, spec = load_classifier(path, ctx)
+    tok = loaded.tokenizer
+    spec = spec_for(spec, input_path, tok)
     examples, _ = read_task_file(input_path, spec, tok, require_labels=False)
+    runner = Runner(loaded.model, ctx, loaded.cfg, task=loaded.task)
     rows = []
-    with torch.no_grad():
-        for c in range(0, len(examples), batch_size):
-            chunk = [_with_valid_label(ex, spec) for ex in examples[c:c + batch_size]]
-            b = {k: v.to(device) for k, v in collate(chunk, tok.eod_id).items()}
-            _, _, logits = model(b["tokens"], b["lm_labels"], b["lm_mask"], None, b["extract_pos"],
-                                 b["task_labels"])
-            rows.append(logits.double().cpu().numpy())
+    for c in range(0, len(examples), batch_size):
+        batch = collate([_with_valid_label(ex, spec) for ex in examples[c:c + batch_size]], tok.eod_id)
+        rows.append(task_logits(runner, batch).double().numpy())
     logits = np.concatenate(rows)
+    if ctx.rank != 0:
+        return len(examples)
     atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in prediction_rows(examples, logits, spec)))
     preds, _ = predictions(logits, spec)
     labels = np.array([ex.label for ex in examples])
     known = ~np.isnan(labels.astype(float)) if spec.regression else labels >= 0
     if known.all():
-        from gpt_dist.finetune.metrics import compute_metrics
-
         metrics = compute_metrics(spec, preds, labels)
         print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return len(examples)
-
-
-

@@ -10,6 +10,7 @@ nowhere else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -68,15 +69,16 @@ def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) ->
     return model
 
 
-def build_inference_model(mcfg: ModelConfig, ctx: ParallelContext,
-                          pipeline_partition: str = "parameters") -> nn.Module:
-    """Inference mode of ``build_model`` (zero-shot evaluation): the same ``GPT`` or, with
-    pp > 1, the same ``PipelineModule`` stage, without ZeRO partitioning, activation
-    checkpointing or an engine (no optimizer state is built), in ``eval()`` (dropout off).
-    The caller loads its TP slice of an export (``export.load_state_into_model``)."""
+def build_inference_model(mcfg: ModelConfig, ctx: ParallelContext, pipeline_partition: str = "parameters",
+                          task: TaskHeadSpec | None = None) -> nn.Module:
+    """Inference mode of ``build_model`` (the inference runtime, ``gpt_dist.inference``): the
+    same ``GPT`` or, with pp > 1, the same ``PipelineModule`` stage (with ``task``: GPT-1's
+    fine-tuning head on the last stage), without ZeRO partitioning, activation checkpointing
+    or an engine (no optimizer state is built), in ``eval()`` (dropout off). The caller loads
+    its TP slice of an export (``export.load_state_into_model``)."""
     cfg = Config(model=mcfg, parallel=ParallelConfig(tp=ctx.tp, pp=ctx.pp,
                                                      pipeline_partition=pipeline_partition))  # type: ignore[arg-type]
-    spec = model_spec(cfg, ctx.tensor_parallel)
+    spec = dataclasses.replace(model_spec(cfg, ctx.tensor_parallel), task=task)
     if ctx.pp > 1:
         from gpt_dist.pipeline import build_pipeline_module
 

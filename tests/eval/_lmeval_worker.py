@@ -100,12 +100,14 @@ def main() -> None:
                  "gen": [s["filtered_resps"][0] for s in sorted(ref["samples"]["gd_gen"], key=lambda s: s["doc_id"])]}
 
     from gpt_dist.eval.harness import make_lm
-    from gpt_dist.eval.model import load_eval_model, parallel_context
+    from gpt_dist.eval.model import load_eval_model
+    from gpt_dist.inference import open_context
 
-    em = load_eval_model(native, parallel_context(1, 1, "cpu"))
-    mine = lm_eval.simple_evaluate(model=make_lm(em, 8, progress=False), tasks=names,
-                                   task_manager=TaskManager(include_path=str(inc)), bootstrap_iters=1000,
-                                   log_samples=True)
+    with open_context(1, 1, "cpu") as ctx:
+        em = load_eval_model(native, ctx)
+        mine = lm_eval.simple_evaluate(model=make_lm(em, 8, progress=False), tasks=names,
+                                       task_manager=TaskManager(include_path=str(inc)), bootstrap_iters=1000,
+                                       log_samples=True)
     res["gpt_dist"] = {"results": mine["results"],
                        "gen": [s["filtered_resps"][0] for s in sorted(mine["samples"]["gd_gen"],
                                                                       key=lambda s: s["doc_id"])]}

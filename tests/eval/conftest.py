@@ -140,14 +140,13 @@ def make_trained(eval_tmp: Path) -> Trained:
 
 @pytest.fixture(scope="session")
 def ctx():
-    """World size 1, TP=1 on CPU in the test process (megatron-core's groups exist)."""
+    """World size 1, TP=1 on CPU in the test process (megatron-core's groups exist),
+    destroyed at the end of the session."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from gpt_dist import rng
-    from gpt_dist.eval.model import parallel_context
+    from gpt_dist.inference import open_context
 
-    c = parallel_context(1, 1, "cpu")
-    rng.seed_all(0)
-    return c
+    with open_context(1, 1, "cpu") as c:
+        yield c
 
 
 # --------------------------------------------------------------------------- a run directory
@@ -242,11 +241,13 @@ def run_dir(trained: Trained, eval_tmp: Path, train_shard: tuple[Path, Path]) ->
 @pytest.fixture(scope="session")
 def zero3_run(trained: Trained, eval_tmp: Path, train_shard: tuple[Path, Path]) -> Path:
     """A 2-step ZeRO-3 run over two data-parallel ranks (parameters really partitioned:
-    ``helpers.zero3``), its checkpoint at step 2."""
+    ``helpers.zero3``), its checkpoint at step 2; zero-shot tasks (``training.eval_tasks``)
+    evaluated at step 2 on the partitioned model."""
     from tests import helpers
 
     run = eval_tmp / "run_zero3"
     _pretrain(trained, train_shard[0], run, eval_tmp / "run_zero3.json", nproc=2,
-              training={"train_steps": 2, "eval_interval": 100},
+              training={"train_steps": 2, "eval_interval": 2, "eval_tasks": ["lambada", "hellaswag"],
+                        "eval_tasks_dir": str(trained.data), "eval_tasks_limit": 10},
               deepspeed={"zero_optimization": helpers.zero3()})
     return run

@@ -67,17 +67,33 @@ def test_overlap_finds_planted_examples(run_dir, trained, ctx, tmp_path) -> None
     assert rc == 0 and json.loads(out.read_text())["tasks"]["overlap"]["overlap"]["filter"]["cached"], err
 
 
-def test_eval_tasks_during_pretraining_equal_the_checkpoint(run_dir, trained, ctx) -> None:
+def _assert_eval_tasks_equal_checkpoint(run: Path, step: int, trained, ctx) -> None:
+    """The zero-shot metrics a run logged at ``step`` equal its step-``step`` checkpoint's,
+    evaluated afterwards in this process (the checkpoint is saved after the evaluation)."""
     from tests import helpers
 
-    recs = [r for r in helpers.metrics_records(run_dir.dir) if "val_metrics" in r]
-    assert [r["step"] for r in recs] == [4]
+    recs = [r for r in helpers.metrics_records(run) if "val_metrics" in r]
+    assert [r["step"] for r in recs] == [step]
     val = recs[0]["val_metrics"]
     assert recs[0]["val_loss"] == val["loss"] is not None
-    # the step-4 checkpoint was saved after this evaluation: the same weights
-    res = evaluate(run_dir.dir, trained.data, ctx, "--limit", "10", tasks="lambada,hellaswag")
+    res = evaluate(run, trained.data, ctx, "--limit", "10", tasks="lambada,hellaswag")
+    assert res["model"]["step"] == step
     for task, m in (("lambada", "acc"), ("lambada", "perplexity"), ("hellaswag", "acc"), ("hellaswag", "acc_norm")):
         assert val[f"{task}/{m}"] == pytest.approx(res["tasks"][task]["metrics"][m]["value"], rel=1e-5), (task, m)
+
+
+def test_eval_tasks_during_pretraining_equal_the_checkpoint(run_dir, trained, ctx) -> None:
+    _assert_eval_tasks_equal_checkpoint(run_dir.dir, 4, trained, ctx)
+
+
+def test_eval_tasks_during_a_zero3_run_equal_the_checkpoint(zero3_run, trained, ctx) -> None:
+    """ZeRO-3 over two data-parallel ranks, every parameter partitioned (``helpers.zero3``):
+    the tasks run on the partitioned training model, each layer gathered as it runs, the two
+    ranks in lockstep (their shards of the work padded to equal passes)."""
+    manifest = json.loads((zero3_run / "checkpoints" / "global_step2" / "manifest.json").read_text())
+    zero = manifest["config"]["deepspeed"]["zero_optimization"]
+    assert manifest["layout"]["dp"] == 2 and zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
+    _assert_eval_tasks_equal_checkpoint(zero3_run, 2, trained, ctx)
 
 
 def test_bad_eval_task_file_is_a_config_error(trained, ctx, tmp_path) -> None:

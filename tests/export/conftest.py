@@ -37,9 +37,9 @@ def small_cfg(arch: str = "gpt2", **kw):
 
 def random_model(cfg, seed: int = 0):
     """A TP=1 GPT whose every parameter (LN gains and biases too) is random, in eval mode."""
-    from gpt_dist.model.build import build_gpt as build_model
+    from gpt_dist.model.build import build_gpt
 
-    model = build_model(cfg, seed=seed)
+    model = build_gpt(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

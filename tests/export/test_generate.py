@@ -38,19 +38,19 @@ def _greedy_margin(loaded, prompt: list[int], new: list[int]) -> float:
     near-tie would fail here, deterministically and with this reason, never by chance."""
     ids = torch.tensor([prompt + new[:-1]])
     with torch.no_grad():
-        logits = loaded.model(ids)[0, len(prompt) - 1:, : loaded.cfg.vocab_size].float()
+        logits = loaded.model.logits(ids)[0, len(prompt) - 1:, : loaded.cfg.vocab_size].float()
     top2 = torch.topk(logits, 2, dim=-1).values
     assert logits.argmax(-1).tolist() == new  # the margins are those of these very steps
     return float((top2[:, 0] - top2[:, 1]).min())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt1"])
-def test_greedy_equals_transformers_generate(exports, arch):
+def test_greedy_equals_transformers_generate(ctx, exports, arch):
     from transformers import AutoModelForCausalLM
 
     from gpt_dist.generate import generate, load_model
 
-    loaded = load_model(exports[arch] / "native")
+    loaded = load_model(exports[arch] / "native", ctx)
     prompt = [5, 17, 42, 7, 99, 250, 3]
     ours = generate(loaded, prompt, max_new_tokens=20, temperature=0.0)[0]
     assert len(ours) == 20 and _greedy_margin(loaded, prompt, ours) > 1e-4
@@ -62,15 +62,14 @@ def test_greedy_equals_transformers_generate(exports, arch):
     # the KV cache changes nothing: the same 20 tokens without it
     from gpt_dist.generate import generate_ids
 
-    no_cache = [int(t) for t in generate_ids(loaded.model, loaded.cfg, torch.tensor([prompt]), 20,
-                                             temperature=0.0, use_cache=False)]
+    no_cache = [int(t) for t in generate_ids(loaded, torch.tensor([prompt]), 20, temperature=0.0, use_cache=False)]
     assert no_cache == ours
 
 
-def test_sampling_is_seeded_and_filters(exports):
+def test_sampling_is_seeded_and_filters(ctx, exports):
     from gpt_dist.generate import filter_logits, generate, load_model
 
-    loaded = load_model(exports["gpt2"] / "native")
+    loaded = load_model(exports["gpt2"] / "native", ctx)
     a = generate(loaded, [1, 2, 3], 15, num_samples=2, temperature=0.9, top_k=20, top_p=0.9, seed=4)
     b = generate(loaded, [1, 2, 3], 15, num_samples=2, temperature=0.9, top_k=20, top_p=0.9, seed=4)
     assert a == b and a[0] != a[1]
@@ -98,21 +97,24 @@ def test_cli_streams_token_ids(exports):
 
 
 @pytest.mark.slow
-def test_tp2_generation_streams_the_tp1_tokens(exports):
-    """torchrun --nproc-per-node 2: the export sliced into the TP=2 GPT; rank 0 prints the
-    greedy tokens of the one-process run (and of transformers)."""
+@pytest.mark.parametrize("layout", [(), ("--pp", "2")], ids=["tp2", "pp2"])
+def test_parallel_generation_streams_the_tp1_tokens(ctx, exports, layout):
+    """torchrun --nproc-per-node 2: the export sliced into the TP=2 GPT (the default: tensor
+    parallel over the world), or split into two pipeline stages (--pp 2); rank 0 prints the
+    greedy tokens of the one-process run, and the launch exits 0 (its process groups are
+    destroyed: no SIGABRT at exit)."""
     args = [ROOT / "launch" / "generate.py", "--model", exports["gpt2"] / "native", "--prompt-ids", "5,17,42,7",
-            "--max-new-tokens", "12", "--temperature", "0", "--no-stop"]
+            "--max-new-tokens", "12", "--temperature", "0", "--no-stop", *layout]
     res = helpers.run(helpers.torchrun_cmd(*args, nproc=2), env=helpers.child_env(GPT_DIST_PG_TIMEOUT="120"),
                       timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    tp2 = [int(x) for x in res.stdout.split()]
+    got = [int(x) for x in res.stdout.split()]
     from gpt_dist.generate import generate, load_model
 
-    loaded = load_model(exports["gpt2"] / "native")
+    loaded = load_model(exports["gpt2"] / "native", ctx)
     ref = generate(loaded, [5, 17, 42, 7], 12, temperature=0.0, eos_id=None)[0]
     assert _greedy_margin(loaded, [5, 17, 42, 7], ref) > 1e-4
-    assert tp2 == [5, 17, 42, 7, *ref]
+    assert got == [5, 17, 42, 7, *ref]
 
 
 # ----------------------------------------------------------------- text: prompt + continuation
@@ -180,7 +182,7 @@ def test_cli_prints_the_continuation_with_its_space(ctx, sp_dir, tmp_path):
     tok = load_tokenizer(sp_dir)
     cfg = small_cfg("gpt2", vocab_size=tok.vocab_size, n_ctx=48)
     export_state(native_state(random_model(cfg, seed=5), cfg), cfg, tmp_path / "m", "native", tokenizer_dir=sp_dir)
-    loaded = load_model(tmp_path / "m")
+    loaded = load_model(tmp_path / "m", ctx)
     prompt = tok.encode(PROMPT)
     seed = _word_start_seed(loaded, tok, prompt)
     new = generate(loaded, prompt, 6, temperature=1.0, seed=seed, eos_id=None)[0]
@@ -208,8 +210,7 @@ def test_hf_check_prints_the_continuation_with_its_space(ctx, sp_dir, tmp_path, 
     cfg = small_cfg("gpt2", vocab_size=tok.vocab_size, n_ctx=48)
     for model_seed in range(40):  # the first random model whose greedy continuation starts a word
         export_state(native_state(random_model(cfg, seed=model_seed), cfg), cfg, tmp_path / "n", "native")
-        greedy = generate(load_model(tmp_path / "n", with_tokenizer=False), prompt, 8, temperature=0.0,
-                          eos_id=None)[0]
+        greedy = generate(load_model(tmp_path / "n", ctx), prompt, 8, temperature=0.0, eos_id=None)[0]
         text = continuation_text(tok, prompt, greedy)
         if text[:1] == " " and text[1:2].isalpha() and tok.eod_id not in greedy:
             break

@@ -50,6 +50,33 @@ def test_predict_writes_labels_and_probabilities(ft_runs, ft_tmp):
     assert "accuracy" in res.stdout
 
 
+@pytest.mark.parametrize("run,layout", [("learn_classification", ("--tp", "2")),
+                                        ("learn_multiple_choice", ("--pp", "2"))], ids=["tp2", "pp2"])
+def test_parallel_predict_writes_the_tp1_predictions(ft_runs, ft_tmp, run, layout):
+    """torchrun --nproc-per-node 2 launch/predict.py at TP=2 (classification) and PP=2
+    (multiple choice: the choices' scores from the last stage's head) writes the one-process
+    predictions: the same labels, probabilities equal to rounding."""
+    best = ft_runs.out / run / "best"
+    data = ft_runs.tasks / ("cls_valid.jsonl" if run == "learn_classification" else "mc_valid.jsonl")
+    one, two = ft_tmp / f"{run}_tp1.jsonl", ft_tmp / f"{run}_{layout[0][2:]}2.jsonl"
+    res = helpers.run(helpers.python_cmd(ROOT / "launch" / "predict.py", "--model", best, "--input", data,
+                                         "--out", one), timeout=240)
+    assert res.rc == 0, res.describe()
+    res = helpers.run(helpers.torchrun_cmd(ROOT / "launch" / "predict.py", "--model", best, "--input", data,
+                                           "--out", two, *layout, nproc=2),
+                      env=helpers.child_env(GPT_DIST_PG_TIMEOUT="120"), timeout=300)
+    assert res.rc == 0, res.describe()
+    assert res.stdout.count("predicted ") == 1      # rank 0 writes and reports
+    want = [json.loads(line) for line in one.read_text().splitlines()]
+    got = [json.loads(line) for line in two.read_text().splitlines()]
+    assert len(got) == len(want) > 0
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert len({w["label"] for w in want}) > 1      # not a constant prediction
+    for g, w in zip(got, want, strict=True):
+        assert g["line"] == w["line"]
+        assert np.abs(np.array(g["probabilities"]) - np.array(w["probabilities"])).max() <= 2e-6, (g, w)
+
+
 def test_hf_double_heads_model_scores_choices_like_ours(ft_runs, ft_tmp):
     import torch
     from transformers import GPT2DoubleHeadsModel

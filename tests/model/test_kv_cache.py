@@ -12,11 +12,11 @@ from tests.model.test_layout import _small
 
 @pytest.mark.parametrize("arch", ["gpt1", "gpt2"])
 def test_rows_continue_their_own_padded_context(ctx, arch):
-    from gpt_dist.model.build import build_gpt as build_model
+    from gpt_dist.model.build import build_gpt
     from gpt_dist.model.kv_cache import KVCache
 
     mcfg = _small(arch)
-    model = build_model(mcfg, seed=5).eval()
+    model = build_gpt(mcfg, seed=5).eval()
     g = torch.Generator().manual_seed(1)
     contexts = [torch.randint(0, mcfg.vocab_size, (n,), generator=g).tolist() for n in (5, 2, 7)]
     C = max(len(c) for c in contexts)
