@@ -126,7 +126,7 @@ def test_sbatch_the_shipped_tiny_cpu_config(slurm, tmp_path):
     """The documented command itself, ``sbatch slurm/pretrain.sh configs/tiny_cpu.json``, with
     a real sentencepiece tokenizer and shards built here (no stand-in tokenizer), shortened
     with ``--set`` arguments that the script passes through to launch/pretrain.py."""
-    from gpt_dist.data.testing import build_tiny_corpus_and_shards
+    from tests.toy_data import build_tiny_corpus_and_shards
 
     prefix, tok = build_tiny_corpus_and_shards(tmp_path / "data", n_docs=120, vocab_size=512,
                                               shard_tokens=10**9)

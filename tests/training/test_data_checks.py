@@ -34,8 +34,8 @@ TINY = ROOT / "configs" / "tiny_cpu.json"
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Shards (several, with manifest) written with tokenizer A; a second tokenizer B."""
-    from gpt_dist.data.testing import build_tiny_corpus_and_shards
     from gpt_dist.tokenizer import load_tokenizer, train_tokenizer
+    from tests.toy_data import build_tiny_corpus_and_shards
 
     work = tmp_path_factory.mktemp("data_checks")
     prefix, tok_a = build_tiny_corpus_and_shards(work, n_docs=120, vocab_size=512, shard_tokens=12_000)
