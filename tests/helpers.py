@@ -360,6 +360,37 @@ def tp1_without_groups() -> Any:
         ps.set_tensor_model_parallel_rank(saved[1])
 
 
+@contextlib.contextmanager
+def solo_context(device: str = "cpu", *, keep_env: bool = False) -> Any:
+    """A world-size-1 ``ParallelContext`` in the test process (megatron-core's groups exist,
+    so the tensor-parallel layers run), destroyed when the block ends. The launcher
+    variables it sets (RANK, LOCAL_RANK, MASTER_PORT...) are removed again right away, or
+    with ``keep_env`` when the block ends (a DeepSpeed engine built in the test process
+    reads LOCAL_RANK). A second one in the same process shares the first's process group."""
+    from gpt_dist import deepspeed_compat
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    deepspeed_compat.skip_shm_comm_build()  # the CPU inference op nothing here uses (a minute of compiling)
+    saved = dict(os.environ)
+
+    def restore() -> None:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    try:
+        ctx = ParallelContext.from_env(ParallelConfig(), device=device)
+    finally:
+        if not keep_env:
+            restore()
+    try:
+        with ctx:
+            yield ctx
+    finally:
+        restore()
+
+
 def next_world_port(ctx: Any) -> int:
     """A free port for the worker's next world, picked by rank 0 now (not at launch: another
     test could take a port picked a minute earlier) and broadcast, so one ``run_ranks`` launch
