@@ -1,5 +1,6 @@
-"""What every test directory shares: toy data, config files, ZeRO-3 settings, and one way to
-launch a process (python, torchrun, mpirun, a batch script) under supervision.
+"""What every test directory shares: toy data (tests/toy_data.py), the toy run config, ZeRO-3
+settings, one way to launch a process (python, torchrun, mpirun, a batch script) under
+supervision, and one way to start the ranks of an in-process multi-rank test (``run_ranks``).
 
 Import it as ``from tests import helpers`` (tests/conftest.py puts the checkout on
 ``sys.path``; runners started by a test get ``PYTHONPATH`` = the checkout from ``child_env``).
@@ -32,45 +33,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+# the toy data, re-exported: tests call helpers.toy_shards(...), helpers.toy_tokenizer()
+from tests.toy_data import (  # noqa: F401
+    EOD,
+    VOCAB,
+    build_tiny_corpus_and_shards,
+    toy_fingerprint,
+    toy_shards,
+    toy_tokenizer,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
-VOCAB, EOD = 500, 499  # the toy shards' vocabulary: ids < 500, 499 = end of document
+TINY_CPU = ROOT / "configs" / "tiny_cpu.json"
 
-# --------------------------------------------------------------------------- toy data
-
-
-def toy_shards(prefix: Path | str, n_docs: int = 300, lengths: tuple[int, int] = (10, 80),
-               seed: int = 0) -> Path:
-    """``PREFIX.bin/.idx``: ``n_docs`` learnable documents, arithmetic sequences mod EOD
-    (start and stride random, length in ``[lengths[0], lengths[1])``), each ended by EOD.
-
-    Written with megatron-core's ``IndexedDatasetBuilder``, the reader the trainer uses.
-    The documents depend only on the arguments: golden values and references built from
-    them are stable."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    rs = np.random.RandomState(seed)
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
-    for _ in range(n_docs):
-        n = rs.randint(*lengths)
-        start, k = rs.randint(0, EOD), rs.randint(1, 5)
-        toks = [(start + k * i) % EOD for i in range(n)] + [EOD]
-        builder.add_document(np.array(toks, dtype=np.uint16), [len(toks)])
-    builder.finalize(str(prefix) + ".idx")
-    return prefix
+# --------------------------------------------------------------------------- toy data and configs
 
 
-def toy_tokenizer_dir(path: Path, files: dict[str, str] | None = None) -> Path:
-    """A tokenizer directory for runs whose runner stubs the tokenizer (it only has to exist;
-    ``files`` are written into it, e.g. for tests that check it is copied)."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name, text in (files or {}).items():
-        (path / name).write_text(text)
-    return path
+def toy_config_dict(run_dir: Path | str | None = None, prefixes: list[Path | str] | None = None, *,
+                    tokenizer: Path | str | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The toy run config as a dict: configs/tiny_cpu.json with the run directory, the shard
+    prefixes, ``data.tokenizer`` (default: the toy tokenizer, which wrote the toy shards) and
+    ``sections`` deep-merged into it: ``toy_config_dict(model={"n_layer": 2},
+    deepspeed={"zero_optimization": {"stage": 3}})`` changes those keys and keeps the rest.
+
+    Every test run config starts here, so a test states only what it relies on."""
+    cfg = json.loads(TINY_CPU.read_text())
+    cfg["data"]["tokenizer"] = str(tokenizer if tokenizer is not None else toy_tokenizer())
+    _deep_merge(cfg, sections)
+    return make_config(cfg, run_dir, prefixes)
+
+
+def toy_config(run_dir: Path | str | None = None, prefixes: list[Path | str] | None = None, *,
+               tokenizer: Path | str | None = None, **sections: dict[str, Any]) -> Any:
+    """``toy_config_dict(...)`` loaded as a ``gpt_dist.config.Config``."""
+    from gpt_dist.config import config_from_dict
+
+    return config_from_dict(toy_config_dict(run_dir, prefixes, tokenizer=tokenizer, **sections))
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def make_config(base: dict[str, Any], run_dir: Path | str | None = None,
@@ -352,17 +360,97 @@ def tp1_without_groups() -> Any:
         ps.set_tensor_model_parallel_rank(saved[1])
 
 
-def teardown_world(ctx: Any) -> int:
-    """Destroy a worker's process groups; returns a free port for its next world, picked by
-    rank 0 now (not at launch: another test could take a port picked a minute earlier) and
-    broadcast, so one launch can go through several world sizes (tests/training,
-    tests/finetune workers)."""
+@contextlib.contextmanager
+def solo_context(device: str = "cpu", *, keep_env: bool = False) -> Any:
+    """A world-size-1 ``ParallelContext`` in the test process (megatron-core's groups exist,
+    so the tensor-parallel layers run), destroyed when the block ends. The launcher
+    variables it sets (RANK, LOCAL_RANK, MASTER_PORT...) are removed again right away, or
+    with ``keep_env`` when the block ends (a DeepSpeed engine built in the test process
+    reads LOCAL_RANK). A second one in the same process shares the first's process group."""
+    from gpt_dist import deepspeed_compat
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    deepspeed_compat.skip_shm_comm_build()  # the CPU inference op nothing here uses (a minute of compiling)
+    saved = dict(os.environ)
+
+    def restore() -> None:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    try:
+        ctx = ParallelContext.from_env(ParallelConfig(), device=device)
+    finally:
+        if not keep_env:
+            restore()
+    try:
+        with ctx:
+            yield ctx
+    finally:
+        restore()
+
+
+def next_world_port(ctx: Any) -> int:
+    """A free port for the worker's next world, picked by rank 0 now (not at launch: another
+    test could take a port picked a minute earlier) and broadcast, so one ``run_ranks`` launch
+    can go through several world sizes (tests/training, tests/finetune workers). Call it
+    inside the ``with ParallelContext...`` block, whose exit then destroys the groups."""
     import gc
 
     import torch.distributed as dist
 
     port = [free_port() if ctx.rank == 0 else None]
     dist.broadcast_object_list(port, src=0)
-    gc.collect()
-    ctx.destroy()
+    gc.collect()  # engines of this world release their group handles before the groups go
     return int(port[0])
+
+
+# --------------------------------------------------------------------------- in-process ranks
+
+
+class RankFailed(RuntimeError):
+    """A rank of ``run_ranks`` raised, died or outlived the timeout; the message names it."""
+
+
+def _rank_main(rank: int, fn: Any, world: int, port: int, args: tuple[Any, ...]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    import torch
+
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def run_ranks(fn: Any, world: int, *args: Any, timeout: float, start_method: str = "fork") -> None:
+    """Run ``fn(rank, *args)`` in ``world`` processes, one per rank: the one way tests start
+    the ranks of an in-process multi-rank run (tests of a launcher use that launcher).
+
+    Each child gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free MASTER_PORT (so
+    ``ParallelContext.from_env`` works as under torchrun), one thread and the CPU accelerator.
+    ``fork`` (default) lets the caller import DeepSpeed and the trainer once for every rank.
+    The first rank to raise or die fails the call with its rank and traceback, and the other
+    ranks are then stopped; after ``timeout`` seconds every rank still running is SIGKILLed
+    and the call fails. No rank outlives the call."""
+    import torch.multiprocessing as mp
+
+    pc = mp.start_processes(_rank_main, args=(fn, world, free_port(), args), nprocs=world, join=False,
+                            start_method=start_method)
+    deadline = time.monotonic() + timeout
+    try:
+        while not pc.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, p in enumerate(pc.processes) if p.is_alive()]
+                raise RankFailed(f"ranks {alive} of {world} still running after {timeout}s: killed")
+    except mp.ProcessRaisedException as exc:
+        raise RankFailed(f"rank {exc.error_index} of {world} raised:\n{exc}") from None
+    except mp.ProcessExitedException as exc:
+        raise RankFailed(f"rank {exc.error_index} of {world} exited with {exc.exit_code}"
+                         f"{f' (signal {exc.signal_name})' if exc.signal_name else ''}") from None
+    finally:
+        for p in pc.processes:
+            if p.is_alive():
+                p.kill()
+        for p in pc.processes:
+            p.join()

@@ -1,13 +1,12 @@
-"""Run ``launch/pretrain.py`` (or any script) with a stand-in tokenizer when none exists.
+"""Run ``launch/pretrain.py`` (or any script) with the test faults and a launcher log line.
 
     python tests/cluster/_runner.py launch/pretrain.py --config CFG --set ...
 
-The cluster tests exercise launchers, not tokenizers: the toy shards (conftest.py) use a
-500-token vocabulary with end-of-document id 499. When ``GPT_DIST_TEST_FAKE_TOKENIZER`` is
-set (the tests set it), ``gpt_dist.training.loop.load_tokenizer_info`` is replaced by a
-function returning that vocabulary. ``pretrain`` gets the faults of tests/faults.py (the
-preemption tests' GPT_DIST_TEST_AWAIT_SIGNAL_AT). Then the script runs as ``__main__`` with
-the remaining arguments, so launchers (torchrun, mpirun, srun, sbatch) see the real entry point.
+``pretrain`` gets the faults of tests/faults.py (the preemption tests'
+GPT_DIST_TEST_AWAIT_SIGNAL_AT), and the launcher that ``discover_launch_env`` recognised is
+printed. Then the script runs as ``__main__`` with the remaining arguments, so launchers
+(torchrun, mpirun, srun, sbatch) see the real entry point. The configs name the toy
+tokenizer (tests/toy_data.py) that wrote the toy shards.
 """
 
 from __future__ import annotations
@@ -26,12 +25,6 @@ def main() -> None:
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, str(ROOT))
-    fake = os.environ.get("GPT_DIST_TEST_FAKE_TOKENIZER")
-    if fake:
-        from gpt_dist.training import loop
-
-        vocab, eod = (int(x) for x in fake.split(","))
-        loop.load_tokenizer_info = lambda cfg: (vocab, eod, f"test-vocab-{vocab}-{eod}")
     from tests.faults import EnvFaults, patch_pretrain
 
     patch_pretrain(EnvFaults())

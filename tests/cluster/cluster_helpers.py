@@ -19,34 +19,33 @@ SAVE_INTERVAL = 6   # periodic checkpoints at 6 and 12
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without any launcher's variables (tests/helpers.py
-    ``child_env``), the runner's stand-in tokenizer and a 300 s collective timeout."""
-    env = helpers.child_env(GPT_DIST_TEST_FAKE_TOKENIZER=f"{VOCAB},{EOD}", GPT_DIST_PG_TIMEOUT="300")
+    ``child_env``) and a 300 s collective timeout."""
+    env = helpers.child_env(GPT_DIST_PG_TIMEOUT="300")
     env.update(extra)
     return env
 
 
 def build_toy_shards(out: Path) -> str:
-    """400 learnable documents (arithmetic sequences mod 499, EOD 499) as one shard."""
+    """400 learnable documents (arithmetic sequences mod 499, EOD 499) as one shard, written
+    by the toy tokenizer (tests/toy_data.py)."""
     helpers.toy_shards(out / "toy_00000", n_docs=400, lengths=(20, 200), seed=0)
     return str(out / "toy")
 
 
 def write_config(path: Path, toy: dict[str, str], run_dir: Path, **training: Any) -> Path:
-    cfg = {
-        "run": {"name": "cluster", "dir": str(run_dir)},
-        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_ctx": 64,
-                  "vocab_size": VOCAB, "dropout": 0.1, "attn_dropout": 0.1},
-        "parallel": {"tp": 1, "pp": 1},
-        "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
-        "schedule": {"warmup_steps": 3, "decay": "cosine"},
-        "data": {"prefixes": [toy["prefix"]], "tokenizer": toy["tokenizer"], "seq_len": 32},
-        "training": {"train_steps": STEPS, "micro_batch_size": 4, "global_batch_size": 8,
-                     "precision": "fp32", "device": "cpu", "eval_interval": STEPS,
-                     "eval_steps": 1, "deterministic": True, **training},
-        "checkpoint": {"save_interval": SAVE_INTERVAL, "keep_last": 3},
-        "logging": {"log_interval": 1, "progress_bar": False},
-        "deepspeed": {"zero_optimization": {"stage": 1}},
-    }
+    """The launcher runs' toy config: configs/tiny_cpu.json with these changes
+    (tests/helpers.py ``toy_config_dict``), ``training`` keys on top."""
+    cfg = helpers.toy_config_dict(
+        run_dir, [toy["prefix"]], tokenizer=toy["tokenizer"],
+        run={"name": "cluster"},
+        model={"n_layer": 2, "n_embd": 64, "n_ctx": 64, "vocab_size": VOCAB},
+        schedule={"warmup_steps": 3},
+        data={"seq_len": 32},
+        training={"train_steps": STEPS, "micro_batch_size": 4, "global_batch_size": 8, "eval_interval": STEPS,
+                  "eval_steps": 1, **training},
+        checkpoint={"save_interval": SAVE_INTERVAL, "keep_last": 3},
+        logging={"log_interval": 1},
+    )
     return helpers.write_config(path, cfg)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests import helpers
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster_helpers import (
@@ -34,8 +36,7 @@ from cluster_helpers import (
 def toy(tmp_path_factory) -> dict[str, str]:
     base = tmp_path_factory.mktemp("toy")
     prefix = build_toy_shards(base / "data")
-    (base / "tok").mkdir()
-    return {"prefix": prefix, "tokenizer": str(base / "tok")}
+    return {"prefix": prefix, "tokenizer": str(helpers.toy_tokenizer())}
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def _job_env(tmp_path: Path, restart: int, job_id: int) -> dict[str, str]:
         for name, text in (("srun", SHIM_SRUN), ("scontrol", SHIM_SCONTROL)):
             (bin_dir / name).write_text(text)
             (bin_dir / name).chmod(0o755)
-        wrapper = bin_dir / "python-test"  # PYTHON: the real entry point, stand-in tokenizer
+        wrapper = bin_dir / "python-test"  # PYTHON: the real entry point through the runner
         wrapper.write_text(f'#!/bin/bash\nexec "{PY}" "{RUNNER}" "$@"\n')
         wrapper.chmod(0o755)
     env = clean_env(SLURM_JOB_ID=str(job_id), SLURM_JOB_NAME="t15", SLURM_JOB_NODELIST="localhost",

@@ -46,7 +46,7 @@ def slurm(tmp_path_factory):
 
 
 def _submit(slurm, tmp_path: Path, cfg: Path, *args: str, **extra: str) -> tuple[int, Path]:
-    wrapper = tmp_path / "python-test"  # PYTHON: the venv's python with the stand-in tokenizer
+    wrapper = tmp_path / "python-test"  # PYTHON: the venv's python through the runner
     wrapper.write_text(f'#!/bin/bash\nexec "{PY}" "{RUNNER}" "$@"\n')
     wrapper.chmod(0o755)
     # extra: GPT_DIST_TEST_AWAIT_SIGNAL_AT=5 (preemption test) holds a fresh run before step 5
@@ -124,17 +124,16 @@ def test_usr1_preemption_requeues_and_resumes_exactly(slurm, tmp_path, reference
 
 def test_sbatch_the_shipped_tiny_cpu_config(slurm, tmp_path):
     """The documented command itself, ``sbatch slurm/pretrain.sh configs/tiny_cpu.json``, with
-    a real sentencepiece tokenizer and shards built here (no stand-in tokenizer), shortened
+    a sentencepiece tokenizer of 512 pieces and shards built here, shortened
     with ``--set`` arguments that the script passes through to launch/pretrain.py."""
-    from gpt_dist.data.testing import build_tiny_corpus_and_shards
+    from tests.toy_data import build_tiny_corpus_and_shards
 
     prefix, tok = build_tiny_corpus_and_shards(tmp_path / "data", n_docs=120, vocab_size=512,
                                               shard_tokens=10**9)
     run_dir = tmp_path / "run"
     sets = [f"data.prefixes=[\"{prefix}\"]", f"data.tokenizer={tok}", f"run.dir={run_dir}",
             "data.split=90,10,0", "training.train_steps=6", "training.eval_interval=3", "checkpoint.save_interval=3"]
-    job_id, out = _submit(slurm, tmp_path, ROOT / "configs" / "tiny_cpu.json", "--set", *sets,
-                          GPT_DIST_TEST_FAKE_TOKENIZER="")
+    job_id, out = _submit(slurm, tmp_path, ROOT / "configs" / "tiny_cpu.json", "--set", *sets)
     job = _wait_done(slurm, job_id, out, timeout=300)
     assert job["JobState"] == "COMPLETED" and job.get("ExitCode") == "0:0", f"{job}\n{tail(out)}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step6", tail(out)

@@ -1,6 +1,6 @@
 """Every multi-process evaluation of tests/eval in ONE launch (2 processes):
 
-    torchrun --standalone --nproc-per-node 2 _parallel_worker.py NATIVE_EXPORT TASKS_DIR OUT
+    python _parallel_worker.py NATIVE_EXPORT TASKS_DIR OUT   (2 ranks: tests/helpers.py run_ranks)
 
 * the vocabulary-parallel log-probabilities and argmax at TP=2 against torch on the gathered
   logits (ties planted so the lowest id must win across the two shards);
@@ -105,4 +105,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tests import helpers
+
+    helpers.run_ranks(lambda rank: main(), 2, timeout=560)

@@ -201,20 +201,19 @@ def _pretrain(trained: Trained, shard: Path, run: Path, config: Path, nproc: int
     base config's sections)."""
     from tests import helpers
 
-    cfg: dict[str, Any] = {
-        "run": {"name": run.name, "dir": str(run)},
-        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": N_CTX, "vocab_size": trained.cfg.vocab_size,
-                  "make_vocab_size_divisible_by": 8, "dropout": 0.0, "attn_dropout": 0.0},
-        "parallel": {"tp": 1, "pp": 1},
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.01},
-        "schedule": {"warmup_steps": 1, "decay": "constant"},
-        "data": {"prefixes": [str(shard)], "tokenizer": str(trained.tok_dir), "seq_len": 32},
-        "training": {"train_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
-                     "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True},
-        "checkpoint": {"save_interval": 2, "keep_last": 3, "init_from": str(trained.native)},
-        "logging": {"log_interval": 1, "progress_bar": False, "tensorboard": False},
-        "deepspeed": {"zero_optimization": {"stage": 1}},
-    }
+    cfg = helpers.toy_config_dict(  # configs/tiny_cpu.json with these changes
+        run, [shard], tokenizer=trained.tok_dir,
+        run={"name": run.name},
+        model={"n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": N_CTX, "vocab_size": trained.cfg.vocab_size,
+               "make_vocab_size_divisible_by": 8, "dropout": 0.0, "attn_dropout": 0.0},
+        optimizer={"lr": 1e-3},
+        schedule={"warmup_steps": 1, "decay": "constant"},
+        data={"seq_len": 32},
+        training={"train_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 4,
+                  "eval_steps": 1},
+        checkpoint={"save_interval": 2, "keep_last": 3, "init_from": str(trained.native)},
+        logging={"log_interval": 1, "tensorboard": False},
+    )
     for name, values in sections.items():
         cfg[name].update(values)
     path = helpers.write_config(config, cfg)

@@ -18,7 +18,7 @@ WORKER = Path(__file__).resolve().parent / "_parallel_worker.py"
 @pytest.fixture(scope="module")
 def parallel_out(trained, eval_tmp) -> Path:
     out = eval_tmp / "parallel"
-    res = helpers.run(helpers.torchrun_cmd(WORKER, trained.native, trained.data, out, nproc=2),
+    res = helpers.run(helpers.python_cmd(WORKER, trained.native, trained.data, out),
                       env=helpers.child_env(GPT_DIST_PG_TIMEOUT="120"), timeout=600, log=eval_tmp / "parallel.log")
     errors = "\n".join(p.read_text()[-3000:] for p in sorted(out.glob("error_rank*.txt"))) if out.exists() else ""
     assert res.rc == 0 and (out / "done").exists(), f"{res.describe()}\n{errors}"

@@ -1,5 +1,5 @@
-"""Test runner: pretrain with a fake tokenizer (vocab 500, end of document 499) and the
-test hooks of tests/faults.py (a ZeRO-3 run logs its partition report).
+"""Test runner: pretrain with the test hooks of tests/faults.py (a ZeRO-3 run logs its
+partition report); the config's data.tokenizer is the toy tokenizer (tests/toy_data.py).
 
     torchrun --standalone --nproc-per-node N tests/export/_train.py CONFIG.json key=value ...
 """
@@ -13,6 +13,5 @@ import gpt_dist.training.loop as L
 from gpt_dist.config import load_config
 from tests.faults import EnvFaults
 
-L.load_tokenizer_info = lambda cfg: (500, 499, "fake")
 cfg = load_config(sys.argv[1], sys.argv[2:])
 print("FINAL", L.pretrain(cfg, hooks=EnvFaults()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def ctx():
-    """World size 1, TP=1 on CPU (megatron-core's groups exist, so our layers work)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """World size 1, TP=1 on CPU (megatron-core's groups exist, so our layers work; the
+    launcher variables stay set: tests build DeepSpeed engines in this process)."""
     from gpt_dist import rng
-    from gpt_dist.config import ParallelConfig
-    from gpt_dist.parallel import ParallelContext
 
-    c = ParallelContext.from_env(ParallelConfig(), device="cpu")
-    rng.seed_all(0)
-    return c
+    with helpers.solo_context(keep_env=True) as c:
+        rng.seed_all(0)
+        yield c
 
 
 def small_cfg(arch: str = "gpt2", **kw):
@@ -63,28 +60,25 @@ def native_state(model, cfg):
     return out
 
 
-BASE_CONFIG = {
-    "run": {"name": "export_test", "dir": "unset"},
-    "model": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 32, "n_ctx": 32, "vocab_size": 500,
-              "dropout": 0.1, "attn_dropout": 0.1},
-    "parallel": {"tp": 1, "pp": 1},
-    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
-    "schedule": {"warmup_steps": 1, "decay": "constant"},
-    "data": {"prefixes": [], "tokenizer": "", "seq_len": 16},
-    "training": {"train_steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
-                 "device": "cpu", "eval_interval": 3, "eval_steps": 1, "deterministic": True},
-    "checkpoint": {"save_interval": 3, "keep_last": 2},
-    "logging": {"log_interval": 1, "progress_bar": False, "tensorboard": False},
-    "deepspeed": {"zero_optimization": {"stage": 1}},
-}
+#: the export tests' toy run: configs/tiny_cpu.json with these changes (tests/helpers.py);
+#: ``train`` points data.tokenizer at the toy tokenizer
+BASE_CONFIG = helpers.toy_config_dict(
+    "unset", [], tokenizer="",
+    run={"name": "export_test"},
+    model={"n_layer": 2, "n_embd": 32, "n_ctx": 32, "vocab_size": 500},
+    schedule={"warmup_steps": 1, "decay": "constant"},
+    data={"seq_len": 16},
+    training={"train_steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 3, "eval_steps": 1},
+    checkpoint={"save_interval": 3},
+    logging={"log_interval": 1, "tensorboard": False},
+)
 
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
-    """One shard of learnable documents and a tokenizer directory with a file to copy."""
+    """One shard of learnable documents, written by the toy tokenizer."""
     root = tmp_path_factory.mktemp("export_data")
     helpers.toy_shards(root / "toy_00000", n_docs=200, lengths=(20, 100), seed=0)
-    helpers.toy_tokenizer_dir(root / "tok", {"vocab.txt": "fake tokenizer file\n"})
     return root
 
 
@@ -94,7 +88,7 @@ def train(toy_data: Path, run_dir: Path, nproc: int = 1, timeout: int = 300, **o
     import json
 
     cfg = helpers.make_config(BASE_CONFIG, run_dir, [toy_data / "toy"])
-    cfg["data"]["tokenizer"] = str(toy_data / "tok")
+    cfg["data"]["tokenizer"] = str(helpers.toy_tokenizer())
     run_dir.mkdir(parents=True, exist_ok=True)
     path = helpers.write_config(run_dir.parent / (run_dir.name + ".json"), cfg)
     sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]

@@ -1,9 +1,11 @@
 """Every multi-process fine-tuning run of tests/finetune in ONE launch (process start-up and
 the DeepSpeed import cost ~15 s per launch on 2 cores; each tiny run takes seconds).
 
-    python tests/finetune/_ft_worker.py OUT TASKS_DIR TOKENIZER_DIR PORT
+    python tests/finetune/_ft_worker.py OUT TASKS_DIR TOKENIZER_DIR
 
-The parent imports the trainer once and forks 2 processes; they go through two worlds:
+The parent imports the trainer once and starts 2 ranks (tests/helpers.py ``run_ranks``);
+they go through worlds one after another, each a ``with ParallelContext`` block whose exit
+destroys its groups:
 
 A. world 2: the same multiple-choice fine-tuning (dropout 0 unless said) as
    ``tp2`` (tp=2), ``pp2`` (pp=2, ZeRO-1), ``dp2_zero0`` and ``dp2_zero3`` (ZeRO-3 with every
@@ -17,19 +19,18 @@ B. world 1 (rank 0): the references ``tp1`` (pp=1, the same batches) and, per ta
 
 Every run is the real fine-tuning entry (``gpt_dist.finetune.run.finetune`` with the context
 passed in), writing RUN/metrics.jsonl and RUN/results.json, which the tests compare. A
-failing rank writes ``error_rank{R}_{phase}.txt``.
+failing rank fails the launch with its rank and traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests import helpers
 
 TASK_FILES = {"classification": "cls", "entailment": "ent", "similarity": "sim", "similarity_score": "simreg",
               "multiple_choice": "mc"}
@@ -47,37 +48,36 @@ def base(out: Path, tasks: Path, tok: str, name: str, task: str = "multiple_choi
     if task == "similarity_score":
         ft["regression"] = True
     ft.update(finetune)
-    return {
-        "run": {"name": name, "dir": str(out / name)},
-        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": 48, "vocab_size": 320,
-                  "make_vocab_size_divisible_by": 4, "dropout": 0.0, "attn_dropout": 0.0},
-        "parallel": {"tp": 1, "pp": 1},
+    # configs/tiny_cpu.json with what these runs change (the pretraining keys too, so every
+    # resolved value is what it was before the toy config existed)
+    return helpers.toy_config_dict(
+        out / name, [], tokenizer=tok,
+        run={"name": name},
+        model={"n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": 48, "vocab_size": 320,
+               "make_vocab_size_divisible_by": 4, "dropout": 0.0, "attn_dropout": 0.0},
         # 1e-3: training stays smooth (gradient norm ~1), so layouts differ by rounding only
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.01},
-        "data": {"tokenizer": tok},
-        "training": {"micro_batch_size": 2, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
-                     "deterministic": True, "seed": 7},
-        "checkpoint": {"save_interval": 1000, "keep_last": 2},
-        "logging": {"log_interval": 1000, "progress_bar": False, "tensorboard": False},
-        "deepspeed": {"zero_optimization": {"stage": 0, "reduce_bucket_size": 200_000,
-                                            "allgather_bucket_size": 200_000}},
-        "finetune": ft,
-    }
+        optimizer={"lr": 1e-3},
+        schedule={"warmup_steps": 2000},
+        data={"seq_len": 1024},
+        training={"train_steps": 1000, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 1000,
+                  "eval_steps": 10, "seed": 7},
+        checkpoint={"save_interval": 1000},
+        logging={"log_interval": 1000, "tensorboard": False},
+        deepspeed={"zero_optimization": {"stage": 0, "reduce_bucket_size": 200_000,
+                                         "allgather_bucket_size": 200_000}},
+        finetune=ft,
+    )
 
 
-def _init(rank: int, world: int, port: int, tp: int = 1, pp: int = 1):
+def _world(rank: int, world: int, port: int | None = None, tp: int = 1, pp: int = 1):
+    """A fresh process group + megatron-core groups (the first world's rendezvous is
+    run_ranks'; later ones use the port the previous world picked)."""
     from gpt_dist.config import ParallelConfig
     from gpt_dist.parallel import ParallelContext
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if port is not None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
     return ParallelContext.from_env(ParallelConfig(tp=tp, pp=pp), device="cpu", timeout_s=240)
-
-
-def _next_port(ctx) -> int:
-    from tests import helpers
-
-    return helpers.teardown_world(ctx)
 
 
 class StopAt:
@@ -109,37 +109,24 @@ def _learn(raw: dict) -> dict:
     return raw
 
 
-def _guard(out: Path, rank: int, phase: str, fn) -> bool:
-    try:
-        fn()
-        return True
-    except BaseException:  # noqa: BLE001 - report anything, never hang the peers
-        (out / f"error_rank{rank}_{phase}.txt").write_text(traceback.format_exc())
-        return False
-
-
-def worker(rank: int, out: str, tasks: str, tok: str, port: int) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="240")
-    torch.set_num_threads(1)
+def worker(rank: int, out: str, tasks: str, tok: str) -> None:
+    os.environ["GPT_DIST_PG_TIMEOUT"] = "240"
     outp, tasksp = Path(out), Path(tasks)
     import gpt_dist.training.metrics as M
 
     M.plot_loss = lambda run_dir: None  # matplotlib costs seconds per run, not tested here
-    from tests import helpers
 
-    ports = [port]
-
-    def phase_a() -> None:
-        ctx = _init(rank, 2, ports[0], tp=2)
+    # ---- A: world 2
+    with _world(rank, 2, tp=2) as ctx:
         _run(ctx, {**base(outp, tasksp, tok, "tp2"), "parallel": {"tp": 2, "pp": 1}})
-        ports.append(_next_port(ctx))
-        ctx = _init(rank, 2, ports[-1], pp=2)
+        port = helpers.next_world_port(ctx)
+    with _world(rank, 2, port, pp=2) as ctx:
         raw = base(outp, tasksp, tok, "pp2")
         raw["parallel"] = {"tp": 1, "pp": 2}
         raw["deepspeed"]["zero_optimization"]["stage"] = 1
         _run(ctx, raw)
-        ports.append(_next_port(ctx))
-        ctx = _init(rank, 2, ports[-1])
+        port = helpers.next_world_port(ctx)
+    with _world(rank, 2, port) as ctx:
         _run(ctx, base(outp, tasksp, tok, "dp2_zero0"))
         raw = base(outp, tasksp, tok, "dp2_zero3")
         raw["deepspeed"]["zero_optimization"].update(helpers.zero3())
@@ -152,13 +139,12 @@ def worker(rank: int, out: str, tasks: str, tok: str, port: int) -> None:
                 _run(ctx, raw, StopAt(7))      # saves after step 6 (mid-epoch: 24 steps/epoch)
                 (outp / name / "first_stop.txt").write_text("stopped\n")
             _run(ctx, raw)
-        ports.append(_next_port(ctx))
-
-    if not _guard(outp, rank, "A", phase_a) or rank >= 1:
+        port = helpers.next_world_port(ctx)
+    if rank >= 1:
         return
 
-    def phase_b() -> None:
-        ctx = _init(0, 1, ports[-1])
+    # ---- B: world 1
+    with _world(0, 1, port) as ctx:
         _run(ctx, base(outp, tasksp, tok, "tp1"))
         for task in TASK_FILES:  # entailment (a word after the delimiter) needs more steps
             epochs = 10 if task == "entailment" else 6
@@ -168,16 +154,11 @@ def worker(rank: int, out: str, tasks: str, tok: str, port: int) -> None:
         raw = base(outp, tasksp, tok, "grown")
         raw["checkpoint"]["init_from"] = str(tasksp / "small_vocab_export")
         _run(ctx, raw)
-        _next_port(ctx)
-
-    if _guard(outp, rank, "B", phase_b):
-        (outp / "done").write_text("ok\n")
+    (outp / "done").write_text("ok\n")
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    out_dir, tasks_dir, tok_dir, first_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    out_dir, tasks_dir, tok_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     os.makedirs(out_dir, exist_ok=True)
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     import deepspeed  # noqa: F401 - imported once in the parent, then forked
@@ -185,10 +166,4 @@ if __name__ == "__main__":
     import gpt_dist.finetune.driver
     import gpt_dist.training.loop  # noqa: F401
 
-    ctx_mp = mp.get_context("fork")
-    procs = [ctx_mp.Process(target=worker, args=(r, out_dir, tasks_dir, tok_dir, first_port)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    sys.exit(max(abs(p.exitcode or 0) for p in procs))
+    helpers.run_ranks(worker, 2, out_dir, tasks_dir, tok_dir, timeout=560)

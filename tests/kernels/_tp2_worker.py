@@ -1,6 +1,6 @@
 """Every TP=2 kernel measurement in ONE launch: two forked ranks, tp=2, gloo, Triton's interpreter.
 
-    python tests/kernels/_tp2_worker.py OUT DATA_PREFIX PORT
+    python tests/kernels/_tp2_worker.py OUT DATA_PREFIX
 
 * ``fwdbwd_{arch}_{on|off}.pt``: one forward + backward of the TP=2 model, dropout 0.1 (the
   per-TP-rank region for the split attention heads and, with sequence parallelism (gpt2),
@@ -13,7 +13,8 @@
   checkpoint with kernels off) and ``off_then_on/`` (the reverse). The second start's log is
   RUN/second_start.log.
 
-A failing rank writes ``error_rank{R}.txt``.
+The ranks are started by tests/helpers.py ``run_ranks``; a failing rank fails the launch
+with its rank and traceback.
 """
 
 from __future__ import annotations
@@ -22,44 +23,39 @@ import contextlib
 import io
 import os
 import sys
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-VOCAB, EOD = 500, 499
+from tests import helpers
+from tests.helpers import VOCAB
+
 ON = {"layernorm": "on", "bias_gelu": "on", "bias_dropout_add": "on", "cross_entropy": "on",
       "fused_adam": "on", "ce_chunk_tokens": 9}
 OFF = {k: "off" for k in ON if k != "ce_chunk_tokens"}
-BASE: dict = {
-    "run": {"name": "k", "dir": "UNSET"},
-    "model": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 32, "n_ctx": 16,
-              "vocab_size": VOCAB, "dropout": 0.1, "attn_dropout": 0.1},
-    "parallel": {"tp": 2, "pp": 1},
-    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
-    "schedule": {"warmup_steps": 1, "decay": "cosine", "decay_steps": 4},
-    "data": {"prefixes": ["UNSET"], "tokenizer": "", "seq_len": 16, "split": "90,10,0"},
-    "training": {"train_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32",
-                 "device": "cpu", "eval_interval": 4, "eval_steps": 1, "deterministic": True, "seed": 1234},
+#: what these runs change in configs/tiny_cpu.json (tests/helpers.py ``toy_config``)
+TOY: dict = {
+    "run": {"name": "k"},
+    "model": {"n_layer": 2, "n_embd": 32, "n_ctx": 16, "vocab_size": VOCAB},
+    "parallel": {"tp": 2},
+    "schedule": {"warmup_steps": 1, "decay_steps": 4},
+    "data": {"seq_len": 16, "split": "90,10,0"},
+    "training": {"micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 4, "eval_steps": 1,
+                 "seed": 1234},
     "checkpoint": {"save_interval": 1000, "keep_last": 1},
-    "logging": {"log_interval": 1000, "progress_bar": False, "tensorboard": False},
-    "deepspeed": {"zero_optimization": {"stage": 1, "reduce_bucket_size": 200_000,
-                                        "allgather_bucket_size": 200_000}},
+    "logging": {"log_interval": 1000, "tensorboard": False},
+    "deepspeed": {"zero_optimization": {"reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000}},
 }
 
 
 def _config(out: Path, data: str, name: str, kernels: dict, steps: int = 4, ac: bool = False):
-    from gpt_dist.config import config_from_dict
-    from tests import helpers
-
-    raw = helpers.make_config(BASE, out / name, [data])
-    raw["training"]["train_steps"] = steps
-    raw["kernels"] = kernels
-    if ac:
-        raw["parallel"]["activation_checkpointing"] = "full"
-    return config_from_dict(raw)
+    ac_section = {"activation_checkpointing": "full"} if ac else {}
+    return helpers.toy_config(out / name, [data], **{
+        **TOY, "training": {**TOY["training"], "train_steps": steps}, "kernels": kernels,
+        "parallel": {**TOY["parallel"], **ac_section}})
 
 
 def _forward_backward(ctx, arch: str, kernels) -> dict:
@@ -138,21 +134,15 @@ def _pretrain(ctx, out: Path, data: str, name: str, first: dict, second: dict | 
         (out / name / "second_start.log").write_text(captured.getvalue())
 
 
-def worker(rank: int, out: str, data: str, port: int) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="240",
-                      RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def worker(rank: int, out: str, data: str) -> None:
+    os.environ["GPT_DIST_PG_TIMEOUT"] = "240"
     outp = Path(out)
-    try:
-        import gpt_dist.training.loop as L
-        import gpt_dist.training.metrics as M
-        from gpt_dist.config import KernelsConfig, ParallelConfig
-        from gpt_dist.parallel import ParallelContext
+    import gpt_dist.training.metrics as M
+    from gpt_dist.config import KernelsConfig, ParallelConfig
+    from gpt_dist.parallel import ParallelContext
 
-        L.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "toy")  # toy shards: ids < 500, 499 = EOD
-        M.plot_loss = lambda run_dir: None
-        ctx = ParallelContext.from_env(ParallelConfig(tp=2), device="cpu", timeout_s=240)
+    M.plot_loss = lambda run_dir: None
+    with ParallelContext.from_env(ParallelConfig(tp=2), device="cpu", timeout_s=240) as ctx:
         for arch in ("gpt1", "gpt2"):
             for tag, k in (("off", KernelsConfig(**OFF)), ("on", KernelsConfig(**ON))):
                 res = _forward_backward(ctx, arch, k.resolve("cpu", "fp32"))
@@ -165,26 +155,18 @@ def worker(rank: int, out: str, data: str, port: int) -> None:
         _pretrain(ctx, outp, data, "on_ac", ON, ac=True)
         _pretrain(ctx, outp, data, "on_then_off", ON, OFF)
         _pretrain(ctx, outp, data, "off_then_on", OFF, ON)
-        ctx.destroy()
-        if rank == 0:
-            (outp / "done").write_text("ok\n")
-    except BaseException:
-        (outp / f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        raise
+    if rank == 0:
+        (outp / "done").write_text("ok\n")
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    out_dir, data_prefix, first_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out_dir, data_prefix = sys.argv[1], sys.argv[2]
     os.makedirs(out_dir, exist_ok=True)
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    import deepspeed  # imported once, then forked (see tests/training/_parallel_worker.py)
+    import deepspeed  # noqa: F401 - imported once, then forked (see tests/training/_parallel_worker.py)
     import megatron.core.tensor_parallel  # noqa: F401
 
     import gpt_dist.kernels.bias_dropout_add
     import gpt_dist.training.loop  # noqa: F401
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    mp.start_processes(worker, args=(out_dir, data_prefix, first_port), nprocs=2, join=True,
-                       start_method="fork")
+    helpers.run_ranks(worker, 2, out_dir, data_prefix, timeout=560)

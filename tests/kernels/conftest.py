@@ -17,6 +17,8 @@ import os
 import pytest
 import torch
 
+from tests import helpers
+
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,19 +50,8 @@ def randn(*shape: int, g: torch.Generator, scale: float = 1.0, dtype: torch.dtyp
 def ctx():
     """A world-size-1 gloo context (megatron-core's groups exist: its TP layers and CE run),
     as tests/model's; os.environ is left as it was found."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import deepspeed
-
     from gpt_dist import rng
-    from gpt_dist.config import ParallelConfig
-    from gpt_dist.parallel import ParallelContext
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see tests/model/conftest.py
-    saved = dict(os.environ)
-    try:
-        c = ParallelContext.from_env(ParallelConfig(), device=DEVICE)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    rng.seed_all(0)
-    return c
+    with helpers.solo_context(DEVICE) as c:
+        rng.seed_all(0)
+        yield c

@@ -24,10 +24,9 @@ def out(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kernels_tp2")
     data = helpers.toy_shards(root / "data" / "toy", n_docs=200, lengths=(10, 60), seed=0)
     o = root / "out"
-    res = helpers.run(helpers.python_cmd(WORKER, o, data, helpers.free_port()),
-                      env=helpers.child_env(TRITON_INTERPRET="1"), timeout=600, log=root / "worker.log")
-    errors = "\n".join(p.read_text()[-3000:] for p in sorted(o.glob("error_*.txt")))
-    assert res.rc == 0 and (o / "done").exists() and not errors, f"rc={res.rc}\n{errors}\n{res.stdout[-4000:]}"
+    res = helpers.run(helpers.python_cmd(WORKER, o, data), env=helpers.child_env(TRITON_INTERPRET="1"),
+                      timeout=600, log=root / "worker.log")
+    assert res.rc == 0 and (o / "done").exists(), f"rc={res.rc}\n{res.stdout[-6000:]}"
     return o
 
 

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -30,22 +28,8 @@ def meta_model():
 
 @pytest.fixture(scope="session")
 def ctx():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import deepspeed
-
     from gpt_dist import rng
-    from gpt_dist.config import ParallelConfig
-    from gpt_dist.parallel import ParallelContext
 
-    # DeepSpeed's TorchBackend would JIT-build (or rebuild, when another checkout with other
-    # include paths built it last) its shared-memory inference all-reduce op: a minute of
-    # compiling on 2 cores, for an op nothing here uses; gloo does the collectives
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    saved = dict(os.environ)
-    try:
-        c = ParallelContext.from_env(ParallelConfig(), device="cpu")
-    finally:  # RANK/WORLD_SIZE/MASTER_PORT must not leak into later subprocess launches
-        os.environ.clear()
-        os.environ.update(saved)
-    rng.seed_all(0)
-    return c
+    with helpers.solo_context() as c:
+        rng.seed_all(0)
+        yield c

@@ -1,4 +1,4 @@
-"""Toy shards, the runner and torchrun for the pipeline tests (CPU, gloo)."""
+"""Toy shards, the toy run config, the runner and torchrun for the pipeline tests (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -13,28 +13,48 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
+#: the pipeline runs' toy config: configs/tiny_cpu.json with these changes (tests/helpers.py)
+TOY = {
+    "run": {"name": "pipe"},
+    "model": {"n_layer": 2, "n_embd": 32, "n_ctx": 32, "vocab_size": 500, "dropout": 0.0, "attn_dropout": 0.0},
+    "schedule": {"warmup_steps": 3},
+    "data": {"seq_len": 16},
+    "training": {"train_steps": 10, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 10,
+                 "eval_steps": 1},
+    "checkpoint": {"save_interval": 5},
+    "logging": {"log_interval": 1},
+}
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
-    """One shard of learnable documents (arithmetic sequences mod 499, 499 = end of doc)."""
+    """One shard of learnable documents (arithmetic sequences mod 499, 499 = end of doc),
+    written by the toy tokenizer, and ``base.json``: the toy config (tokenizer included)."""
     root = tmp_path_factory.mktemp("pipe_data")
     helpers.toy_shards(root / "toy_00000", n_docs=300, lengths=(20, 120), seed=0)
-    helpers.toy_tokenizer_dir(root / "tok")
+    helpers.write_config(root / "base.json", helpers.toy_config_dict("UNSET", ["UNSET"], **TOY))
     return root
 
 
+@pytest.fixture(scope="session")
+def base_json(toy_data) -> Path:
+    return toy_data / "base.json"
+
+
 def overrides(toy_data: Path, run_dir: Path, **kv) -> list[str]:
-    base = {"run.dir": str(run_dir), "data.prefixes": json.dumps([str(toy_data / "toy")]),
-            "data.tokenizer": str(toy_data / "tok")}
+    """The runner's arguments: the toy config, then ``key=value`` overrides."""
+    base = {"run.dir": str(run_dir), "data.prefixes": json.dumps([str(toy_data / "toy")])}
     base.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in kv.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+    return [str(toy_data / "base.json"), *(f"{k}={v}" for k, v in base.items())]
 
 
 def launch(nproc: int, args: list[str], *, env: dict[str, str] | None = None,
            max_restarts: int = 0, timeout: int = 400,
            log_to: str | Path | None = None) -> helpers.Result:
-    """tests/pipeline/run.py base.json ARGS under torchrun (or plain python for 1 process),
-    launched by tests/helpers.py (own session, hard timeout, no survivors)."""
-    script = [HERE / "run.py", HERE / "base.json", *args]
+    """tests/pipeline/run.py ARGS (``overrides``: the config and its overrides) under torchrun
+    (or plain python for 1 process), launched by tests/helpers.py (own session, hard
+    timeout, no survivors)."""
+    script = [HERE / "run.py", *args]
     if nproc == 1 and not max_restarts:
         cmd = helpers.python_cmd(*script)
     else:

@@ -1,6 +1,9 @@
-"""Test runner: ``launch/pretrain`` with the tokenizer info stubbed and the test faults.
+"""Test runner: ``launch/pretrain`` with the test faults.
 
     torchrun ... tests/pipeline/run.py CONFIG.json key=value ...
+
+The config (conftest.py ``toy_data``) points ``data.tokenizer`` at the real toy tokenizer
+that wrote the toy shards.
 
 Faults and probes come from GPT_DIST_TEST_* variables (tests/faults.py): KILL_AT, and
 TIED_DIR=DIR, where after every optimizer step each rank that holds the tied token
@@ -15,8 +18,6 @@ import sys
 import gpt_dist.training.loop as L
 from gpt_dist.config import load_config
 from tests.faults import EnvFaults
-
-L.load_tokenizer_info = lambda cfg: (500, 499, "fake")  # toy data: ids < 500, 499 = end of doc
 
 if __name__ == "__main__":
     if os.environ.get("GPT_DIST_TEST_KERNEL_COUNTS"):

@@ -1,7 +1,9 @@
 """Two-rank (tp=2, gloo) forward+backward of the GPT module, no DeepSpeed engine.
 
-Run by test_sequence_parallel_and_checkpointing.py through torch.multiprocessing; each rank
-writes what it measured to ``OUT/rank{r}.json``. Compared, per rank:
+Run by test_sequence_parallel_and_checkpointing.py (``python sp_ac_worker.py OUT``), which
+starts the two ranks with tests/helpers.py ``run_ranks``; each rank writes what it measured
+to ``OUT/rank{r}.json`` (a failing rank fails the launch with its rank and traceback).
+Compared, per rank:
 
 * sequence parallel vs none (dropout off): loss and every local gradient shard;
 * activation checkpointing (every block, every 2nd block, partitioned over TP or not;
@@ -13,9 +15,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+
+from tests import helpers
 
 TOL = 1e-5
 
@@ -67,17 +73,12 @@ def _diff(a, b):
     return {"loss_a": la, "loss_b": lb, "loss_diff": abs(la - lb), "grad_diff": worst}
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        from gpt_dist.config import ParallelConfig
-        from gpt_dist.parallel import ParallelContext
+def worker(rank: int, out: str) -> None:
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
 
-        ctx = ParallelContext.from_env(ParallelConfig(tp=2), device="cpu", timeout_s=300)
+    result: dict = {}
+    with ParallelContext.from_env(ParallelConfig(tp=2), device="cpu", timeout_s=300) as ctx:
         torch.use_deterministic_algorithms(True)
         no_drop, drop = _model_cfg(0.0), _model_cfg(0.1)
 
@@ -94,20 +95,10 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                         ref, _run(ctx, drop, sp=sp, every=every, partition=part))
         # dropout really is on: same weights and data, dropout 0 vs 0.1 differ
         result["dropout_active"] = _diff(base, _run(ctx, drop, sp=False))
-        ctx.destroy()
-    except BaseException:  # noqa: BLE001 - report, don't hang the other rank's test
-        result["error"] = traceback.format_exc()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.makedirs(sys.argv[1], exist_ok=True)
-    mp.spawn(worker, args=(2, port, sys.argv[1]), nprocs=2, join=True)
+    helpers.run_ranks(worker, 2, sys.argv[1], timeout=540)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HERE, ROOT, launch, metrics, overrides
+from conftest import ROOT, launch, metrics, overrides
 
 from gpt_dist.config import ConfigError, load_config, validate
 from tests import helpers
@@ -29,8 +29,8 @@ TOL = 1e-5
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_pp_with_zero23_one_line_error(stage):
-    cfg = load_config(HERE / "base.json", ["parallel.pp=2", f"deepspeed.zero_optimization.stage={stage}"])
+def test_pp_with_zero23_one_line_error(stage, base_json):
+    cfg = load_config(base_json, ["parallel.pp=2", f"deepspeed.zero_optimization.stage={stage}"])
     with pytest.raises(ConfigError) as exc:
         validate(cfg, 2, check_paths=False)
     msg = str(exc.value)
@@ -38,10 +38,10 @@ def test_pp_with_zero23_one_line_error(stage):
     assert f"ZeRO-{stage}" in msg and "ZeRO-1 with pp" in msg and "ZeRO-3 with parallel.pp=1" in msg
 
 
-def test_pp_with_zero23_launcher_prints_one_line(tmp_path):
+def test_pp_with_zero23_launcher_prints_one_line(tmp_path, base_json):
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(ROOT)}  # exactly this environment: no launcher ever ran
-    proc = helpers.run(helpers.python_cmd(ROOT / "launch" / "pretrain.py", "--config", HERE / "base.json",
+    proc = helpers.run(helpers.python_cmd(ROOT / "launch" / "pretrain.py", "--config", base_json,
                                           "--set", "parallel.pp=2", "deepspeed.zero_optimization.stage=3",
                                           f"run.dir={tmp_path}"), env=env, timeout=120)
     assert proc.returncode != 0
@@ -49,11 +49,11 @@ def test_pp_with_zero23_launcher_prints_one_line(tmp_path):
     assert len(errors) == 1 and "ZeRO-1 with pp" in errors[0], proc.stderr[-2000:]
 
 
-def test_validation_layers_and_micro_batches():
-    cfg = load_config(HERE / "base.json", ["parallel.pp=2", "model.n_layer=3"])
+def test_validation_layers_and_micro_batches(base_json):
+    cfg = load_config(base_json, ["parallel.pp=2", "model.n_layer=3"])
     with pytest.raises(ConfigError, match="n_layer=3 is not divisible by pp=2"):
         validate(cfg, 2, check_paths=False)
-    cfg = load_config(HERE / "base.json", ["parallel.pp=2", "training.global_batch_size=2"])
+    cfg = load_config(base_json, ["parallel.pp=2", "training.global_batch_size=2"])
     with pytest.raises(ConfigError, match="1 micro-batches per step < pp=2"):
         validate(cfg, 2, check_paths=False)
 

@@ -1,16 +1,14 @@
-"""Worker entry point of the reliability suite: ``pretrain`` with a fixed toy tokenizer and
-the faults the launch asked for (GPT_DIST_TEST_* variables, read in tests/faults.py).
+"""Worker entry point of the reliability suite: ``pretrain`` with the faults the launch asked
+for (GPT_DIST_TEST_* variables, read in tests/faults.py).
 
-The suite trains on synthetic shards whose vocabulary is 0..VOCAB-1 with EOD = VOCAB-1, so
-the run needs no tokenizer files: ``load_tokenizer_info`` is replaced by constants.
+The suite trains on synthetic shards whose vocabulary is 0..499 with end of document 499,
+written by the toy tokenizer (tests/toy_data.py) that the configs name in data.tokenizer.
 Exit codes follow launch/pretrain.py: 2 config error, 1 bad input / checkpoint error.
 """
 
 from __future__ import annotations
 
 import sys
-
-VOCAB, EOD = 500, 499
 
 
 def _record_attempt(run_dir) -> None:
@@ -29,7 +27,6 @@ def main(argv: list[str]) -> int:
     from gpt_dist.training.checkpoint import CheckpointError
     from tests.faults import EnvFaults
 
-    loop.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "reliability-toy")
     try:
         cfg = load_config(argv[0], argv[1:])
         _record_attempt(cfg.run_dir)

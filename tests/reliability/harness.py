@@ -19,22 +19,21 @@ from tests.helpers import PY, ROOT, Result  # noqa: F401 - the suite's names for
 RUNNER = Path(__file__).resolve().parent / "_runner.py"
 VOCAB, EOD = helpers.VOCAB, helpers.EOD
 
-#: The tiny model every integration test trains (dropout > 0 so the RNG restore matters).
-BASE_CONFIG: dict[str, Any] = {
-    "run": {"name": "rel", "dir": "RUN_DIR"},
-    "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": 32,
-              "vocab_size": VOCAB, "make_vocab_size_divisible_by": 4, "dropout": 0.1, "attn_dropout": 0.1},
-    "parallel": {"tp": 1, "pp": 1},
-    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
-    "schedule": {"warmup_steps": 3, "decay": "cosine", "decay_steps": 16},
-    "data": {"prefixes": ["DATA"], "tokenizer": "", "seq_len": 16, "split": "90,10,0"},
-    "training": {"train_steps": 16, "micro_batch_size": 4, "global_batch_size": 8,
-                 "precision": "fp32", "device": "cpu", "eval_interval": 1000, "eval_steps": 1,
-                 "deterministic": True, "seed": 1234},
-    "checkpoint": {"save_interval": 5, "keep_last": 2},
-    "logging": {"log_interval": 1000, "progress_bar": False, "tensorboard": False},
-    "deepspeed": {"zero_optimization": {"stage": 1}},
-}
+#: The tiny model every integration test trains (dropout > 0 so the RNG restore matters):
+#: configs/tiny_cpu.json with these changes (tests/helpers.py ``toy_config_dict``);
+#: ``make_config`` points data.tokenizer at the toy tokenizer, which wrote the toy shards.
+BASE_CONFIG: dict[str, Any] = helpers.toy_config_dict(
+    "RUN_DIR", ["DATA"], tokenizer="",
+    run={"name": "rel"},
+    model={"n_layer": 2, "n_head": 2, "n_embd": 32, "n_ctx": 32, "vocab_size": VOCAB,
+           "make_vocab_size_divisible_by": 4},
+    schedule={"warmup_steps": 3, "decay_steps": 16},
+    data={"seq_len": 16, "split": "90,10,0"},
+    training={"train_steps": 16, "micro_batch_size": 4, "global_batch_size": 8, "eval_interval": 1000,
+              "eval_steps": 1, "seed": 1234},
+    checkpoint={"save_interval": 5},
+    logging={"log_interval": 1000, "tensorboard": False},
+)
 
 
 def build_shards(prefix: Path, n_docs: int = 300, seed: int = 0) -> Path:
@@ -45,7 +44,9 @@ def build_shards(prefix: Path, n_docs: int = 300, seed: int = 0) -> Path:
 def make_config(path: Path, run_dir: Path, data: Path, **overrides: Any) -> Path:
     """Write BASE_CONFIG with ``section__key=value`` overrides (e.g. training__train_steps=8)
     or ``section={...}`` replacing a whole section."""
-    return helpers.write_config(path, helpers.make_config(BASE_CONFIG, run_dir, [data], **overrides))
+    cfg = helpers.make_config(BASE_CONFIG, run_dir, [data], **overrides)
+    cfg["data"]["tokenizer"] = cfg["data"]["tokenizer"] or str(helpers.toy_tokenizer())
+    return helpers.write_config(path, cfg)
 
 
 def base_env(**extra: str) -> dict[str, str]:

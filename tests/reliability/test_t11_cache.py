@@ -18,11 +18,11 @@ import pytest
 
 from gpt_dist.config import load_config
 from gpt_dist.training.data import IndexCacheError, build_datasets
+from tests.helpers import toy_fingerprint  # the toy tokenizer, which wrote the toy shards
 from tests.reliability import harness as h
 
 #: a single-process stand-in for ParallelContext (rank 0 of 1): what build_datasets uses
 SOLO = SimpleNamespace(rank=0, world_size=1, broadcast_object=lambda obj: obj, barrier=lambda: None)
-TOY_FINGERPRINT = "reliability-toy"  # the toy shards have no manifest: nothing to compare it with
 
 
 def _config(tmp: Path, data: Path, run: str = "run") -> object:
@@ -35,7 +35,7 @@ def _first_samples(ds, n: int = 6) -> list[list[int]]:
 
 
 def _build(cfg) -> tuple[list[list[int]], list[Path]]:
-    d = build_datasets(cfg, SOLO, h.VOCAB, h.EOD, TOY_FINGERPRINT)
+    d = build_datasets(cfg, SOLO, h.VOCAB, h.EOD, toy_fingerprint())
     cache_root = cfg.run_dir / "data_cache"
     return _first_samples(d.train), sorted(p for p in cache_root.iterdir())
 
@@ -117,7 +117,7 @@ def test_edited_shard_gets_a_fresh_cache(toy) -> None:
 
 def _build_in_child(cfg_path: str, out: mp.Queue) -> None:
     cfg = load_config(cfg_path)
-    out.put(_first_samples(build_datasets(cfg, SOLO, h.VOCAB, h.EOD, TOY_FINGERPRINT).train))
+    out.put(_first_samples(build_datasets(cfg, SOLO, h.VOCAB, h.EOD, toy_fingerprint()).train))
 
 
 def test_two_jobs_building_the_same_cache_at_once(toy) -> None:
@@ -137,4 +137,4 @@ def test_two_jobs_building_the_same_cache_at_once(toy) -> None:
     assert results[0] == results[1]
     dirs = sorted((tmp / "shared" / "data_cache").iterdir())
     assert len(dirs) == 1 and ".building-" not in dirs[0].name, dirs
-    assert _first_samples(build_datasets(load_config(path), SOLO, h.VOCAB, h.EOD, TOY_FINGERPRINT).train) == results[0]
+    assert _first_samples(build_datasets(load_config(path), SOLO, h.VOCAB, h.EOD, toy_fingerprint()).train) == results[0]

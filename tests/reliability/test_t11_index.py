@@ -23,7 +23,7 @@ from tests.data_tools import dt_common as c
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """(work dir, output prefix, tokenizer dir): 40 documents in 5 uint16 shards."""
-    from gpt_dist.data.testing import build_tiny_corpus_and_shards
+    from tests.toy_data import build_tiny_corpus_and_shards
 
     work = tmp_path_factory.mktemp("t11")
     prefix, tok = build_tiny_corpus_and_shards(work / "build", n_docs=40, vocab_size=400, shard_tokens=25_000)

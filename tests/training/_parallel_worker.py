@@ -1,11 +1,12 @@
 """Every multi-process measurement of tests/training in ONE launch (process start-up and the
 DeepSpeed import cost ~15 s per launch on 2 cores; the runs themselves take seconds).
 
-    python tests/training/_parallel_worker.py OUT DATA_PREFIX PORT
+    python tests/training/_parallel_worker.py OUT DATA_PREFIX
 
-The parent imports DeepSpeed, megatron-core and the trainer once and forks 4 processes;
-they go through three worlds one after another, tearing down megatron-core's groups and
-the process group between them (PORT is world A's rendezvous; rank 0 picks B's and C's):
+The parent imports DeepSpeed, megatron-core and the trainer once and starts 4 ranks
+(tests/helpers.py ``run_ranks``); they go through three worlds one after another, each a
+``with ParallelContext`` block whose exit destroys its groups (world A's rendezvous is
+run_ranks'; rank 0 picks B's and C's):
 
 A. world 4 (ranks 0-3), tp=2 x dp=2:
    * ``tp2_{arch}.pt``: one forward + backward of the TP=2 GPT-1 and GPT-2 models (dropout 0,
@@ -25,7 +26,7 @@ in), which writes its losses to RUN/metrics.jsonl; the test compares them. ZeRO-
 partition every parameter (tests/helpers.py ``zero3``) and log how at their first step
 (tests/faults.py ``Zero3Report``). The second start of an interrupted run writes what it
 logged to RUN/second_start.log (the resume message of that run alone). A failing rank
-writes ``error_rank{R}_{phase}.txt`` and the tests show it.
+fails the launch with its rank and traceback (run_ranks), which the tests show.
 """
 
 from __future__ import annotations
@@ -34,65 +35,53 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
+from gpt_dist.config import ParallelConfig
+from gpt_dist.parallel import ParallelContext
+from tests import helpers
+from tests.helpers import VOCAB
+
 T_START = float(os.environ.get("GPT_DIST_TEST_T0", time.time()))
-VOCAB, EOD = 500, 499
 STEPS = 10
 
-BASE: dict = {
-    "run": {"name": "par", "dir": "UNSET"},
-    "model": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 32, "n_ctx": 16,
-              "vocab_size": VOCAB, "dropout": 0.0, "attn_dropout": 0.0},
-    "parallel": {"tp": 1, "pp": 1},
-    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
-    "schedule": {"warmup_steps": 3, "decay": "cosine", "decay_steps": STEPS},  # also for 5-step runs
-    "data": {"prefixes": ["UNSET"], "tokenizer": "", "seq_len": 16, "split": "90,10,0"},
-    "training": {"train_steps": STEPS, "micro_batch_size": 2, "global_batch_size": 8,
-                 "precision": "fp32", "device": "cpu", "eval_interval": STEPS, "eval_steps": 1,
-                 "deterministic": True, "seed": 1234},
+#: what these runs change in configs/tiny_cpu.json (tests/helpers.py ``toy_config``)
+TOY: dict = {
+    "run": {"name": "par"},
+    "model": {"n_layer": 2, "n_embd": 32, "n_ctx": 16, "vocab_size": VOCAB},
+    "schedule": {"warmup_steps": 3, "decay_steps": STEPS},  # also for 5-step runs
+    "data": {"seq_len": 16, "split": "90,10,0"},
+    "training": {"micro_batch_size": 2, "global_batch_size": 8, "eval_interval": STEPS, "eval_steps": 1,
+                 "seed": 1234},
     "checkpoint": {"save_interval": 1000, "keep_last": 1},
-    "logging": {"log_interval": 1000, "progress_bar": False, "tensorboard": False},
-    # DeepSpeed's default buckets are 5e8 elements: a 2 GB torch.empty per bucket that takes
-    # seconds on a loaded 2-core machine; the toy model has 45k parameters
-    "deepspeed": {"zero_optimization": {"stage": 0, "reduce_bucket_size": 200_000,
-                                        "allgather_bucket_size": 200_000,
-                                        "stage3_prefetch_bucket_size": 200_000}},
+    "logging": {"log_interval": 1000, "tensorboard": False},
 }
+# DeepSpeed's default buckets are 5e8 elements: a 2 GB torch.empty per bucket that takes
+# seconds on a loaded 2-core machine; the toy model has 45k parameters
+BUCKETS = {"reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000,
+           "stage3_prefetch_bucket_size": 200_000}
 
 
 def _config(out: Path, data: str, name: str, *, tp: int, stage: int, steps: int = STEPS,
             dropout: float = 0.0):
-    from gpt_dist.config import config_from_dict
-    from tests import helpers
-
-    raw = helpers.make_config(BASE, out / name, [data])
-    raw["parallel"]["tp"] = tp
-    raw["deepspeed"]["zero_optimization"]["stage"] = stage
-    if stage == 3:  # really partitioned, not kept whole below the persistence threshold
-        raw["deepspeed"]["zero_optimization"].update(helpers.zero3())
-    raw["training"]["train_steps"] = steps
-    raw["model"].update(dropout=dropout, attn_dropout=dropout)
-    return config_from_dict(raw)
+    # ZeRO-3 really partitioned, not kept whole below the persistence threshold
+    zero = {**BUCKETS, "stage": stage, **(helpers.zero3() if stage == 3 else {})}
+    return helpers.toy_config(out / name, [data], **{
+        **TOY, "parallel": {"tp": tp}, "training": {**TOY["training"], "train_steps": steps},
+        "model": {**TOY["model"], "dropout": dropout, "attn_dropout": dropout},
+        "deepspeed": {"zero_optimization": zero}})
 
 
-def _init(rank: int, world: int, port: int, tp: int):
-    """A fresh process group + megatron-core groups of this size."""
-    from gpt_dist.config import ParallelConfig
-    from gpt_dist.parallel import ParallelContext
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _world(rank: int, world: int, tp: int, port: int | None = None) -> ParallelContext:
+    """A fresh process group + megatron-core groups of this size (the first world's
+    rendezvous is run_ranks'; later ones use the port the previous world picked)."""
+    if port is not None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
     return ParallelContext.from_env(ParallelConfig(tp=tp), device="cpu", timeout_s=240)
-
-
-def _teardown(ctx) -> int:
-    from tests import helpers
-
-    return helpers.teardown_world(ctx)
 
 
 TIMES: dict[str, float] = {}
@@ -164,32 +153,16 @@ def _forward_backward(ctx, arch: str) -> dict:
             "count": count_parameters(model, mcfg, tp=ctx.tp), "analytic": analytic_parameters(mcfg)}
 
 
-def _guard(out: Path, rank: int, phase: str, fn) -> bool:
-    try:
-        fn()
-        return True
-    except BaseException:  # noqa: BLE001 - report anything (SystemExit too), never hang the peers
-        (out / f"error_rank{rank}_{phase}.txt").write_text(traceback.format_exc())
-        return False
-
-
-def worker(rank: int, out: str, data: str, port: int) -> None:
+def worker(rank: int, out: str, data: str) -> None:
     TIMES["start"] = round(time.time() - T_START, 2)
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="240")
-    torch.set_num_threads(1)
+    os.environ["GPT_DIST_PG_TIMEOUT"] = "240"
     outp = Path(out)
-    import gpt_dist.training.loop as L
-
-    L.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "toy")  # toy shards: ids < 500, 499 = EOD
     import gpt_dist.training.metrics as M
 
     M.plot_loss = lambda run_dir: None  # loss.png: matplotlib costs seconds per run, not tested here
 
     # ---- A: world 4, tp=2 x dp=2
-    ports = [port]
-
-    def phase_a() -> None:
-        ctx = _timed("init_A", _init, rank, 4, ports[0], tp=2)
+    with _timed("init_A", _world, rank, 4, tp=2) as ctx:
         for arch in ("gpt1", "gpt2"):
             res = _forward_backward(ctx, arch)
             if rank == 0:
@@ -198,55 +171,40 @@ def worker(rank: int, out: str, data: str, port: int) -> None:
         # resume with dropout on: the TP-region RNG tracker, per-rank ZeRO-3 partitions
         _train(ctx, outp, data, "tp2dp2_zero3_drop", stage=3, dropout=0.1)
         _train_interrupted(ctx, outp, data, "tp2dp2_zero3_drop_resumed", stage=3, dropout=0.1)
-        ports.append(_teardown(ctx))
-
-    if not _guard(outp, rank, "A", phase_a) or rank >= 2:
+        port = helpers.next_world_port(ctx)
+    if rank >= 2:
         return
 
     # ---- B: world 2, tp=1 x dp=2, ZeRO-0..3 in the same process group
-    def phase_b() -> None:
-        ctx = _timed("init_B", _init, rank, 2, ports[1], tp=1)
+    with _timed("init_B", _world, rank, 2, tp=1, port=port) as ctx:
         for stage in (0, 1, 2, 3):
             _train(ctx, outp, data, f"dp2_zero{stage}", stage=stage)
         _train_interrupted(ctx, outp, data, "dp2_zero2_resumed", stage=2)
-        ports.append(_teardown(ctx))
-
-    if not _guard(outp, rank, "B", phase_b) or rank >= 1:
+        port = helpers.next_world_port(ctx)
+    if rank >= 1:
         return
 
     # ---- C: world 1: the DP=1 run and the TP=1 forward/backward references
-    def phase_c() -> None:
-        ctx = _timed("init_C", _init, 0, 1, ports[2], tp=1)
+    with _timed("init_C", _world, 0, 1, tp=1, port=port) as ctx:
         _train(ctx, outp, data, "dp1_zero0", stage=0)
         for arch in ("gpt1", "gpt2"):
             torch.save(_forward_backward(ctx, arch), outp / f"tp1_{arch}.pt")
-        _teardown(ctx)
-
-    if _guard(outp, rank, "C", phase_c):
-        (outp / "times.json").write_text(json.dumps(TIMES, indent=1))
-        (outp / "done").write_text("ok\n")
+    (outp / "times.json").write_text(json.dumps(TIMES, indent=1))
+    (outp / "done").write_text("ok\n")
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    out_dir, data_prefix, first_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out_dir, data_prefix = sys.argv[1], sys.argv[2]
     os.makedirs(out_dir, exist_ok=True)
     os.environ["GPT_DIST_TEST_T0"] = str(T_START)
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     # import DeepSpeed, megatron-core and the trainer once, then fork: 4 processes that each
     # import them cost ~4x the CPU time on a 2-core machine (nothing distributed exists yet)
-    import deepspeed
+    import deepspeed  # noqa: F401
     import megatron.core.tensor_parallel  # noqa: F401
 
-    import gpt_dist.parallel
     import gpt_dist.training.loop
     import gpt_dist.training.metrics  # noqa: F401
 
-    # DeepSpeed's TorchBackend JIT-builds its shared-memory all-reduce op (used by inference
-    # only) into ~/.cache/torch_extensions; concurrent sessions with other include paths keep
-    # rebuilding it (60-130 s each under load). gloo does everything these tests need.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     TIMES["imports"] = round(time.time() - T_START, 2)
-    mp.start_processes(worker, args=(out_dir, data_prefix, first_port), nprocs=4, join=True,
-                       start_method="fork")
+    helpers.run_ranks(worker, 4, out_dir, data_prefix, timeout=400)

@@ -56,10 +56,7 @@ def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("training")
     data = helpers.toy_shards(root / "data" / "toy", n_docs=300, lengths=(10, 80), seed=0)
     out = root / "out"
-    cmd = helpers.python_cmd(WORKER, out, data, helpers.free_port())
-    res = helpers.run(cmd, timeout=420, log=root / "worker.log")
-    errors = sorted(out.glob("error_*.txt"))
-    detail = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in errors)
-    assert res.rc == 0 and not errors and (out / "done").exists(), (
-        f"worker rc={res.rc} after {res.wall_s:.0f} s\n{detail}\n{res.stdout[-4000:]}")
+    res = helpers.run(helpers.python_cmd(WORKER, out, data), timeout=420, log=root / "worker.log")
+    assert res.rc == 0 and (out / "done").exists(), (
+        f"worker rc={res.rc} after {res.wall_s:.0f} s\n{res.stdout[-6000:]}")
     return Runs(out, res.stdout)

@@ -84,7 +84,7 @@ def test_bad_set_override(assignment, key):
 ])
 def test_missing_path(tmp_path, section, key, value):
     shards = helpers.toy_shards(tmp_path / "shards", n_docs=1)
-    tok = helpers.toy_tokenizer_dir(tmp_path / "tok")
+    tok = helpers.toy_tokenizer()
     raw = _tiny(data__prefixes=[str(shards)], data__tokenizer=str(tok))
     raw[section][key] = value
     cfg = load_config(_write(tmp_path, json.dumps(raw)))

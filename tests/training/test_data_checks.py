@@ -26,16 +26,16 @@ from gpt_dist.config import load_config
 from gpt_dist.data import indexed
 from gpt_dist.data.shardset import DataCheckError, resolve
 from gpt_dist.training.data import build_datasets, check_data
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_cpu.json"
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Shards (several, with manifest) written with tokenizer A; a second tokenizer B."""
-    from gpt_dist.data.testing import build_tiny_corpus_and_shards
     from gpt_dist.tokenizer import load_tokenizer, train_tokenizer
+    from tests.toy_data import build_tiny_corpus_and_shards
 
     work = tmp_path_factory.mktemp("data_checks")
     prefix, tok_a = build_tiny_corpus_and_shards(work, n_docs=120, vocab_size=512, shard_tokens=12_000)
@@ -58,13 +58,9 @@ def _copy(made: SimpleNamespace, tmp_path: Path) -> str:
 
 
 def _cfg(tmp_path: Path, prefixes: list[str], tokenizer: str, vocab: int, verify: bool = False):
-    raw = json.loads(TINY.read_text())
-    raw["run"]["dir"] = str(tmp_path / "run")
-    raw["model"]["vocab_size"] = vocab
-    raw["data"].update(prefixes=prefixes, tokenizer=tokenizer, verify_shards=verify)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(raw))
-    return load_config(path)
+    raw = helpers.toy_config_dict(tmp_path / "run", prefixes, tokenizer=tokenizer, model={"vocab_size": vocab},
+                                  data={"verify_shards": verify})
+    return load_config(helpers.write_config(tmp_path / "cfg.json", raw))
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -220,13 +216,11 @@ def test_refused_before_any_collective(made, tmp_path: Path) -> None:
 
 def test_pretrain_exits_1_with_one_line(made, tmp_path: Path) -> None:
     """The whole launcher: shards of tokenizer A, data.tokenizer B -> exit 1, one line."""
-    raw = json.loads(TINY.read_text())
-    raw["run"]["dir"] = str(tmp_path / "run")
-    raw["model"].update(vocab_size=made.vocab_a, n_layer=1, n_embd=32, n_head=2, n_ctx=32)
-    raw["data"].update(prefixes=[made.prefix], tokenizer=made.tok_b, seq_len=32)
-    raw["training"].update(train_steps=2, micro_batch_size=2, global_batch_size=2)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(raw))
+    raw = helpers.toy_config_dict(tmp_path / "run", [made.prefix], tokenizer=made.tok_b,
+                                  model={"vocab_size": made.vocab_a, "n_layer": 1, "n_embd": 32, "n_head": 2, "n_ctx": 32},
+                                  data={"seq_len": 32}, training={"train_steps": 2, "micro_batch_size": 2,
+                                                                  "global_batch_size": 2})
+    path = helpers.write_config(tmp_path / "cfg.json", raw)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(path)],
