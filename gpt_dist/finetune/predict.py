@@ -22,7 +22,7 @@ def load_classifier(export_dir: str | Path, device: str = "cpu") -> tuple[Any, T
     """(model with its task head, the task spec, the tokenizer) of a fine-tuned export."""
     from gpt_dist.config import config_from_dict
     from gpt_dist.export import ExportError, load_export, load_state_into_model
-    from gpt_dist.finetune.run import task_spec
+    from gpt_dist.finetune.task_data import task_spec
     from gpt_dist.generate import _ensure_parallel_state
     from gpt_dist.model.gpt import GPT, ModelSpec
     from gpt_dist.model.heads import TaskHeadSpec
@@ -57,7 +57,7 @@ def predict_file(export_dir: str | Path, input_path: str | Path, out_path: str |
     the number of examples. With labels present, the accuracy/metrics are printed too."""
     from gpt_dist.finetune.batches import collate
     from gpt_dist.finetune.objective import _with_valid_label, prediction_rows, predictions
-    from gpt_dist.finetune.run import task_spec
+    from gpt_dist.finetune.task_data import task_spec
     from gpt_dist.finetune.tasks import read_task_file
     from gpt_dist.utils import atomic_write_text
 

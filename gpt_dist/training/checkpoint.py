@@ -58,6 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt_dist import deepspeed_compat
 from gpt_dist.checkpoint_format import (  # noqa: F401 - the format, re-exported for callers
     FORMAT_VERSION,
     KEY_FILE,
@@ -84,7 +85,6 @@ from gpt_dist.checkpoint_format import (  # noqa: F401 - the format, re-exported
     tag_for,
     verify,
 )
-from gpt_dist import deepspeed_compat
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.utils import atomic_write_text, sha256_file

@@ -4,7 +4,7 @@
 
 The cluster tests exercise launchers, not tokenizers: the toy shards (conftest.py) use a
 500-token vocabulary with end-of-document id 499. When ``GPT_DIST_TEST_FAKE_TOKENIZER`` is
-set (the tests set it), ``gpt_dist.training.loop.load_tokenizer_info`` is replaced by a
+set (the tests set it), ``gpt_dist.training.pretrain.load_tokenizer_info`` is replaced by a
 function returning that vocabulary. ``pretrain`` gets the faults of tests/faults.py (the
 preemption tests' GPT_DIST_TEST_AWAIT_SIGNAL_AT). Then the script runs as ``__main__`` with
 the remaining arguments, so launchers (torchrun, mpirun, srun, sbatch) see the real entry point.
@@ -28,10 +28,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     fake = os.environ.get("GPT_DIST_TEST_FAKE_TOKENIZER")
     if fake:
-        from gpt_dist.training import loop
+        import gpt_dist.training.pretrain as pretraining
 
         vocab, eod = (int(x) for x in fake.split(","))
-        loop.load_tokenizer_info = lambda cfg: (vocab, eod, f"test-vocab-{vocab}-{eod}")
+        pretraining.load_tokenizer_info = lambda cfg: (vocab, eod, f"test-vocab-{vocab}-{eod}")
     from tests.faults import EnvFaults, patch_pretrain
 
     patch_pretrain(EnvFaults())

@@ -21,7 +21,7 @@ def main() -> None:
     from gpt_dist.finetune.batches import collate
     from gpt_dist.finetune.objective import _with_valid_label
     from gpt_dist.finetune.predict import load_classifier
-    from gpt_dist.finetune.run import task_spec
+    from gpt_dist.finetune.task_data import task_spec
     from gpt_dist.finetune.tasks import TaskSpec, read_task_file
 
     export, out, files = sys.argv[1], sys.argv[2], sys.argv[3:]

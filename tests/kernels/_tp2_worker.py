@@ -124,7 +124,7 @@ def _ce(ctx) -> dict:
 
 def _pretrain(ctx, out: Path, data: str, name: str, first: dict, second: dict | None = None,
               ac: bool = False) -> None:
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
 
     if second is None:
         L.pretrain(_config(out, data, name, first, ac=ac), ctx)
@@ -145,8 +145,8 @@ def worker(rank: int, out: str, data: str, port: int) -> None:
     torch.set_num_threads(1)
     outp = Path(out)
     try:
-        import gpt_dist.training.loop as L
         import gpt_dist.training.metrics as M
+        import gpt_dist.training.pretrain as L
         from gpt_dist.config import ParallelConfig
         from gpt_dist.config_kernels import KernelsConfig
         from gpt_dist.parallel import ParallelContext
@@ -184,7 +184,7 @@ if __name__ == "__main__":
     import megatron.core.tensor_parallel  # noqa: F401
 
     import gpt_dist.kernels.bias_dropout_add
-    import gpt_dist.training.loop  # noqa: F401
+    import gpt_dist.training.pretrain  # noqa: F401
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     mp.start_processes(worker, args=(out_dir, data_prefix, first_port), nprocs=2, join=True,

@@ -10,7 +10,7 @@ DIR/tied_rank{R}_step{S}.pt, so the test can check the copies stay equal.
 
 import sys
 
-import gpt_dist.training.loop as L
+import gpt_dist.training.pretrain as L
 from gpt_dist.config import load_config
 from tests.faults import EnvFaults
 

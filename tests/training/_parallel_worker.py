@@ -20,7 +20,7 @@ B. world 2 (ranks 0-1), tp=1 x dp=2: ``pretrain`` for 10 steps with ZeRO-0, 1, 2
 C. world 1 (rank 0): ``dp1_zero0/`` (10 steps, the same global batch as B) and
    ``tp1_{arch}.pt`` (the TP=1 forward + backward that A's must equal).
 
-Every run is the real trainer (``gpt_dist.training.loop.pretrain`` with the context passed
+Every run is the real trainer (``gpt_dist.training.pretrain.pretrain`` with the context passed
 in), which writes its losses to RUN/metrics.jsonl; the test compares them. ZeRO-3 runs
 partition every parameter (tests/helpers.py ``zero3``) and log how at their first step
 (tests/faults.py ``Zero3Report``). The second start of an interrupted run writes what it
@@ -106,7 +106,7 @@ def _timed(name: str, fn, *args, **kw):
 
 
 def _train(ctx, out: Path, data: str, name: str, *, stage: int, dropout: float = 0.0) -> None:
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
     from tests.faults import Zero3Report
 
     _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage, dropout=dropout), ctx,
@@ -119,7 +119,7 @@ def _train_interrupted(ctx, out: Path, data: str, name: str, *, stage: int, drop
     import contextlib
     import io
 
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
     from tests.faults import Zero3Report
 
     t0 = time.monotonic()
@@ -177,7 +177,7 @@ def worker(rank: int, out: str, data: str, port: int) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GPT_DIST_PG_TIMEOUT="240")
     torch.set_num_threads(1)
     outp = Path(out)
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
 
     L.load_tokenizer_info = lambda cfg: (VOCAB, EOD, "toy")  # toy shards: ids < 500, 499 = EOD
     import gpt_dist.training.metrics as M
@@ -235,17 +235,18 @@ if __name__ == "__main__":
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     # import DeepSpeed, megatron-core and the trainer once, then fork: 4 processes that each
     # import them cost ~4x the CPU time on a 2-core machine (nothing distributed exists yet)
-    import deepspeed
+    import deepspeed  # noqa: F401
     import megatron.core.tensor_parallel  # noqa: F401
 
     import gpt_dist.parallel
-    import gpt_dist.training.loop
-    import gpt_dist.training.metrics  # noqa: F401
+    import gpt_dist.training.metrics
+    import gpt_dist.training.pretrain  # noqa: F401
+    from gpt_dist import deepspeed_compat
 
     # DeepSpeed's TorchBackend JIT-builds its shared-memory all-reduce op (used by inference
     # only) into ~/.cache/torch_extensions; concurrent sessions with other include paths keep
     # rebuilding it (60-130 s each under load). gloo does everything these tests need.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed_compat.skip_shm_comm_build()
     TIMES["imports"] = round(time.time() - T_START, 2)
     mp.start_processes(worker, args=(out_dir, data_prefix, first_port), nprocs=4, join=True,
                        start_method="fork")
