@@ -111,8 +111,9 @@ class NonFiniteGuard:
     """Skip the optimizer update on every rank when any rank has a non-finite gradient.
 
     DeepSpeed skips steps only under fp16 (its loss scaler). For fp32/bf16 the guard gates the
-    *inner* optimizer's ``step`` (``deepspeed_compat.gate_optimizer_step``), which DeepSpeed calls on every rank with the final (reduced,
-    ZeRO-partitioned) gradients attached, under both the plain and the pipeline engine. A
+    *inner* optimizer's ``step`` (``deepspeed_compat.gate_optimizer_step``), which DeepSpeed
+    calls on every rank with the final (reduced, ZeRO-partitioned) gradients attached, under
+    both the plain and the pipeline engine. A
     flag is all-reduced over all ranks first, so a NaN on one rank skips the update on all
     (a skip on one rank only would desynchronise the replicas). A skipped update leaves the
     weights and Adam moments untouched; DeepSpeed still zeroes the gradients and counts the
