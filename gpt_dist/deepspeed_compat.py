@@ -1,15 +1,24 @@
 """Every private DeepSpeed attribute, patch and registration the project relies on, in one
 module, each with a test (``tests/test_deepspeed_compat.py``) that fails when the installed
-DeepSpeed changes the behaviour relied on.
+DeepSpeed (0.19) changes the behaviour relied on; ``tests/test_deepspeed_private.py`` fails
+when code elsewhere in ``gpt_dist/`` reaches into DeepSpeed's internals directly.
 
 Why a module of its own: DeepSpeed's public API does not cover a few things the project
-needs; each use below says what it lacks. Nothing here runs at import time: callers ask for
-each patch or registration explicitly, when they build what needs it.
+needs; each function below says what it lacks. Nothing here runs at import time: callers ask
+for each patch or registration explicitly, when they build what needs it (the engine, a
+checkpoint save, the optimizer). DeepSpeed itself is imported inside the functions: it takes
+seconds to import, and config checks, dry runs and exports must not pay for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------- start-up
 
 
 def skip_shm_comm_build() -> None:
@@ -24,10 +33,180 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def pipeline_layers(module: Any) -> list[Any]:
-    """This stage's layers of a DeepSpeed ``PipelineModule``, in order: modules, and
-    ``functools.partial`` objects for a ``TiedLayerSpec`` with a ``forward_fn``.
+# --------------------------------------------------------------------------- engine build
 
-    ``PipelineModule`` builds only this stage's layers but exposes them only as the private-
-    by-convention ``forward_funcs`` list (no public accessor)."""
+
+def register_zero_optimizer(cls: type) -> None:
+    """Let ZeRO accept optimizers of class ``cls`` (idempotent; call before building the engine).
+
+    ZeRO checks the client optimizer by *exact* type against the module list
+    ``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS`` and, for any other class,
+    refuses it unless the config sets ``zero_allow_untested_optimizer`` (which would admit
+    every optimizer, not one). A subclass of a supported optimizer (``FusedAdamW``, DeepSpeed's
+    ``FusedAdam`` with torch's bookkeeping) has no public way in."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    if cls not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+
+
+def gate_optimizer_step(optimizer: torch.optim.Optimizer, allow: Callable[[], bool]) -> None:
+    """Make ``optimizer.step`` a no-op whenever ``allow()`` returns False.
+
+    DeepSpeed has no hook between "gradients final" and "update applied" for fp32/bf16 runs
+    (only fp16's loss scaler skips steps). What it does is call the *client* optimizer's
+    ``step`` attribute, looked up on the instance, once per optimizer step on every rank, with
+    the final (reduced, ZeRO-partitioned) gradients attached: from ``DeepSpeedEngine`` (ZeRO-0),
+    its ZeRO-1/2/3 optimizers and the pipeline engine alike. Replacing the instance attribute
+    therefore gates every path. Call it after building the LR scheduler (torch's LambdaLR
+    wraps ``step`` too) and before ``deepspeed.initialize``."""
+    step = optimizer.step
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        return step(*args, **kwargs) if allow() else None
+
+    optimizer.step = gated  # type: ignore[method-assign]
+
+
+def keep_fp32_clip_norm(ds_engine: Any) -> None:
+    """Record the gradient norm that ZeRO-0 fp32 clipping computes.
+
+    In that one case (no ZeRO, no fp16/bf16, ``gradient_clipping`` > 0) DeepSpeed clips in
+    ``DeepSpeedEngine.clip_fp32_gradients``, which computes the global norm and drops it, so
+    the public ``get_global_grad_norm()`` stays None and the log showed ``gnorm nan`` for
+    every step (ZeRO-1/2/3, fp16 and bf16 record it themselves). The replacement does the
+    same computation and stores the norm in ``_global_grad_norm``, the attribute that
+    ``get_global_grad_norm()`` returns."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        norm = clip_grad_norm_(parameters=ds_engine.module.parameters(),
+                               max_norm=ds_engine.gradient_clipping(), mpu=ds_engine.mpu)
+        ds_engine._global_grad_norm = float(norm)
+
+    ds_engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def fused_adam_apply(opt: Any, tensor_lists: list[list[torch.Tensor]], *, lr: float, beta1: float,
+                     beta2: float, eps: float, step: int, weight_decay: float) -> None:
+    """One AdamW update with DeepSpeed's multi-tensor Adam kernel, on ``[grads, params,
+    exp_avgs, exp_avg_sqs]`` of one dtype, at step count ``step`` (bias correction on).
+
+    ``opt`` is a ``deepspeed.ops.adam.FusedAdam``. Its ``step`` keeps the step count in a
+    way torch's AdamW cannot read (``kernels/optim.py``), so ``FusedAdamW`` calls the kernel
+    itself; DeepSpeed exposes the kernel only as the optimizer's ``multi_tensor_adam`` op
+    driven by ``multi_tensor_applier`` with its private ``_dummy_overflow_buf``, in this
+    positional order."""
+    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+
+    multi_tensor_applier(opt.multi_tensor_adam, opt._dummy_overflow_buf, tensor_lists, lr, beta1, beta2,
+                         eps, step, opt.adam_w_mode, 1, weight_decay)
+
+
+# --------------------------------------------------------------------------- during training
+
+
+def loss_scale(ds_engine: Any) -> float:
+    """The current fp16 loss scale (1.0 when no loss scaler runs: fp32, bf16).
+
+    DeepSpeed keeps it in a different place per optimizer wrapper (``loss_scale_config.cur_scale``
+    for the ZeRO-0 fp16 optimizer, ``cur_scale`` for ZeRO's) and resolves that only in the
+    private ``DeepSpeedEngine._get_optimizer_loss_scale``; there is no public getter."""
+    scale = ds_engine._get_optimizer_loss_scale()
+    return 1.0 if scale is None else float(scale)
+
+
+def refresh_fp32_master_weights(ds_engine: Any) -> None:
+    """Copy the module's (just loaded) weights into the optimizer's fp32 master copies.
+
+    Under bf16/fp16 (ZeRO 0-2) the optimizer steps fp32 masters, not the module's weights;
+    after writing weights into the module (``checkpoint.init_from``) the first step would
+    otherwise start from the masters of the random initialisation. DeepSpeed does this in
+    ``load_checkpoint`` through the optimizer's ``refresh_fp32_params``, which no public
+    engine method exposes. A no-op for an optimizer without masters (plain fp32)."""
+    opt = getattr(ds_engine, "optimizer", None)
+    if opt is not None and hasattr(opt, "refresh_fp32_params"):
+        opt.refresh_fp32_params()
+
+
+@contextlib.contextmanager
+def checkpoint_writes_through(ds_engine: Any,
+                              write: Callable[[Callable[[Any, str], Any], Any, str], Any]) -> Iterator[None]:
+    """Inside the block, every file ``ds_engine.save_checkpoint`` writes goes through
+    ``write(original_save, state_dict, path)`` instead of ``original_save(state_dict, path)``.
+
+    ``save_checkpoint`` has no per-file hook and raises (or hangs in its final barrier) when
+    one rank's write fails; ``training/checkpoint.py`` needs to see each write, record a
+    failure and let DeepSpeed reach its barrier. Every file goes through the engine's private
+    ``checkpoint_engine.save(state_dict, path)``, so the save is swapped for the block and
+    restored afterwards, errors included."""
+    ce = ds_engine.checkpoint_engine
+    original = ce.save
+    had_own = "save" in vars(ce)
+
+    def save(state_dict: Any, path: str) -> Any:
+        return write(original, state_dict, path)
+
+    ce.save = save
+    try:
+        yield
+    finally:
+        if had_own:
+            ce.save = original
+        else:
+            del ce.save
+
+
+# --------------------------------------------------------------------------- pipeline module
+
+
+def pipeline_layers(module: Any) -> list[Any]:
+    """The callables this pipeline stage runs, in order (a ``deepspeed.pipe.PipelineModule``).
+
+    ``PipelineModule`` builds this stage's part of the layer list into ``forward_funcs``: the
+    modules of its ``LayerSpec``s, the shared module of a ``TiedLayerSpec``, or
+    ``functools.partial(forward_fn, shared module)`` for a tied spec with a ``forward_fn``. No
+    public accessor exists (``named_children`` misses the ``forward_fn`` partials and a tied
+    module's second use)."""
     return list(module.forward_funcs)
+
+
+def pipeline_loss_fn(module: Any) -> Any:
+    """The loss function a ``PipelineModule`` was built with (``loss_fn=``), as the engine
+    calls it on the last stage: fine-tuning reads the task metrics that ``TaskLoss`` records
+    there. ``PipelineModule`` keeps it as the attribute ``loss_fn`` without documenting it."""
+    return module.loss_fn
+
+
+# --------------------------------------------------------------------------- reading ZeRO files
+
+
+def zero3_merge_params(world_size: int, fp32_flat_groups: list[list[torch.Tensor]],
+                       zero_model_states: list[Any]) -> dict[str, torch.Tensor]:
+    """Whole fp32 parameters from the ``world_size`` ZeRO-3 partitions of one TP rank.
+
+    Each DP rank holds, per parameter in ``param_shapes`` order, ``ceil(numel / world)``
+    elements (the last rank's padded) back to back in its flat groups. DeepSpeed's offline
+    converter implements this layout as ``zero_to_fp32._zero3_merge_trainable_params``; its
+    public functions read whole checkpoint directories of one parallel layout only, not
+    the per-TP-rank files the exporter verifies and reads itself."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    out: dict[str, Any] = {}
+    z._zero3_merge_trainable_params(out, world_size, fp32_flat_groups, zero_model_states)
+    return {k: (v.contiguous() if not torch.is_tensor(v) else v) for k, v in out.items()}
+
+
+def zero2_merge_params(world_size: int, fp32_flat_groups: list[list[torch.Tensor]],
+                       zero_model_states: list[Any], alignment_paddings: Any = None) -> dict[str, torch.Tensor]:
+    """Whole fp32 master parameters from the ``world_size`` ZeRO-1/2 partitions of one TP rank.
+
+    Each parameter group's flat fp32 vector (parameters back to back in ``param_shapes``
+    order, each followed by its alignment padding) is split evenly over the DP ranks;
+    ``zero_to_fp32._zero2_merge_trainable_params`` is DeepSpeed's (private) inverse, see
+    ``zero3_merge_params`` for why the public converter does not serve."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    out: dict[str, Any] = {}
+    z._zero2_merge_trainable_params(out, world_size, fp32_flat_groups, zero_model_states, alignment_paddings)
+    return out

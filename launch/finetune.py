@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, overrides)
-        from gpt_dist.finetune.run import finetune
+        from gpt_dist.finetune.session import finetune
 
         finetune(cfg)
     except ConfigError as exc:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dry_run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
             return 0
-        from gpt_dist.training.loop import pretrain
+        from gpt_dist.training.pretrain import pretrain
 
         pretrain(cfg)
     except ConfigError as exc:

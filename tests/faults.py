@@ -198,8 +198,8 @@ class Zero3Report(TrainHooks):
 
 
 def patch_pretrain(hooks: TrainHooks) -> None:
-    """Make ``gpt_dist.training.loop.pretrain`` pass ``hooks`` (for runners that run
+    """Make ``gpt_dist.training.pretrain.pretrain`` pass ``hooks`` (for runners that run
     launch/pretrain.py itself, which imports ``pretrain`` when it runs)."""
-    from gpt_dist.training import loop
+    import gpt_dist.training.pretrain as P
 
-    loop.pretrain = functools.partial(loop.pretrain, hooks=hooks)
+    P.pretrain = functools.partial(P.pretrain, hooks=hooks)

@@ -31,7 +31,6 @@ Every file is opened safely: checkpoint files with ``torch.load(weights_only=Tru
 from gpt_dist.export.hf import from_hf, hf_config, to_hf
 from gpt_dist.export.loader import (
     load_export,
-    load_into_engine,
     load_native,
     load_state_into_model,
     read_safetensors,
@@ -70,7 +69,6 @@ __all__ = [
     "gather_checkpoint",
     "hf_config",
     "load_export",
-    "load_into_engine",
     "load_native",
     "load_state_into_model",
     "model_config_from_dict",

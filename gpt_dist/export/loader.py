@@ -1,4 +1,5 @@
-"""Loading exports back (safetensors only) into a model or a DeepSpeed engine of any layout."""
+"""Loading exports back (safetensors only) into a model of any layout (the DeepSpeed engine's
+side, ``checkpoint.init_from``, is ``gpt_dist.training.init_from``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from gpt_dist.export.names import (
     ExportError,
     canonical_name,
     check_state,
-    expected_shapes,
     model_config_from_dict,
     tp_dim,
 )
@@ -250,44 +250,3 @@ def load_model_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     check_state(state, cfg, str(tag_dir), task)
     return cfg, state, task
 
-
-def load_into_engine(path: Any, eng: Any, cfg: Any, ctx: Any) -> None:
-    """``checkpoint.init_from``: load an export into a freshly built engine of any layout.
-
-    Every rank reads the export (safetensors, memory-mapped) and keeps its TP slice. Under
-    bf16/fp16 with ZeRO 1-2 the optimizer's fp32 master partitions are refreshed from the
-    module weights so the first step starts from the loaded values. A fine-tuning run
-    (``cfg.finetune``) may start from an export with a smaller vocabulary (it grows, see
-    ``load_state_into_model``) and without a task head (W_y keeps its initialisation)."""
-    mcfg, state, task = load_model_state(Path(path))
-    from gpt_dist.config import ARCH_KEYS
-
-    finetune = getattr(cfg, "finetune", None) is not None
-    diff = [f"model.{k}: export {getattr(mcfg, k)!r} != config {getattr(cfg.model, k)!r}"
-            for k in ARCH_KEYS if getattr(mcfg, k) != getattr(cfg.model, k)
-            and not (k == "vocab_size" and finetune and mcfg.vocab_size < cfg.model.vocab_size)]
-    if diff:
-        raise ExportError(f"{path}: incompatible with this run's model: " + "; ".join(diff))
-    mine = None
-    if finetune:
-        ft = cfg.finetune
-        mine = (ft.task, ft.head_outputs())
-    if task is None or mine != (task.get("task"), task.get("n_out")):
-        # pretraining, or another task's head: W_y starts from its initialisation
-        state = {k: v for k, v in state.items() if not k.startswith(TASK_PREFIX)}
-    module = eng.ds.module
-    loaded = set(load_state_into_model(module, state, ctx.tensor_parallel, cfg.model, grow_vocab=finetune))
-    if not eng.is_pipeline or ctx.pp == 1:
-        missing = set(expected_shapes(mcfg)) - loaded
-        if missing:
-            raise ExportError(f"{path}: model parameters not loaded: {sorted(missing)[:5]}")
-    _refresh_master_weights(eng)
-
-
-def _refresh_master_weights(eng: Any) -> None:
-    """Copy module weights into ZeRO-1/2's fp32 master partitions (bf16/fp16 runs)."""
-    opt = getattr(eng.ds, "optimizer", None)
-    if opt is None:
-        return
-    if hasattr(opt, "refresh_fp32_params"):
-        opt.refresh_fp32_params()

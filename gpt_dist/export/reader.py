@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gpt_dist import deepspeed_compat
 from gpt_dist.export.names import (
     ExportError,
     canonical_name,
@@ -189,8 +190,6 @@ def _optim_flat_groups(paths: list[Path], key: str) -> tuple[list[Any], int, Any
 
 def _zero3_state(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     """Full (this TP rank's) fp32 parameters of a ZeRO-3 checkpoint, via DeepSpeed's helpers."""
-    from deepspeed.utils import zero_to_fp32 as z
-
     model_files = sorted(tag_dir.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt"),
                          key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))  # type: ignore[union-attr]
     optim_files = sorted(tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
@@ -206,24 +205,18 @@ def _zero3_state(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     groups, world, _ = _optim_flat_groups(optim_files, "fp32_flat_groups")
     if len(states) != world:
         raise ExportError(f"{tag_dir}: {len(states)} model state files for data-parallel size {world}")
-    out: dict[str, Any] = {}
-    z._zero3_merge_trainable_params(out, world, groups, states)
-    return {k: (v.contiguous() if not torch.is_tensor(v) else v) for k, v in out.items()}
+    return deepspeed_compat.zero3_merge_params(world, groups, states)
 
 
 def _zero12_master(tag_dir: Path, tp_rank: int, sd: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of a ZeRO-1/2 bf16/fp16 run (None if the optimizer files are absent)."""
-    from deepspeed.utils import zero_to_fp32 as z
-
     files = sorted(tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
                    key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))  # type: ignore[union-attr]
     if not files:
         return None
     state = _zero_model_state(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", sd)
     groups, world, paddings = _optim_flat_groups(files, "single_partition_of_fp32_groups")
-    out: dict[str, Any] = {}
-    z._zero2_merge_trainable_params(out, world, groups, [state] * world, paddings)
-    return out
+    return deepspeed_compat.zero2_merge_params(world, groups, [state] * world, paddings)
 
 
 def gather_checkpoint(tag_dir: Path, manifest: dict[str, Any], prefer_master: bool = True) -> dict[str, torch.Tensor]:

@@ -5,4 +5,9 @@ transformations (:mod:`.tasks`), batching, epoch order and data-parallel shardin
 (:mod:`.batches`) and the task metrics (:mod:`.metrics`). Keeping them free of the engine
 lets them be tested exhaustively on a CPU in a second, and lets ``launch/predict.py`` and
 the training loop share one definition of what the model sees.
+
+The run itself: :mod:`.task_data` reads and checks the task files and resolves the schedule
+before any process group exists; :mod:`.session` (``finetune(cfg)``, launch/finetune.py) runs
+the training session of ``gpt_dist.training.session`` with :mod:`.objective`'s
+``TaskObjective``, keeps the best model and writes the predictions and results.
 """

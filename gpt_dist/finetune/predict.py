@@ -25,7 +25,7 @@ from gpt_dist.config import Config, config_from_dict
 from gpt_dist.finetune.batches import collate
 from gpt_dist.finetune.metrics import compute_metrics
 from gpt_dist.finetune.objective import _with_valid_label, prediction_rows, predictions
-from gpt_dist.finetune.run import task_spec
+from gpt_dist.finetune.task_data import task_spec
 from gpt_dist.finetune.tasks import TaskSpec, read_task_file
 from gpt_dist.inference import Classify, InferenceError, LoadedModel, Runner
 from gpt_dist.parallel import ParallelContext

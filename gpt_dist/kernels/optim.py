@@ -9,6 +9,9 @@ GPU, DeepSpeed's C++ op on a CPU) and does the bookkeeping per parameter the way
 every parameter that had a gradient gets ``state['step']`` = the new count, stored as a
 float32 CPU tensor (torch's non-fused format), so either optimizer loads the other's state
 and continues with the same step count, moments and hyperparameters.
+
+ZeRO accepts optimizers by exact type: ``training/engine.py`` registers this class
+(``deepspeed_compat.register_zero_optimizer``) when it builds one, not this module at import.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 
 import torch
 from deepspeed.ops.adam import FusedAdam
-from deepspeed.ops.adam.fused_adam import multi_tensor_applier
-from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+from gpt_dist import deepspeed_compat
 
 
 class FusedAdamW(FusedAdam):
@@ -66,16 +69,10 @@ class FusedAdamW(FusedAdam):
             for dtype, lists in by_dtype.items():
                 if dtype not in (torch.float16, torch.bfloat16, torch.float32):
                     raise RuntimeError(f"FusedAdamW supports fp16, bf16 and fp32, not {dtype}")
-                multi_tensor_applier(self.multi_tensor_adam, self._dummy_overflow_buf, lists, group["lr"],
-                                     beta1, beta2, group["eps"], step, self.adam_w_mode, 1,
-                                     group["weight_decay"])
+                deepspeed_compat.fused_adam_apply(self, lists, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                                  eps=group["eps"], step=step, weight_decay=group["weight_decay"])
             for p in with_grad:
                 self.state[p]["step"] = torch.tensor(float(step))
             group["step"] = step
         return loss
 
-
-# DeepSpeed's ZeRO accepts optimizers by exact type (``type(opt) in ZERO_SUPPORTED_OPTIMIZERS``);
-# this is its FusedAdam with the bookkeeping above, so it is registered as such.
-if FusedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
-    ZERO_SUPPORTED_OPTIMIZERS.append(FusedAdamW)

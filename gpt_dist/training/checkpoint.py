@@ -58,6 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt_dist import deepspeed_compat
 from gpt_dist.checkpoint_format import (  # noqa: F401 - the format, re-exported for callers
     FORMAT_VERSION,
     KEY_FILE,
@@ -131,28 +132,22 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
             shutil.rmtree(tag_dir)
     ctx.barrier()
     errors: list[BaseException] = []
-    ce = getattr(engine, "checkpoint_engine", None)
-    original = getattr(ce, "save", None)
 
-    def guarded(state_dict: Any, path: str) -> Any:
+    def guarded(save_file: Any, state_dict: Any, path: str) -> Any:
         # A failed write is recorded, not raised, so DeepSpeed still reaches its own final
         # barrier on this rank; the ranks then agree on the outcome below (never a hang).
         try:
             hooks.on_checkpoint_write(step, ctx.rank, Path(path), state_dict)
-            return original(state_dict, path)
+            return save_file(state_dict, path)
         except (OSError, RuntimeError) as exc:  # ENOSPC is a RuntimeError from torch.save
             errors.append(exc)
             return None
 
-    if ce is not None and original is not None:
-        ce.save = guarded
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        with deepspeed_compat.checkpoint_writes_through(engine, guarded):
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as exc:
         errors.append(exc)
-    finally:
-        if ce is not None and original is not None:
-            ce.save = original
     if not errors:
         try:
             rng_path = tag_dir / f"rng_rank_{ctx.rank:05d}.pt"

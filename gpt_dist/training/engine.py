@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from gpt_dist import deepspeed_compat
 from gpt_dist.config import Config, OptimizerConfig, Schedule, kernels_for
 from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
 from gpt_dist.parallel import ParallelContext
@@ -95,8 +97,9 @@ def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.dev
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
     if kernels_for(cfg, device.type).fused_adam:  # DeepSpeed's FusedAdam, torch-compatible state
-        from gpt_dist.kernels.optim import FusedAdamW
+        from gpt_dist.kernels.optim import FusedAdamW  # imports DeepSpeed's op builders
 
+        deepspeed_compat.register_zero_optimizer(FusedAdamW)
         return FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
@@ -105,9 +108,10 @@ def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.dev
 class NonFiniteGuard:
     """Skip the optimizer update on every rank when any rank has a non-finite gradient.
 
-    DeepSpeed skips steps only under fp16 (its loss scaler). For fp32/bf16 the guard wraps the
-    *inner* optimizer's ``step``, which DeepSpeed calls on every rank with the final (reduced,
-    ZeRO-partitioned) gradients attached, under both the plain and the pipeline engine. A
+    DeepSpeed skips steps only under fp16 (its loss scaler). For fp32/bf16 the guard gates the
+    *inner* optimizer's ``step`` (``deepspeed_compat.gate_optimizer_step``), which DeepSpeed
+    calls on every rank with the final (reduced, ZeRO-partitioned) gradients attached, under
+    both the plain and the pipeline engine. A
     flag is all-reduced over all ranks first, so a NaN on one rank skips the update on all
     (a skip on one rank only would desynchronise the replicas). A skipped update leaves the
     weights and Adam moments untouched; DeepSpeed still zeroes the gradients and counts the
@@ -117,12 +121,10 @@ class NonFiniteGuard:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.optimizer, self.device = optimizer, device
         self.skipped = False
-        self._step = optimizer.step
-        optimizer.step = self._guarded  # type: ignore[method-assign]
+        deepspeed_compat.gate_optimizer_step(optimizer, self._all_finite)
 
-    def _guarded(self, *args: Any, **kwargs: Any) -> Any:
-        import torch.distributed as dist
-
+    def _all_finite(self) -> bool:
+        """True when every rank's gradients are finite (a collective: every rank calls it)."""
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         bad = torch.zeros(1, device=self.device)
         if grads:
@@ -131,8 +133,8 @@ class NonFiniteGuard:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
             self.skipped = True
-            return None
-        return self._step(*args, **kwargs)
+            return False
+        return True
 
 
 @dataclass
@@ -166,21 +168,6 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
     ds_engine, _, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=ctx.mpu() if ctx.pp == 1 else None, dist_init_required=False)
-    _keep_fp32_clip_norm(ds_engine)
+    deepspeed_compat.keep_fp32_clip_norm(ds_engine)
     return Engine(ds=ds_engine, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config,
                   guard=guard)
-
-
-def _keep_fp32_clip_norm(ds_engine: Any) -> None:
-    """ZeRO-0 in fp32: DeepSpeed clips with ``clip_fp32_gradients``, which computes the global
-    gradient norm and drops it, so ``get_global_grad_norm()`` stays None and the log showed
-    ``gnorm nan`` for every step. Same computation, the norm kept (ZeRO-1/2/3, fp16 and bf16
-    record it themselves; DeepSpeed calls this only in the ZeRO-0 fp32 case)."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_fp32_gradients() -> None:
-        norm = clip_grad_norm_(parameters=ds_engine.module.parameters(),
-                               max_norm=ds_engine.gradient_clipping(), mpu=ds_engine.mpu)
-        ds_engine._global_grad_norm = float(norm)
-
-    ds_engine.clip_fp32_gradients = clip_fp32_gradients

@@ -1,11 +1,12 @@
-"""The training loop, shared by pretraining and fine-tuning.
+"""The training loop, shared by pretraining and fine-tuning: ``train_loop`` and its parts.
 
-``pretrain(cfg)`` = session (context, logger, signals) -> data -> engine -> resume ->
-``train_loop(LMObjective)``; ``gpt_dist.finetune.run.finetune`` is the same with
-``TaskObjective``. The loop knows nothing about the task (``training/objective.py``) and
-nothing about parallelism beyond calling the engine; the data position is
-``consumed_samples`` and all RNG state goes into every checkpoint, so a resumed run repeats
-the uninterrupted one exactly (tests/training/test_resume.py, tests/reliability/).
+``training/session.py`` sets up and tears down around it (context, engine, ``init_from``,
+``resume``); ``gpt_dist.training.pretrain.pretrain`` runs it with ``LMObjective``,
+``gpt_dist.finetune.session.finetune`` with ``TaskObjective``. The loop knows nothing about
+the task (``training/objective.py``) and nothing about parallelism beyond calling the engine;
+the data position is ``consumed_samples`` and all RNG state goes into every checkpoint, so a
+resumed run repeats the uninterrupted one exactly (tests/training/test_resume.py,
+tests/reliability/).
 
 A caller watches or perturbs the run only through the ``hooks`` object it passes
 (``gpt_dist.training.hooks.TrainHooks``; the reliability suite's faults are in tests/).
@@ -13,10 +14,7 @@ A caller watches or perturbs the run only through the ``hooks`` object it passes
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,21 +22,21 @@ from typing import Any
 
 import torch
 
-from gpt_dist import rng
-from gpt_dist.config import Config, Schedule, arch_diff, bubble_fraction, dump_config, validate
+from gpt_dist import deepspeed_compat, rng
+from gpt_dist.config import Config, Schedule, arch_diff
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
-from gpt_dist.training.data import build_datasets
-from gpt_dist.training.engine import Engine, build_engine
+from gpt_dist.training.engine import Engine
 from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.training.metrics import RunLogger
-from gpt_dist.training.objective import LMObjective, Objective
+from gpt_dist.training.objective import Objective
 
 EXIT_NONFINITE = 17  # Megatron's rerun machine uses 16/17 for "stop, do not requeue"
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """``training.max_consecutive_skips`` non-finite steps in a row: the session ends the
+    process with ``EXIT_NONFINITE`` (a requeue would only repeat them)."""
 
 
 @dataclass
@@ -211,10 +209,9 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
         state.skipped_steps += int(skipped)
         state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
         gnorm = eng.ds.get_global_grad_norm()
-        scale = eng.ds.optimizer.cur_scale if hasattr(eng.ds.optimizer, "cur_scale") else 1.0
         record = {"step": state.step, "loss": loss, "lr": eng.optimizer.param_groups[0]["lr"],
                   "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
-                  "loss_scale": float(scale), "skipped": state.skipped_steps,
+                  "loss_scale": deepspeed_compat.loss_scale(eng.ds), "skipped": state.skipped_steps,
                   "consumed_samples": state.consumed_samples, "samples_sha": digest}
         if metrics is not None:
             record.update(zip(objective.metric_names, (float(v) for v in metrics.tolist()), strict=True))
@@ -240,89 +237,3 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
                 on_saved(state.step, tag_dir)
     return state
 
-
-def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
-    """(vocab size, end-of-document id, fingerprint) of the run's tokenizer."""
-    from gpt_dist.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(cfg.data.tokenizer)
-    return tok.vocab_size, tok.eod_id, tok.fingerprint
-
-
-@contextlib.contextmanager
-def training_session(cfg: Config, ctx: ParallelContext | None = None, fingerprint: str = "",
-                     schedule: Schedule | None = None) -> Iterator[tuple[ParallelContext, RunLogger, StopFlag]]:
-    """What every training run sets up and tears down around its loop: signal handlers,
-    determinism, the parallel context (built from the launcher's environment unless given,
-    and then destroyed in order at the end), seeds, the run directory with its resolved
-    config, the logger (counting to ``schedule.train_steps``, default the config's); a
-    ``NonFiniteLossError`` ends the process with ``EXIT_NONFINITE``."""
-    stop = StopFlag()
-    stop.install()
-    if t_det := cfg.training.deterministic:
-        torch.use_deterministic_algorithms(t_det)
-    owns_ctx = ctx is None
-    ctx = ctx or ParallelContext.from_env(cfg.parallel, device=cfg.training.device)
-    rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
-    plan = schedule or cfg.run_schedule()
-    log = RunLogger(cfg, ctx.world_size, ctx.device, 0, enabled=ctx.is_main, train_steps=plan.train_steps)
-    if ctx.pp > 1:
-        bubble = bubble_fraction(ctx.pp, cfg.grad_accum_steps(ctx.world_size))
-        log.write(f"warning: pipeline bubble {bubble:.1%} of each step (pp={ctx.pp}, "
-                  f"{cfg.grad_accum_steps(ctx.world_size)} micro-batches); more micro-batches shrink it")
-    if ctx.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, cfg.run_dir / "config.json")
-    try:
-        yield ctx, log, stop
-    except NonFiniteLossError as exc:
-        log.write(f"error: {exc}")
-        log.close()
-        _shutdown(ctx, owns_ctx)
-        sys.exit(EXIT_NONFINITE)
-    finally:
-        stop.restore()
-    log.close()
-    _shutdown(ctx, owns_ctx)
-
-
-def start_step(log: RunLogger, state: TrainState) -> None:
-    """The progress bar and the rate/ETA clock start where a resumed run stands."""
-    log.start_step = state.step
-    if log._bar is not None:
-        log._bar.n = state.step
-
-
-def pretrain(cfg: Config, ctx: ParallelContext | None = None,
-             hooks: TrainHooks | None = None) -> TrainState:
-    """Everything ``launch/pretrain.py`` does after parsing: returns the final train state.
-
-    ``ctx``: an existing parallel context (else one is built from the launcher's environment
-    and torn down at the end); ``hooks``: see ``gpt_dist.training.hooks`` (default: none)."""
-    hooks = hooks or NO_HOOKS
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)
-    vocab, eod, fingerprint = load_tokenizer_info(cfg)
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
-    with training_session(cfg, ctx, fingerprint) as (pc, log, stop):
-        datasets = build_datasets(cfg, pc, vocab, eod, fingerprint)
-        eng = build_engine(cfg, pc)
-        if cfg.checkpoint.init_from:
-            from gpt_dist.export import load_into_engine  # checkpoints that travel (issue 6)
-
-            load_into_engine(cfg.checkpoint.init_from, eng, cfg, pc)
-        state = resume(cfg, pc, eng, TrainState(), log, hooks)
-        start_step(log, state)
-        state = train_loop(cfg, pc, eng, LMObjective(cfg, pc, datasets), state, fingerprint, log, stop, hooks)
-    return state
-
-
-def _shutdown(ctx: ParallelContext, owns_ctx: bool) -> None:
-    """Tear the process groups down in order after a finished run. Left to interpreter exit,
-    gloo's threads were occasionally destroyed while joinable ("terminate called without an
-    active exception", SIGABRT after the last checkpoint was already committed), which
-    turned a completed run into a failed job."""
-    if owns_ctx:
-        ctx.barrier()
-        ctx.destroy()

@@ -89,6 +89,12 @@ class RunLogger:
         self._peak = peak_tflops(self.cfg, self.device)
         self._fpt = flops_per_token(self.cfg)
 
+    def resume_at(self, step: int) -> None:
+        """The progress bar and the rate/ETA clock start where a resumed run stands."""
+        self.start_step = step
+        if self._bar is not None:
+            self._bar.n = step
+
     def step(self, record: dict[str, Any], tokens: int) -> None:
         if not self.enabled:
             return

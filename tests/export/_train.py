@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import gpt_dist.training.loop as L
+import gpt_dist.training.pretrain as L
 from gpt_dist.config import load_config
 from tests.faults import EnvFaults
 

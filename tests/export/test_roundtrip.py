@@ -65,8 +65,9 @@ BASE_SEED = 1234
 def test_init_from_loads_export_into_engine(ctx, tp2_run, tmp_path):
     """load_into_engine (checkpoint.init_from) on a ZeRO-1 engine: module and fp32 masters."""
     from gpt_dist.config import config_from_dict
-    from gpt_dist.export import export_checkpoint, load_into_engine, load_native
+    from gpt_dist.export import export_checkpoint, load_native
     from gpt_dist.training.engine import build_engine
+    from gpt_dist.training.init_from import load_into_engine
 
     from .conftest import BASE_CONFIG
 

@@ -17,7 +17,7 @@ B. world 1 (rank 0): the references ``tp1`` (pp=1, the same batches) and, per ta
    scores, multiple choice; lambda 0.5) and ``learn_classification_lm0`` (lambda 0);
    ``grown`` starts from a native export whose vocabulary lacks the last 3 ids.
 
-Every run is the real fine-tuning entry (``gpt_dist.finetune.run.finetune`` with the context
+Every run is the real fine-tuning entry (``gpt_dist.finetune.session.finetune`` with the context
 passed in), writing RUN/metrics.jsonl and RUN/results.json, which the tests compare. A
 failing rank fails the launch with its rank and traceback.
 """
@@ -96,7 +96,7 @@ class StopAt:
 
 def _run(ctx, raw: dict, hooks=None) -> None:
     from gpt_dist.config import config_from_dict
-    from gpt_dist.finetune.run import finetune
+    from gpt_dist.finetune.session import finetune
     from tests.faults import Zero3Report
 
     if raw["deepspeed"]["zero_optimization"].get("stage") == 3 and hooks is None:
@@ -163,7 +163,6 @@ if __name__ == "__main__":
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     import deepspeed  # noqa: F401 - imported once in the parent, then forked
 
-    import gpt_dist.finetune.driver
-    import gpt_dist.training.loop  # noqa: F401
+    import gpt_dist.finetune.session  # noqa: F401
 
     helpers.run_ranks(worker, 2, out_dir, tasks_dir, tok_dir, timeout=560)

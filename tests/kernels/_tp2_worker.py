@@ -120,7 +120,7 @@ def _ce(ctx) -> dict:
 
 def _pretrain(ctx, out: Path, data: str, name: str, first: dict, second: dict | None = None,
               ac: bool = False) -> None:
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
 
     if second is None:
         L.pretrain(_config(out, data, name, first, ac=ac), ctx)
@@ -167,6 +167,6 @@ if __name__ == "__main__":
     import megatron.core.tensor_parallel  # noqa: F401
 
     import gpt_dist.kernels.bias_dropout_add
-    import gpt_dist.training.loop  # noqa: F401
+    import gpt_dist.training.pretrain  # noqa: F401
 
     helpers.run_ranks(worker, 2, out_dir, data_prefix, timeout=560)

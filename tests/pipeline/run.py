@@ -15,7 +15,7 @@ counts the fused kernels' calls per rank (tests/pipeline/kernel_probe.py).
 import os
 import sys
 
-import gpt_dist.training.loop as L
+import gpt_dist.training.pretrain as L
 from gpt_dist.config import load_config
 from tests.faults import EnvFaults
 

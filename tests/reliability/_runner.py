@@ -22,15 +22,15 @@ def _record_attempt(run_dir) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import gpt_dist.training.pretrain as pretraining
     from gpt_dist.config import ConfigError, load_config
-    from gpt_dist.training import loop
     from gpt_dist.training.checkpoint import CheckpointError
     from tests.faults import EnvFaults
 
     try:
         cfg = load_config(argv[0], argv[1:])
         _record_attempt(cfg.run_dir)
-        loop.pretrain(cfg, hooks=EnvFaults())
+        pretraining.pretrain(cfg, hooks=EnvFaults())
     except ConfigError as exc:
         print(f"pretrain: config error: {exc}", file=sys.stderr, flush=True)
         return 2

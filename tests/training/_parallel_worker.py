@@ -21,7 +21,7 @@ B. world 2 (ranks 0-1), tp=1 x dp=2: ``pretrain`` for 10 steps with ZeRO-0, 1, 2
 C. world 1 (rank 0): ``dp1_zero0/`` (10 steps, the same global batch as B) and
    ``tp1_{arch}.pt`` (the TP=1 forward + backward that A's must equal).
 
-Every run is the real trainer (``gpt_dist.training.loop.pretrain`` with the context passed
+Every run is the real trainer (``gpt_dist.training.pretrain.pretrain`` with the context passed
 in), which writes its losses to RUN/metrics.jsonl; the test compares them. ZeRO-3 runs
 partition every parameter (tests/helpers.py ``zero3``) and log how at their first step
 (tests/faults.py ``Zero3Report``). The second start of an interrupted run writes what it
@@ -95,7 +95,7 @@ def _timed(name: str, fn, *args, **kw):
 
 
 def _train(ctx, out: Path, data: str, name: str, *, stage: int, dropout: float = 0.0) -> None:
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
     from tests.faults import Zero3Report
 
     _timed(name, L.pretrain, _config(out, data, name, tp=ctx.tp, stage=stage, dropout=dropout), ctx,
@@ -108,7 +108,7 @@ def _train_interrupted(ctx, out: Path, data: str, name: str, *, stage: int, drop
     import contextlib
     import io
 
-    import gpt_dist.training.loop as L
+    import gpt_dist.training.pretrain as L
     from tests.faults import Zero3Report
 
     t0 = time.monotonic()
@@ -203,8 +203,14 @@ if __name__ == "__main__":
     import deepspeed  # noqa: F401
     import megatron.core.tensor_parallel  # noqa: F401
 
-    import gpt_dist.training.loop
-    import gpt_dist.training.metrics  # noqa: F401
+    import gpt_dist.parallel
+    import gpt_dist.training.metrics
+    import gpt_dist.training.pretrain  # noqa: F401
+    from gpt_dist import deepspeed_compat
 
+    # DeepSpeed's TorchBackend JIT-builds its shared-memory all-reduce op (used by inference
+    # only) into ~/.cache/torch_extensions; concurrent sessions with other include paths keep
+    # rebuilding it (60-130 s each under load). gloo does everything these tests need.
+    deepspeed_compat.skip_shm_comm_build()
     TIMES["imports"] = round(time.time() - T_START, 2)
     helpers.run_ranks(worker, 4, out_dir, data_prefix, timeout=400)

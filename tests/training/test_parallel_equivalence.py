@@ -1,7 +1,7 @@
 """Tensor parallelism, data parallelism and ZeRO-0..3 compute the same thing (CPU, gloo).
 
 All numbers come from one 4-process launch (conftest.py, _parallel_worker.py) of the real
-trainer (``gpt_dist.training.loop.pretrain``): a 2-layer, 32-wide GPT-2 on toy shards,
+trainer (``gpt_dist.training.pretrain.pretrain``): a 2-layer, 32-wide GPT-2 on toy shards,
 fp32, dropout 0, global batch 8 x 16 tokens, 10 steps, the same seed everywhere. The model's
 initialisation depends only on (seed, parameter name), so every layout starts from the same
 weights and must take the same steps. The ZeRO-3 runs partition every parameter over dp=2

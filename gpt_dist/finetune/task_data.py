@@ -1,27 +1,21 @@
-"""``finetune(cfg)``: everything ``launch/finetune.py`` does after parsing.
+"""A fine-tuning run's task data and schedule, read and checked before any process group.
 
-    read + validate the task files (cached tokens)  -> one-line errors before any process group
-    derive the schedule (``FinetuneConfig.schedule``): steps = epochs x (train examples //
-        global batch); linear warmup over finetune.warmup_fraction of them, then linear decay
-        (GPT-1 §4.1); the config itself is never rewritten
-    context -> engine (the pretraining model plus W_y, any TP/PP/ZeRO layout)
-        -> checkpoint.init_from (an export, native or HF, vocabulary grown; or a run directory)
-        -> resume (exact, mid-epoch) -> the shared training loop with ``TaskObjective``
-    validation every epoch (and every finetune.eval_interval steps); the best checkpoint by
-    finetune.metric is exported to RUN_DIR/best; test predictions -> RUN_DIR/test_predictions.jsonl;
-    results table -> console, RUN_DIR/results.json, TensorBoard.
+``load_task_data``: every task file validated and tokenized (or read from the cache), the
+same on every rank, so a bad file fails all of them with one line naming FILE:LINE. The
+schedule is derived from the data size (``FinetuneConfig.schedule``: steps = epochs x (train
+examples // global batch), linear warmup over finetune.warmup_fraction of them, then linear
+decay, GPT-1 §4.1); the config itself is never rewritten. The run itself is
+``gpt_dist.finetune.session.finetune``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
-from typing import Any
 
-from gpt_dist.config import Config, ConfigError, validate
-from gpt_dist.finetune.tasks import Example, TaskSpec, TaskStats, load_task_cached
+from gpt_dist.config import Config, ConfigError
+from gpt_dist.finetune.tasks import Example, TaskFileError, TaskSpec, TaskStats, load_task_cached
 from gpt_dist.tokenizer import Tokenizer
 
 
@@ -45,8 +39,6 @@ def task_spec(cfg: Config, tok: Tokenizer) -> TaskSpec:
 
 
 def _first_choices(path: Path) -> int:
-    from gpt_dist.finetune.tasks import TaskFileError
-
     try:
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
@@ -94,22 +86,3 @@ def load_task_data(cfg: Config, tok: Tokenizer) -> TaskData:
     return TaskData(spec, train, valid, test, stats)
 
 
-def finetune(cfg: Config, ctx: Any = None, hooks: Any = None) -> Any:
-    """Fine-tune; returns the final ``TrainState``. See the module docstring."""
-    from gpt_dist.finetune.driver import run
-
-    if cfg.finetune is None:
-        raise ConfigError("finetune: the config has no finetune section (use launch/pretrain.py to pretrain)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)  # the sequence length is the task's (Config.sequence_length)
-    if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer: fine-tuning needs the tokenizer (its start/delimiter/extract ids)")
-    from gpt_dist.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(cfg.data.tokenizer)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {tok.vocab_size} "
-                          f"({cfg.data.tokenizer}); set it to {tok.vocab_size}")
-    data = load_task_data(cfg, tok)
-    schedule = cfg.run_schedule(len(data.train))  # derived; the config is never rewritten
-    return run(cfg, tok, data, schedule, ctx, hooks)

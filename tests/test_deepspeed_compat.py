@@ -1,0 +1,316 @@
+"""What ``gpt_dist/deepspeed_compat.py`` relies on in the installed DeepSpeed, checked on real
+engines and DeepSpeed's own functions: each test fails when DeepSpeed changes the private
+behaviour one compat function depends on (an attribute moved, a method no longer called, a
+layout changed), instead of a training run going silently wrong.
+
+One process, world size 1 on CPU/gloo; engines are tiny ``nn.Linear`` models.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gpt_dist import deepspeed_compat as compat
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    with ParallelContext.from_env(ParallelConfig(), device="cpu") as c:
+        yield c
+
+
+def _ds_config(stage: int = 0, *, clip: float = 0.0, precision: str = "fp32") -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 10_000, "allgather_bucket_size": 10_000,
+                                 "stage3_prefetch_bucket_size": 10_000},
+           "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _engine(stage: int = 0, *, clip: float = 0.0, precision: str = "fp32", lr: float = 0.1,
+            optimizer_cls: type = torch.optim.AdamW, gate=None):
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    opt = optimizer_cls(model.parameters(), lr=lr, weight_decay=0.0)
+    if gate is not None:
+        compat.gate_optimizer_step(opt, gate)
+    eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(stage, clip=clip, precision=precision),
+                                   dist_init_required=False)
+    return eng, opt
+
+
+def _batch(eng, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(seed))
+    return x.to(next(eng.module.parameters()).dtype)
+
+
+def _step(eng, seed: int = 1, scale: float = 1.0) -> None:
+    loss = eng(_batch(eng, seed)).float().pow(2).sum() * scale
+    eng.backward(loss)
+    eng.step()
+
+
+def _weights(eng) -> list[torch.Tensor]:
+    import deepspeed
+
+    params = list(eng.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        return [p.detach().float().clone() for p in params]
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def test_skip_shm_comm_build_stops_the_torch_backend_building_its_op():
+    import deepspeed
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the torch it imports
+    compat.skip_shm_comm_build()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    # what TorchBackend calls at start-up: with the flag off it returns without building
+    assert ds_torch.build_shm_op() is None
+
+
+# --------------------------------------------------------------------------- engine build
+
+
+class _SubclassedAdamW(torch.optim.AdamW):
+    """A subclass of a ZeRO-supported optimizer, as FusedAdamW is of FusedAdam."""
+
+
+def test_register_zero_optimizer_admits_exactly_that_class(ctx):
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS, is_zero_supported_optimizer
+
+    assert _SubclassedAdamW not in ZERO_SUPPORTED_OPTIMIZERS
+    with pytest.raises(AssertionError, match="untested ZeRO Optimizer"):  # ZeRO refuses it by exact type
+        _engine(1, optimizer_cls=_SubclassedAdamW)
+    compat.register_zero_optimizer(_SubclassedAdamW)
+    compat.register_zero_optimizer(_SubclassedAdamW)  # idempotent
+    try:
+        assert ZERO_SUPPORTED_OPTIMIZERS.count(_SubclassedAdamW) == 1
+        assert is_zero_supported_optimizer(_SubclassedAdamW([nn.Parameter(torch.zeros(1))]))
+        eng, _ = _engine(1, optimizer_cls=_SubclassedAdamW)
+        before = _weights(eng)
+        _step(eng)
+        assert any(not torch.equal(a, b) for a, b in zip(before, _weights(eng), strict=True))
+    finally:
+        ZERO_SUPPORTED_OPTIMIZERS.remove(_SubclassedAdamW)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gate_optimizer_step_is_what_every_zero_stage_calls(ctx, stage):
+    calls: list[int] = []
+    allow = {"step": False}
+
+    def gate() -> bool:
+        calls.append(1)
+        return allow["step"]
+
+    eng, _ = _engine(stage, gate=gate)
+    before = _weights(eng)
+    _step(eng)
+    assert len(calls) == 1, f"ZeRO-{stage}: the client optimizer's step was called {len(calls)} times"
+    after_skip = _weights(eng)
+    assert all(torch.equal(a, b) for a, b in zip(before, after_skip, strict=True)), "gated step changed weights"
+    allow["step"] = True
+    _step(eng)
+    assert len(calls) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(after_skip, _weights(eng), strict=True))
+
+
+def test_keep_fp32_clip_norm_records_the_norm_deepspeed_drops(ctx):
+    eng, _ = _engine(0, clip=1e-3)
+    _step(eng)
+    assert eng.get_global_grad_norm() is None  # DeepSpeed still drops it (else: remove the patch)
+
+    eng, _ = _engine(0, clip=1e-3)
+    compat.keep_fp32_clip_norm(eng)
+    loss = eng(_batch(eng)).float().pow(2).sum()
+    eng.backward(loss)
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in eng.module.parameters()])).item()
+    before = _weights(eng)
+    eng.step()
+    norm = eng.get_global_grad_norm()
+    assert isinstance(norm, float) and norm == pytest.approx(expected, rel=1e-5)
+    assert norm > 1e-3  # so the step was clipped: AdamW's first step moves each weight by about lr
+    assert any(not torch.equal(a, b) for a, b in zip(before, _weights(eng), strict=True))
+
+
+@pytest.mark.slow  # builds DeepSpeed's fused_adam C++ op on a CPU (about two minutes, once per cache)
+def test_fused_adam_apply_is_one_adamw_step():
+    from deepspeed.ops.adam import FusedAdam
+
+    g = torch.Generator().manual_seed(3)
+    p = nn.Parameter(torch.randn(4, 3, generator=g))
+    grad = torch.randn(4, 3, generator=g)
+    ref = nn.Parameter(p.detach().clone())
+    ref.grad = grad.clone()
+    torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1).step()
+    opt = FusedAdam([p], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, adam_w_mode=True)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    compat.fused_adam_apply(opt, [[grad], [p.data], [m], [v]], lr=0.01, beta1=0.9, beta2=0.95, eps=1e-8,
+                            step=1, weight_decay=0.1)
+    assert torch.allclose(p.data, ref.data, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(m, 0.1 * grad) and torch.allclose(v, 0.05 * grad * grad)
+
+
+# --------------------------------------------------------------------------- during training
+
+
+def test_loss_scale_reads_each_optimizer_wrappers_scale(ctx):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    eng, _ = _engine(0)
+    assert compat.loss_scale(eng) == 1.0  # fp32: no loss scaler
+    # the two places DeepSpeed keeps the scale: the ZeRO-0 fp16 optimizer's loss_scale_config, ZeRO's cur_scale
+    fp16_zero0 = SimpleNamespace(optimizer=SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=1024.0)))
+    zero = SimpleNamespace(optimizer=SimpleNamespace(cur_scale=256.0))
+    assert compat.loss_scale(SimpleNamespace(_get_optimizer_loss_scale=functools.partial(
+        DeepSpeedEngine._get_optimizer_loss_scale, fp16_zero0))) == 1024.0
+    assert compat.loss_scale(SimpleNamespace(_get_optimizer_loss_scale=functools.partial(
+        DeepSpeedEngine._get_optimizer_loss_scale, zero))) == 256.0
+    assert isinstance(DeepSpeedZeroOptimizer.cur_scale, property)
+    assert isinstance(DeepSpeedZeroOptimizer_Stage3.cur_scale, property)
+
+
+def test_refresh_fp32_master_weights_makes_the_next_step_start_from_loaded_weights(ctx):
+    def load_and_step(refresh: bool) -> list[torch.Tensor]:
+        eng, _ = _engine(1, precision="bf16", lr=0.0)
+        with torch.no_grad():
+            for p in eng.module.parameters():
+                p.fill_(0.5)  # "loaded" weights, exactly representable in bf16
+        if refresh:
+            compat.refresh_fp32_master_weights(eng)
+        _step(eng)  # lr 0: the masters do not move, and are copied back into the module
+        return _weights(eng)
+
+    assert all(torch.equal(w, torch.full_like(w, 0.5)) for w in load_and_step(True))
+    # without it the step writes the masters of the initialisation back: the loaded weights are lost
+    assert not all(torch.equal(w, torch.full_like(w, 0.5)) for w in load_and_step(False))
+
+
+def test_checkpoint_writes_through_sees_every_file_deepspeed_writes(ctx, tmp_path):
+    eng, _ = _engine(1)
+    _step(eng)
+    seen: list[str] = []
+
+    def write(save, state_dict, path):
+        seen.append(os.path.basename(path))
+        return save(state_dict, path)
+
+    ce = eng.checkpoint_engine
+    with compat.checkpoint_writes_through(eng, write):
+        eng.save_checkpoint(str(tmp_path), tag="t1", save_latest=False)
+    written = sorted(p.name for p in (tmp_path / "t1").iterdir())
+    assert written and sorted(seen) == written  # model and ZeRO optimizer states, each through write()
+    assert "save" not in vars(ce)  # DeepSpeed's own save is back
+
+    def failing(save, state_dict, path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError), compat.checkpoint_writes_through(eng, failing):
+        eng.save_checkpoint(str(tmp_path), tag="t2", save_latest=False)
+    assert "save" not in vars(ce)  # restored after an error too
+
+
+# --------------------------------------------------------------------------- pipeline module
+
+
+def _half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * layer(x)
+
+
+def test_pipeline_layers_and_loss_fn_are_what_the_engine_runs(ctx):
+    import deepspeed
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    calls: list[float] = []
+
+    def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = (out - labels).pow(2).mean()
+        calls.append(float(loss))
+        return loss
+
+    torch.manual_seed(0)
+    module = PipelineModule(layers=[TiedLayerSpec("t", nn.Linear, 4, 4), LayerSpec(nn.Linear, 4, 4),
+                                    TiedLayerSpec("t", nn.Linear, 4, 4, forward_fn=_half)],
+                            loss_fn=loss_fn, num_stages=1, partition_method="uniform")
+    layers = compat.pipeline_layers(module)
+    assert len(layers) == 3
+    tied = module.tied_modules["t"]
+    assert layers[0] is tied and isinstance(layers[1], nn.Linear) and layers[1] is not tied
+    assert isinstance(layers[2], functools.partial) and layers[2].func is _half and layers[2].args == (tied,)
+    x = torch.randn(2, 4)
+    assert torch.equal(layers[2](x), 0.5 * tied(x))
+    assert compat.pipeline_loss_fn(module) is loss_fn
+
+    eng, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                   config={**_ds_config(0), "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}},
+                                   dist_init_required=False)
+    assert compat.pipeline_loss_fn(eng.module) is loss_fn
+    data = iter([(torch.randn(2, 4), torch.randn(2, 4))])
+    loss = eng.train_batch(data_iter=data)
+    # the engine ran the layers in pipeline_layers' order and then this very loss function
+    assert len(calls) == 1 and float(loss) == pytest.approx(calls[0])
+
+
+# --------------------------------------------------------------------------- reading ZeRO files
+
+
+def _model_state(shapes: dict[str, tuple[int, ...]]):
+    from deepspeed.utils.zero_to_fp32 import zero_model_state
+
+    return zero_model_state(buffers={}, param_shapes=[{k: torch.Size(v) for k, v in shapes.items()}],
+                            shared_params=[], ds_version=None, frozen_param_shapes=None, frozen_param_fragments=None)
+
+
+SHAPES = {"a.weight": (3, 2), "a.bias": (5,), "b.weight": (2, 2)}
+
+
+def _full() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}
+
+
+def test_zero3_merge_params_inverts_zero3_partitioning():
+    world, full = 2, _full()
+    flat: list[list[torch.Tensor]] = [[], []]
+    for t in full.values():  # per parameter: ceil(numel / world) elements per rank, the last padded
+        part = -(-t.numel() // world)
+        padded = torch.cat([t.flatten(), torch.zeros(part * world - t.numel())])
+        for r in range(world):
+            flat[r].append(padded[r * part:(r + 1) * part])
+    groups = [[torch.cat(f)] for f in flat]
+    out = compat.zero3_merge_params(world, groups, [_model_state(SHAPES)] * world)
+    assert list(out) == list(SHAPES)
+    for k, t in full.items():
+        assert torch.is_tensor(out[k]) and torch.equal(out[k], t), k
+
+
+def test_zero2_merge_params_inverts_zero12_partitioning():
+    world, full = 2, _full()
+    vec = torch.cat([t.flatten() for t in full.values()])  # 15 elements, padded to 2 * world
+    vec = torch.cat([vec, torch.zeros(-(-vec.numel() // (2 * world)) * 2 * world - vec.numel())])
+    half = vec.numel() // world
+    groups = [[vec[r * half:(r + 1) * half]] for r in range(world)]
+    out = compat.zero2_merge_params(world, groups, [_model_state(SHAPES)] * world)
+    assert list(out) == list(SHAPES)
+    for k, t in full.items():
+        assert torch.equal(out[k], t), k
