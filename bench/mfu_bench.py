@@ -133,7 +133,7 @@ def run_project(cfg: Any, ctx: Any, args: argparse.Namespace) -> dict[str, Any]:
     from gpt_dist.rng import seed_all
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.loop import train_step
-    from gpt_dist.training.objective import LMObjective
+    from gpt_dist.training.pretrain import LMObjective
 
     seed_all(1)
     eng = build_engine(cfg, ctx)

@@ -77,7 +77,7 @@ def main() -> None:
     from gpt_dist.training.engine import build_engine
     from gpt_dist.training.loop import train_step
     from gpt_dist.training.metrics import flops_per_token, peak_tflops
-    from gpt_dist.training.objective import LMObjective
+    from gpt_dist.training.pretrain import LMObjective
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda else "fp32"

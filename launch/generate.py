@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def _stream_text(tok, prompt_ids: list[int]):
     """on_token callback printing the continuation as it grows, and the final flush; the text
-    is decoded with the prompt (gpt_dist.generate.TextStream), so a word that starts the
+    is decoded with the prompt (gpt_dist.inference.generate.TextStream), so a word that starts the
     continuation keeps its space."""
-    from gpt_dist.generate import TextStream
+    from gpt_dist.inference.generate import TextStream
 
     stream = TextStream(tok, prompt_ids)
 
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace, ctx: Any) -> int:
     from gpt_dist.export import ExportError
-    from gpt_dist.generate import generate, load_model
     from gpt_dist.inference import InferenceError
+    from gpt_dist.inference.generate import generate, load_model
 
     try:
         with contextlib.redirect_stdout(sys.stderr):

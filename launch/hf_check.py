@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     # decoded with the prompt: alone, the continuation's first word would lose its space
     print(f"greedy: {tok.decode(ids[0].tolist() + out, skip_special_tokens=True)}")
     with contextlib.redirect_stdout(sys.stderr):
-        from gpt_dist.generate import generate, load_model
         from gpt_dist.inference import open_context
+        from gpt_dist.inference.generate import generate, load_model
 
         ctx = open_context(1, 1, "cpu")
     with ctx:  # one process; its groups are destroyed on the way out

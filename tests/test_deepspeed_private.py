@@ -50,10 +50,7 @@ BY_NAME = re.compile(r"\b(?:getattr|hasattr|setattr|delattr)\(\s*[^,]+,\s*[\"'](
 
 #: Call sites in files another change is rewriting; each must still exist (so the entry is
 #: removed once it is gone) and is to call the compat function named in the message.
-PENDING = {
-    ("gpt_dist/pipeline.py", "module.forward_funcs"): "deepspeed_compat.pipeline_layers(module)",
-    ("gpt_dist/eval/runner.py", "model.forward_funcs"): "deepspeed_compat.pipeline_layers(model)",
-}
+PENDING: dict[tuple[str, str], str] = {}  # (file, snippet) -> its compat call, while a use awaits rewriting
 
 
 def _defined_names(files: list[Path]) -> set[str]:

@@ -10,7 +10,7 @@ backend; the token-level work goes to the same ``Scorer`` the built-in tasks use
 * ``generate_until``: greedy decoding with the KV cache (the context left-truncated to
   ``max_length - max_gen_toks`` as lm-eval's ``hf`` does), stopping at the end-of-document
   token, ``max_gen_toks`` or the first stop string; the text is decoded together with the
-  prompt (``gpt_dist.generate.continuation_text``). Sampling is refused (one line).
+  prompt (``gpt_dist.inference.generate.continuation_text``). Sampling is refused (one line).
 
 Every rank runs the whole of lm-eval's evaluation (``rank`` 0 and ``world_size`` 1 towards
 lm-eval: the layout is inside the model, lm-eval must not shard the documents); rank 0
@@ -29,8 +29,8 @@ from gpt_dist.config import EvalConfig
 from gpt_dist.eval.model import EvalError, load_eval_model
 from gpt_dist.eval.results import write_json
 from gpt_dist.eval.scoring import Scorer
-from gpt_dist.generate import continuation_text
 from gpt_dist.inference import Fill, Score, open_context
+from gpt_dist.inference.generate import continuation_text
 
 LMEVAL_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -1,5 +1,5 @@
 """The inference runtime: any model source on this rank's part of a TP x PP (x DP) layout,
-serving zero-shot evaluation (``gpt_dist.eval``), generation (``gpt_dist.generate``) and
+serving zero-shot evaluation (``gpt_dist.eval``), generation (``gpt_dist.inference.generate``) and
 prediction with a fine-tuned head (``gpt_dist.finetune.predict``).
 
     source.py   what ``--model PATH`` may name (native/HF export, local GPT-2 directory, run
@@ -10,10 +10,12 @@ prediction with a fine-tuned head (``gpt_dist.finetune.predict``).
                 head) run stage by stage through ``pipeline.stage_parts``, activations sent
                 between stages; lockstep passes for a ZeRO-3 engine's module
     vocab.py    log p(target), the greedy token and whole logits from vocabulary-parallel logits
+    generate.py generation on the runtime: sampling (greedy, temperature, top-k, top-p), the
+                KV cache's sliding window, text streaming (``TextStream``)
 
 The applications keep their own logic on top: tasks, batching and metrics in ``gpt_dist.eval``,
-sampling and text streaming in ``gpt_dist.generate``, task files and prediction rows in
-``gpt_dist.finetune.predict``.
+task files and prediction rows in ``gpt_dist.finetune.predict``. Generation lives here because
+evaluation (lm-eval's generate requests) and the ``launch/generate.py`` CLI both use it.
 """
 
 from gpt_dist.inference.model import LoadedModel, load_model, open_context

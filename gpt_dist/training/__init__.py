@@ -2,9 +2,10 @@
 
     session.py     the one training session: context, seeds, run directory, logger, engine,
                    checkpoint.init_from, resume, the loop, tear-down on every exit path
-    pretrain.py    ``pretrain(cfg)``: the session with ``LMObjective`` (launch/pretrain.py)
+    pretrain.py    pretraining, an application of the core: ``LMObjective`` and ``pretrain(cfg)``
+                   (launch/pretrain.py); the core's other modules import it nowhere
     loop.py        ``train_loop``, one optimizer step, checkpoint save and resume calls
-    objective.py   what a run optimises (``Objective``; ``LMObjective`` for pretraining)
+    objective.py   what a run optimises: the ``Objective`` interface
     engine.py      the DeepSpeed engine: its config, optimizer, LR schedule, non-finite guard
     init_from.py   a model's weights loaded into a freshly built engine, any layout
     checkpoint.py  crash-safe checkpoints (verify, commit, retention, disk full)

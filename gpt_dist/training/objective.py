@@ -12,9 +12,9 @@ exact resume, logging, the progress bar. An objective owns the rest:
   loss function runs inside the engine on the last stage;
 * ``evaluate(eng)``: validation, returning named floats (``loss`` first).
 
-Two implementations: ``LMObjective`` (pretraining: next-token loss on token shards) here, and
-``gpt_dist.finetune.objective.TaskObjective`` (GPT-1 fine-tuning: L3 = L2 + lambda L1 on task
-examples). Zero-shot evaluation and the kernels reuse the same model inputs.
+Two implementations, each in its application: ``gpt_dist.training.pretrain.LMObjective``
+(pretraining: next-token loss on token shards) and ``gpt_dist.finetune.objective.TaskObjective``
+(GPT-1 fine-tuning: L3 = L2 + lambda L1 on task examples). The core imports neither.
 """
 
 from __future__ import annotations
@@ -79,57 +79,3 @@ class Objective:
             dist.all_reduce(t, group=self.ctx.dp_group)
             t = t / self.ctx.dp
         return t
-
-
-class LMObjective(Objective):
-    """Pretraining: L1 of GPT-1, the next-token loss, on megatron-core's ``GPTDataset``."""
-
-    def __init__(self, cfg: Config, ctx: ParallelContext, datasets: Any) -> None:
-        super().__init__(cfg, ctx)
-        self.datasets = datasets
-        self.zero_shot = None  # training.eval_tasks (gpt_dist/eval/training.py); task files checked now
-        if cfg.training.eval_tasks:
-            from gpt_dist.eval.training import ZeroShot
-
-            self.zero_shot = ZeroShot(cfg, ctx)
-
-    def micro_batches(self, step: int, consumed_samples: int) -> Iterator[Batch]:
-        from gpt_dist.training.data import micro_batches
-
-        return micro_batches(self.datasets.train, self.ctx, self.cfg, consumed_samples, self.accum)
-
-    def sample_digest(self, step: int, consumed_samples: int) -> str:
-        from gpt_dist.training.data import sample_ids_digest
-
-        return sample_ids_digest(self.ctx, self.cfg, consumed_samples, self.accum)
-
-    def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        return batch["tokens"], batch["labels"], batch["loss_mask"]
-
-    def pipe_item(self, batch: Batch) -> tuple[Any, Any]:
-        return batch["tokens"], (batch["labels"], batch["loss_mask"])
-
-    def evaluate(self, eng: Any, step: int) -> dict[str, float]:
-        """Mean validation loss over eval_steps global batches (the same batches every time),
-        then the zero-shot tasks of ``training.eval_tasks`` (``TASK/METRIC``)."""
-        from gpt_dist.training.data import micro_batches
-
-        cfg, ctx = self.cfg, self.ctx
-        eng.ds.eval()
-        losses = []
-        with torch.no_grad():
-            for i in range(cfg.training.eval_steps):
-                batches = micro_batches(self.datasets.valid, ctx, cfg, i * cfg.training.global_batch_size,
-                                        self.accum)
-                if eng.is_pipeline:  # eval_batch averages over micro-batches and dp itself
-                    it = (self.pipe_item(b) for b in batches)
-                    losses.append(eng.ds.eval_batch(data_iter=it).float().reshape(()))
-                    continue
-                for batch in batches:
-                    losses.append(eng.ds(*self.model_inputs(batch)).float())
-        zero_shot = self.zero_shot.run(eng.ds.module, step) if self.zero_shot is not None else {}
-        eng.ds.train()
-        mean = torch.stack(losses).mean().reshape(1)
-        if not eng.is_pipeline:
-            mean = self.dp_mean(mean)
-        return {"loss": float(mean.item()), **zero_shot}

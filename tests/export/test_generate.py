@@ -48,7 +48,7 @@ def _greedy_margin(loaded, prompt: list[int], new: list[int]) -> float:
 def test_greedy_equals_transformers_generate(ctx, exports, arch):
     from transformers import AutoModelForCausalLM
 
-    from gpt_dist.generate import generate, load_model
+    from gpt_dist.inference.generate import generate, load_model
 
     loaded = load_model(exports[arch] / "native", ctx)
     prompt = [5, 17, 42, 7, 99, 250, 3]
@@ -60,14 +60,14 @@ def test_greedy_equals_transformers_generate(ctx, exports, arch):
                           pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref
     # the KV cache changes nothing: the same 20 tokens without it
-    from gpt_dist.generate import generate_ids
+    from gpt_dist.inference.generate import generate_ids
 
     no_cache = [int(t) for t in generate_ids(loaded, torch.tensor([prompt]), 20, temperature=0.0, use_cache=False)]
     assert no_cache == ours
 
 
 def test_sampling_is_seeded_and_filters(ctx, exports):
-    from gpt_dist.generate import filter_logits, generate, load_model
+    from gpt_dist.inference.generate import filter_logits, generate, load_model
 
     loaded = load_model(exports["gpt2"] / "native", ctx)
     a = generate(loaded, [1, 2, 3], 15, num_samples=2, temperature=0.9, top_k=20, top_p=0.9, seed=4)
@@ -109,7 +109,7 @@ def test_parallel_generation_streams_the_tp1_tokens(ctx, exports, layout):
                       timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     got = [int(x) for x in res.stdout.split()]
-    from gpt_dist.generate import generate, load_model
+    from gpt_dist.inference.generate import generate, load_model
 
     loaded = load_model(exports["gpt2"] / "native", ctx)
     ref = generate(loaded, [5, 17, 42, 7], 12, temperature=0.0, eos_id=None)[0]
@@ -137,7 +137,7 @@ def sp_dir(tmp_path_factory):
 
 
 def test_continuation_keeps_the_space_before_its_first_word(sp_dir):
-    from gpt_dist.generate import TextStream, continuation_text
+    from gpt_dist.inference.generate import TextStream, continuation_text
     from gpt_dist.tokenizer import load_tokenizer
 
     tok = load_tokenizer(sp_dir)
@@ -160,7 +160,7 @@ def test_continuation_keeps_the_space_before_its_first_word(sp_dir):
 def _word_start_seed(loaded, tok, prompt: list[int]) -> int:
     """The first seed whose first sampled token begins a word (a space, then a letter):
     the case that came out glued. Deterministic for the fixed model and tokenizer."""
-    from gpt_dist.generate import continuation_text, generate
+    from gpt_dist.inference.generate import continuation_text, generate
 
     for seed in range(200):
         first = generate(loaded, prompt, 1, temperature=1.0, seed=seed, eos_id=None)[0]
@@ -176,7 +176,7 @@ def test_cli_prints_the_continuation_with_its_space(ctx, sp_dir, tmp_path):
     import os
 
     from gpt_dist.export import export_state
-    from gpt_dist.generate import generate, load_model
+    from gpt_dist.inference.generate import generate, load_model
     from gpt_dist.tokenizer import load_tokenizer
 
     tok = load_tokenizer(sp_dir)
@@ -202,7 +202,7 @@ def test_hf_check_prints_the_continuation_with_its_space(ctx, sp_dir, tmp_path, 
     import importlib.util
 
     from gpt_dist.export import export_state
-    from gpt_dist.generate import continuation_text, generate, load_model
+    from gpt_dist.inference.generate import continuation_text, generate, load_model
     from gpt_dist.tokenizer import load_tokenizer
 
     tok = load_tokenizer(sp_dir)
