@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from gpt_dist.config import ConfigError, load_config
+from gpt_dist.dryrun import dry_run
 from gpt_dist.training.checkpoint import CheckpointError
 
 
@@ -31,8 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
-            from gpt_dist.dryrun import dry_run
-
             print(dry_run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
             return 0
         from gpt_dist.training.pretrain import pretrain
