@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt_dist.config import KernelChoice, ModelConfig
+from gpt_dist.kernels.attention import flash_attention
 from gpt_dist.model.heads import TaskHead, TaskHeadSpec
 from gpt_dist.model.kv_cache import KVCache
 from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, vocab_parallel_logits
@@ -201,7 +202,6 @@ class Attention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         with tp_region():  # each TP rank holds different heads: different dropout masks
             if self.flash and kv_cache is None:  # kernels.flash_attention: flash or an error
-                from gpt_dist.kernels.attention import flash_attention
 
                 y = flash_attention(q, k, v, p)
             elif kv_cache is None or (k.shape[2] == s and kv_cache.past_lengths is None):
