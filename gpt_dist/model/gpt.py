@@ -130,6 +130,7 @@ class LayerNorm(nn.LayerNorm):
         if self.sequence_parallel:
             w, b = _tp().copy_to_tensor_model_parallel_region(w), _tp().copy_to_tensor_model_parallel_region(b)
         if self.fused:
+            # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
             from gpt_dist.kernels.layernorm import layer_norm
 
             return layer_norm(x, w, b, self.eps)
@@ -151,6 +152,7 @@ def _bias_dropout_add(y: torch.Tensor, bias: torch.Tensor | None, residual: torc
     """``residual + dropout(y + bias)`` (no residual: ``dropout(y + bias)``); ``fused``: one
     Triton kernel whose mask is drawn in the same RNG region as ``_dropout``'s."""
     if fused and residual is not None:
+        # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
         from gpt_dist.kernels.bias_dropout_add import bias_dropout_add
 
         return bias_dropout_add(y, bias, residual, p, training, tp_region() if split else None)
@@ -242,6 +244,7 @@ class MLP(nn.Module):
             x = seq_gather(x, self.tp_group, reduce_grad=True)
         y, fc_bias = self.c_fc(x)                                # [s, b, 4h/tp]
         if self.fused_gelu:
+            # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
             from gpt_dist.kernels.bias_gelu import bias_gelu
 
             y = bias_gelu(y, fc_bias)
