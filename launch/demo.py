@@ -73,6 +73,7 @@ def stage_finetune() -> None:
     tasks = DATA / "tasks"
     if not (tasks / "multiple_choice" / "test.jsonl").exists():
         sys.path.insert(0, str(ROOT))
+        # after the sys.path.insert above: the demo runs from a clone, and builds tasks only once
         from gpt_dist.finetune.demo_tasks import build_demo_tasks
 
         build_demo_tasks(DATA / "corpus.jsonl", tasks, per_split={"train": 800, "valid": 200, "test": 200},

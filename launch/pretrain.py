@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
             return 0
+        # megatron-core (~3 s): not paid by --dry-run, --help or load_config's one-line errors
         from gpt_dist.training.pretrain import pretrain
 
         pretrain(cfg)
