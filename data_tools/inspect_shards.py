@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from gpt_dist.data.indexed import ShardFormatError, list_shards, validate_shard
+from gpt_dist.data.indexed import ShardFormatError, list_shards, open_indexed, validate_shard
+from gpt_dist.tokenizer import TokenizerError, load_tokenizer
 
 PROG = "inspect_shards"
 
@@ -70,9 +71,6 @@ def _check_manifest(path: Path, manifest: dict[str, Any], infos: list[dict[str, 
 
 def _show_documents(shards: list[str], infos: list[dict[str, Any]], manifest: dict[str, Any] | None,
                     tokenizer: str | None, num_docs: int, max_chars: int) -> list[str]:
-    from gpt_dist.data.indexed import open_indexed
-    from gpt_dist.tokenizer import TokenizerError, load_tokenizer
-
     tok_path = tokenizer or (manifest or {}).get("tokenizer", {}).get("path")
     tok = None
     if tok_path:

@@ -12,6 +12,7 @@ checks, so the refusal is one config error before anything starts.
 from __future__ import annotations
 
 import os
+import platform
 from functools import cache
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,7 +36,6 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
 
     return platform.processor() or platform.machine() or "unknown CPU"
 

@@ -26,6 +26,8 @@ import json
 from dataclasses import dataclass
 
 from gpt_dist.config import Config, KernelChoice, ModelConfig, ParallelConfig, bubble_fraction, validate
+from gpt_dist.model.gpt import analytic_parameters
+from gpt_dist.training.engine import deepspeed_config
 
 GB = 1e9
 
@@ -193,9 +195,6 @@ def rank_grid(parallel: ParallelConfig, nodes: int, gpus_per_node: int, limit: i
 
 
 def dry_run(cfg: Config, nodes: int, gpus_per_node: int) -> str:
-    from gpt_dist.model.gpt import analytic_parameters
-    from gpt_dist.training.engine import deepspeed_config
-
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"--nodes/--gpus-per-node must be >= 1, got {nodes}/{gpus_per_node}")
     world = nodes * gpus_per_node

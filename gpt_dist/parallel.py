@@ -30,6 +30,7 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
+from gpt_dist import deepspeed_compat
 from gpt_dist.config import ParallelConfig
 
 
@@ -200,8 +201,6 @@ class ParallelContext:
         if world % (pcfg.tp * pcfg.pp):
             raise ValueError(f"world size {world} is not divisible by tp*pp = {pcfg.tp * pcfg.pp}")
         import deepspeed
-
-        from gpt_dist import deepspeed_compat
 
         if not use_cuda:
             deepspeed_compat.skip_shm_comm_build()

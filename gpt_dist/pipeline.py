@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from gpt_dist.config import Config
-from gpt_dist.model.gpt import Block, Embedding, LMHead, ModelSpec, init_task_head
+from gpt_dist.deepspeed_compat import pipeline_layers
+from gpt_dist.model.gpt import GPT, Block, Embedding, LMHead, ModelSpec, init_task_head
 from gpt_dist.model.heads import TaskHead
 from gpt_dist.model.kv_cache import KVCache
 from gpt_dist.parallel import ParallelContext
@@ -115,8 +116,6 @@ class TaskLoss:
 def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) -> Any:
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    from gpt_dist.deepspeed_compat import pipeline_layers
-
     task = spec.task is not None
     layers = [TiedLayerSpec("embed", EmbeddingPipe, spec, tied_weight_attr="wte.weight")]
     layers += [LayerSpec(BlockPipe, spec, i) for i in range(cfg.model.n_layer)]
@@ -160,9 +159,6 @@ class StageParts:
 
 def stage_parts(model: Any) -> StageParts:
     """``StageParts`` of a ``GPT`` or of this rank's ``PipelineModule`` stage."""
-    from gpt_dist.deepspeed_compat import pipeline_layers
-    from gpt_dist.model.gpt import GPT
-
     if isinstance(model, GPT):
         return StageParts(model.embed, list(model.h), model.head, model.embed.wte.weight, model.task_head)
     layers = pipeline_layers(model)

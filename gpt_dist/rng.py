@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,8 +67,6 @@ def param_generator(seed: int, name: str) -> torch.Generator:
     TP=2, PP=2 and TP=1 models built from one seed hold the same full weights, which is what
     makes the sharded-vs-unsharded tests exact and a change of layout a no-op.
     """
-    import zlib
-
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return g

@@ -33,6 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from gpt_dist.data.readers import iter_texts
 from gpt_dist.utils import atomic_write_json
 
 SPECIAL_TOKENS: dict[str, str] = {
@@ -422,8 +423,6 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, out_dir: str 
     fewer pieces than asked (a soft limit) rather than an error.
     """
     import sentencepiece as spm
-
-    from gpt_dist.data.readers import iter_texts
 
     out = Path(out_dir)
     min_vocab = 256 + len(SPECIAL_TOKENS) + 2

@@ -13,6 +13,7 @@ Each stage is skipped when its output is already there, so re-running is cheap.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,11 +70,10 @@ FT_OVERRIDES = ["finetune.epochs=3", "training.global_batch_size=16", "training.
 
 
 def stage_finetune() -> None:
-    import json
-
     tasks = DATA / "tasks"
     if not (tasks / "multiple_choice" / "test.jsonl").exists():
         sys.path.insert(0, str(ROOT))
+        # after the sys.path.insert above: the demo runs from a clone, and builds tasks only once
         from gpt_dist.finetune.demo_tasks import build_demo_tasks
 
         build_demo_tasks(DATA / "corpus.jsonl", tasks, per_split={"train": 800, "valid": 200, "test": 200},

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="end-of-document id (default: from the run's tokenizer)")
     ap.add_argument("--no-hash", action="store_true", help="check sizes only, not sha256 (faster)")
     args = ap.parse_args(argv)
+    # torch (~1 s): imported after the arguments parse, so --help and usage errors are instant
     from gpt_dist.export import ExportError, export_checkpoint
 
     try:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = [item for group in args.overrides for item in group]
+    # torch (~1 s): imported after the arguments parse, so --help and usage errors are instant
     from gpt_dist.config import ConfigError, load_config
     from gpt_dist.export import ExportError
     from gpt_dist.finetune.tasks import TaskFileError
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, overrides)
+        # the fine-tuning session (model, engine, DeepSpeed): only once the config has loaded
         from gpt_dist.finetune.session import finetune
 
         finetune(cfg)

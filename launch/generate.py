@@ -29,6 +29,7 @@ def _stream_text(tok, prompt_ids: list[int]):
     """on_token callback printing the continuation as it grows, and the final flush; the text
     is decoded with the prompt (gpt_dist.inference.generate.TextStream), so a word that starts the
     continuation keeps its space."""
+    # main() made the first import, under redirect_stdout (DeepSpeed's logger binds sys.stdout then)
     from gpt_dist.inference.generate import TextStream
 
     stream = TextStream(tok, prompt_ids)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --top-p must be in (0, 1]")
 
     with contextlib.redirect_stdout(sys.stderr):
+        # under redirect_stdout: DeepSpeed's logger binds sys.stdout when first imported (stdout: tokens only)
         from gpt_dist.inference import InferenceError, open_context
         from gpt_dist.parallel import discover_launch_env
 
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace, ctx: Any) -> int:
+    # main() made the first import, under redirect_stdout (DeepSpeed's logger binds sys.stdout then)
     from gpt_dist.export import ExportError
     from gpt_dist.inference import InferenceError
     from gpt_dist.inference.generate import generate, load_model

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # decoded with the prompt: alone, the continuation's first word would lose its space
     print(f"greedy: {tok.decode(ids[0].tolist() + out, skip_special_tokens=True)}")
     with contextlib.redirect_stdout(sys.stderr):
+        # under redirect_stdout: DeepSpeed's logger binds sys.stdout when first imported (the report is stdout)
         from gpt_dist.inference import open_context
         from gpt_dist.inference.generate import generate, load_model
 

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size / pp)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     args = ap.parse_args(argv)
+    # torch + megatron-core (~3 s): imported after the arguments parse, so --help and usage errors are instant
     from gpt_dist.config import ConfigError
     from gpt_dist.export import ExportError
     from gpt_dist.finetune.predict import predict_file

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from gpt_dist.config import ConfigError, load_config
+from gpt_dist.dryrun import dry_run
 from gpt_dist.training.checkpoint import CheckpointError
 
 
@@ -31,10 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
-            from gpt_dist.dryrun import dry_run
-
             print(dry_run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
             return 0
+        # megatron-core (~3 s): not paid by --dry-run, --help or load_config's one-line errors
         from gpt_dist.training.pretrain import pretrain
 
         pretrain(cfg)

@@ -55,6 +55,7 @@ from gpt_dist.data.worker import (
     ping,
     process_batch,
 )
+from gpt_dist.tokenizer import TokenizerError, load_tokenizer
 from gpt_dist.utils import atomic_open
 
 MANIFEST_FORMAT = "gpt_dist.preprocess"
@@ -105,8 +106,6 @@ class Preprocessor:
     """One run of the pipeline; :func:`preprocess` is the entry point."""
 
     def __init__(self, cfg: PreprocessConfig) -> None:
-        from gpt_dist.tokenizer import TokenizerError, load_tokenizer
-
         self.cfg = cfg
         self.prefix = str(cfg.output_prefix)
         self.files = resolve_inputs(cfg.inputs)

@@ -22,6 +22,7 @@ import numpy as np
 
 from gpt_dist.data.clean import CleanConfig, clean_text, filter_reason, parse_record
 from gpt_dist.data.dedup import DedupConfig, MinHasher, exact_key
+from gpt_dist.tokenizer import load_tokenizer
 
 REJECT, FILTER, KEEP = 0, 1, 2
 
@@ -47,7 +48,6 @@ def init_worker(cfg: WorkerConfig, in_child: bool = True) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from gpt_dist.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer)
     _STATE.update(cfg=cfg, tok=tok, eod=tok.eod_id, dtype=np.dtype(cfg.dtype),

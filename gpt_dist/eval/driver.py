@@ -17,8 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gpt_dist import checkpoint_format as ckpt
 from gpt_dist.config import ConfigError, EvalConfig, load_config, parse_value
-from gpt_dist.eval.model import EvalError
+from gpt_dist.eval import tasks as T
+from gpt_dist.eval.harness import run_harness
+from gpt_dist.eval.model import EvalError, load_eval_model
+from gpt_dist.eval.overlap import task_overlap
+from gpt_dist.eval.results import FORMAT, markdown_table, sweep_outputs, write_json
+from gpt_dist.eval.scoring import Scorer
+from gpt_dist.inference import open_context
 
 #: The short flags: each is an alias of ``--set eval.KEY=VALUE`` (README and docs/eval.md use them).
 #: (flag, eval key, help); the values are checked by the config loader, one line naming the key.
@@ -100,10 +107,6 @@ def _settings(ev: EvalConfig, ctx: Any, max_length: int) -> dict[str, Any]:
 def evaluate_model(em: Any, tasks: list[Any], ev: EvalConfig,
                    overlap: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score every task on ``em``; the results dict (``results.py``), the same on every rank."""
-    from gpt_dist.eval import tasks as T
-    from gpt_dist.eval.results import FORMAT
-    from gpt_dist.eval.scoring import Scorer
-
     t0 = time.perf_counter()
     scorer = Scorer(em, ev.batch_size, reuse_context=ev.reuse_context, progress=ev.progress)
     out: dict[str, Any] = {}
@@ -138,7 +141,6 @@ def _strip(res: dict[str, Any], keep_examples: bool) -> dict[str, Any]:
 def _overlap(ev: EvalConfig, tasks: list[Any], tok: Any, ctx: Any) -> dict[str, Any] | None:
     if not ev.overlap_with:
         return None
-    from gpt_dist.eval.overlap import task_overlap
 
     result = None
     if ctx.rank == 0:   # one rank builds (or loads) the filter; the masks go to every rank
@@ -148,8 +150,6 @@ def _overlap(ev: EvalConfig, tasks: list[Any], tok: Any, ctx: Any) -> dict[str, 
 
 
 def _checkpoint_dirs(run: Path) -> list[Path]:
-    from gpt_dist import checkpoint_format as ckpt
-
     root = ckpt.ckpt_root(run)
     tags = ckpt.committed_tags(root)
     if not tags:
@@ -158,14 +158,7 @@ def _checkpoint_dirs(run: Path) -> list[Path]:
 
 
 def run(ev: EvalConfig) -> int:
-    from gpt_dist.eval import tasks as T
-    from gpt_dist.eval.model import load_eval_model
-    from gpt_dist.eval.results import FORMAT, markdown_table, sweep_outputs, write_json
-    from gpt_dist.inference import open_context
-
     if ev.harness == "lm-eval":
-        from gpt_dist.eval.harness import run_harness
-
         return run_harness(ev)
     tasks = [T.read(t, ev.limit) for t in T.resolve(ev.tasks, ev.data_dir)]
     with open_context(ev.tp, ev.pp, ev.device) as ctx:

@@ -29,12 +29,17 @@ objects one at a time; a NumPy bit array takes the hashes of a whole chunk of n-
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gpt_dist.data.indexed import list_shards, open_indexed, read_index_arrays, shard_fingerprint
+from gpt_dist.eval.model import EvalError
+from gpt_dist.utils import atomic_write_bytes, atomic_write_text
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 
@@ -102,8 +107,6 @@ class BloomFilter:
 
 def _shard_docs(prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens memory map, document end offsets) of one shard, checked first."""
-    from gpt_dist.data.indexed import open_indexed, read_index_arrays
-
     ds = open_indexed(prefix)
     lengths, _ = read_index_arrays(prefix)
     tokens = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
@@ -137,10 +140,6 @@ def build_filter(prefixes: list[str], n: int, fp_rate: float, progress: bool = T
 
 def load_or_build(prefixes: list[str], n: int, fp_rate: float, cache_dir: str | Path | None,
                   progress: bool = True) -> tuple[BloomFilter, dict[str, Any]]:
-    from gpt_dist.data.indexed import list_shards, shard_fingerprint
-    from gpt_dist.eval.model import EvalError
-    from gpt_dist.utils import atomic_write_bytes, atomic_write_text
-
     try:
         shards = [s for p in prefixes for s in list_shards(p)]
         fps = [shard_fingerprint(s) for s in shards]
@@ -158,7 +157,6 @@ def load_or_build(prefixes: list[str], n: int, fp_rate: float, cache_dir: str | 
             return bloom, {**bloom.describe(), "cache": str(npy), "cached": True, "shards": len(shards)}
     bloom = build_filter(shards, n, fp_rate, progress)
     cache.mkdir(parents=True, exist_ok=True)
-    import io
 
     buf = io.BytesIO()
     np.save(buf, bloom.bits)

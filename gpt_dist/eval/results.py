@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gpt_dist.utils import atomic_write_text
+
 FORMAT = "gpt_dist-eval"
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 
@@ -50,8 +52,6 @@ def markdown_table(res: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    from gpt_dist.utils import atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -36,6 +36,7 @@ from typing import Any
 from gpt_dist.eval import metrics as M
 from gpt_dist.eval.convert import CONVERTERS, wikitext_detokenizer
 from gpt_dist.eval.model import EvalError
+from gpt_dist.eval.scoring import encode_pair
 
 KINDS = ("lambada", "rolling", "mc")
 KNOWN: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -173,8 +174,6 @@ def read(task: Task, limit: int | None = None) -> Task:
 
 def score(task: Task, scorer: Any, tok: Any, rolling_context: int = 1) -> dict[str, list[Any]]:
     """Per-example raw results of ``task`` (what ``compute_metrics`` aggregates)."""
-    from gpt_dist.eval.scoring import encode_pair
-
     prefix = scorer.em.prefix_id
     if task.kind == "lambada":
         pairs = [encode_pair(tok, " ".join(d["text"].split(" ")[:-1]), " " + d["text"].split(" ")[-1], prefix)

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from gpt_dist.config import ModelConfig
+from gpt_dist.export.names import ExportError
+from gpt_dist.tokenizer import SPECIAL_TOKENS
 
 # --------------------------------------------------------------------------- weights & config
 
@@ -110,8 +112,6 @@ def hf_config(cfg: ModelConfig, eod_id: int | None, task: dict[str, Any] | None 
 
 
 def _error(msg: str) -> Exception:
-    from gpt_dist.export.names import ExportError
-
     return ExportError(msg)
 
 
@@ -162,8 +162,6 @@ def _sentencepiece_engine(model_file: Path) -> Any:
 
 
 def _special_kwargs(tok: Any) -> dict[str, Any]:
-    from gpt_dist.tokenizer import SPECIAL_TOKENS
-
     eod = SPECIAL_TOKENS["eod"]
     return {"eos_token": eod, "bos_token": eod,
                 "additional_special_tokens": [SPECIAL_TOKENS[k] for k in ("start", "delimiter", "extract")],
@@ -183,8 +181,6 @@ def write_hf_tokenizer(tok: Any, out: Path, model_max_length: int | None = None)
     elif tok.kind in ("gpt2_bpe", "tiktoken"):
         from tokenizers import AddedToken, processors
         from transformers import GPT2TokenizerFast
-
-        from gpt_dist.tokenizer import SPECIAL_TOKENS
 
         engine = type(tok._engine).from_str(tok._engine.to_str())  # a copy of the project's BPE
         engine.post_processor = processors.ByteLevel(trim_offsets=False)

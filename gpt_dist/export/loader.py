@@ -3,6 +3,7 @@ side, ``checkpoint.init_from``, is ``gpt_dist.training.init_from``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -21,8 +22,10 @@ from gpt_dist.export.names import (
     canonical_name,
     check_state,
     model_config_from_dict,
+    task_info,
     tp_dim,
 )
+from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
 from gpt_dist.parallel import TPGroup
 
 # --------------------------------------------------------------------------- loading exports
@@ -195,7 +198,6 @@ def _gathered(param: torch.nn.Parameter) -> Any:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(param, modifier_rank=0)
-    import contextlib
 
     return contextlib.nullcontext()
 
@@ -237,8 +239,6 @@ def load_model_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     path = Path(path)
     if (path / CONFIG).is_file() and not (path / "checkpoints").is_dir():  # a run dir has a config.json too
         return load_export(path)
-    from gpt_dist.export.names import model_config_from_dict, task_info
-    from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
 
     tag_dir, manifest = resolve_checkpoint(path)
     config = manifest["config"]

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from gpt_dist.config import ModelConfig
+from gpt_dist.config import FinetuneConfig, ModelConfig
+from gpt_dist.pipeline import pipe_name_to_gpt
 
 NATIVE_FORMAT = "gpt_dist-native"
 WEIGHTS = "model.safetensors"
@@ -34,8 +35,6 @@ def canonical_name(module_name: str, n_layer: int) -> str | None:
     name = name.removeprefix("tied_modules.embed.")
     m = re.match(r"^(\d+)\.(.*)$", name)              # pipeline: global layer index
     if m:
-        from gpt_dist.pipeline import pipe_name_to_gpt
-
         mapped = pipe_name_to_gpt(int(m.group(1)), m.group(2), n_layer)
         if mapped is None:
             return None
@@ -74,7 +73,6 @@ def task_info(training_config: dict[str, Any] | None) -> dict[str, Any] | None:
     ft = (training_config or {}).get("finetune")
     if not ft:
         return None
-    from gpt_dist.config import FinetuneConfig
 
     f = FinetuneConfig(**ft)
     return {"task": f.task, "n_out": f.head_outputs(), "label_names": f.label_names,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gpt_dist import checkpoint_format as ckpt
 from gpt_dist import deepspeed_compat
 from gpt_dist.export.names import (
     ExportError,
@@ -62,8 +63,6 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None, check_hash: bool 
     """(tag directory, verified manifest) of ``run_dir``'s latest or given-step checkpoint.
 
     ``run_dir`` may also be a checkpoint tag directory itself (one holding manifest.json)."""
-    from gpt_dist import checkpoint_format as ckpt
-
     run_dir = Path(run_dir)
     try:
         if (run_dir / ckpt.MANIFEST).is_file() and ckpt.TAG_RE.match(run_dir.name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from gpt_dist.config import ModelConfig
-from gpt_dist.export.hf import hf_config, to_hf
+from gpt_dist.export.hf import hf_config, to_hf, write_hf_tokenizer
 from gpt_dist.export.names import (
     _OWN_FILES,
     CONFIG,
@@ -24,6 +25,7 @@ from gpt_dist.export.names import (
     task_info,
 )
 from gpt_dist.export.reader import gather_checkpoint, resolve_checkpoint
+from gpt_dist.tokenizer import load_tokenizer
 from gpt_dist.utils import atomic_path, atomic_write_json
 
 # --------------------------------------------------------------------------- export
@@ -31,10 +33,6 @@ from gpt_dist.utils import atomic_path, atomic_write_json
 
 def _tokenizer_eod(tok_dir: Path | None) -> int | None:
     if tok_dir is None:
-        return None
-    try:
-        from gpt_dist.tokenizer import load_tokenizer
-    except ImportError:
         return None
     try:
         return int(load_tokenizer(str(tok_dir)).eod_id)
@@ -58,13 +56,7 @@ def _copy_tokenizer(src: Path, out: Path) -> list[str]:
 
 def _hf_tokenizer(out: Path, cfg: ModelConfig) -> dict[str, Any]:
     """Hugging Face tokenizer files for the tokenizer copied into ``out`` (hf exports)."""
-    import sys
-
-    from gpt_dist.export.hf import write_hf_tokenizer
-
     try:
-        from gpt_dist.tokenizer import load_tokenizer
-
         tok = load_tokenizer(out)
     except Exception as exc:  # not one of our tokenizers: the weights are still exported  # noqa: BLE001
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

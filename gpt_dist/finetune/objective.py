@@ -20,6 +20,8 @@ logging and the progress bar; this objective supplies the task's micro-batches a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -77,9 +79,6 @@ class TaskObjective(Objective):
             yield self._to_device(collate(mine, self.pad_id, max_len=self.fixed_len))
 
     def sample_digest(self, step: int, consumed_samples: int) -> str:
-        import hashlib
-        import json
-
         return hashlib.sha256(json.dumps(self._global_batch(consumed_samples)).encode()).hexdigest()[:16]
 
     def tokens_per_step(self, step: int, consumed_samples: int) -> int:

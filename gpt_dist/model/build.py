@@ -19,6 +19,7 @@ from gpt_dist.config import Config, KernelChoice, ModelConfig, ParallelConfig, k
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.model.heads import TaskHeadSpec
 from gpt_dist.parallel import ParallelContext, TPGroup
+from gpt_dist.pipeline import build_pipeline_module
 
 
 def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
@@ -55,8 +56,6 @@ def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) ->
     if full_ac:
         configure_activation_checkpointing(cfg, ctx)
     if ctx.pp > 1:
-        from gpt_dist.pipeline import build_pipeline_module
-
         return build_pipeline_module(cfg, ctx, spec)
     init: Any = contextlib.nullcontext()
     if cfg.zero_stage == 3:
@@ -80,8 +79,6 @@ def build_inference_model(mcfg: ModelConfig, ctx: ParallelContext, pipeline_part
                                                      pipeline_partition=pipeline_partition))  # type: ignore[arg-type]
     spec = dataclasses.replace(model_spec(cfg, ctx.tensor_parallel), task=task)
     if ctx.pp > 1:
-        from gpt_dist.pipeline import build_pipeline_module
-
         return build_pipeline_module(cfg, ctx, spec).eval()
     return GPT(spec).eval()
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt_dist.config import KernelChoice, ModelConfig
+from gpt_dist.kernels.attention import flash_attention
 from gpt_dist.model.heads import TaskHead, TaskHeadSpec
 from gpt_dist.model.kv_cache import KVCache
 from gpt_dist.model.lm_head import fused_lm_loss, lm_loss, vocab_parallel_logits
@@ -129,6 +130,7 @@ class LayerNorm(nn.LayerNorm):
         if self.sequence_parallel:
             w, b = _tp().copy_to_tensor_model_parallel_region(w), _tp().copy_to_tensor_model_parallel_region(b)
         if self.fused:
+            # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
             from gpt_dist.kernels.layernorm import layer_norm
 
             return layer_norm(x, w, b, self.eps)
@@ -150,6 +152,7 @@ def _bias_dropout_add(y: torch.Tensor, bias: torch.Tensor | None, residual: torc
     """``residual + dropout(y + bias)`` (no residual: ``dropout(y + bias)``); ``fused``: one
     Triton kernel whose mask is drawn in the same RNG region as ``_dropout``'s."""
     if fused and residual is not None:
+        # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
         from gpt_dist.kernels.bias_dropout_add import bias_dropout_add
 
         return bias_dropout_add(y, bias, residual, p, training, tp_region() if split else None)
@@ -201,7 +204,6 @@ class Attention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         with tp_region():  # each TP rank holds different heads: different dropout masks
             if self.flash and kv_cache is None:  # kernels.flash_attention: flash or an error
-                from gpt_dist.kernels.attention import flash_attention
 
                 y = flash_attention(q, k, v, p)
             elif kv_cache is None or (k.shape[2] == s and kv_cache.past_lengths is None):
@@ -242,6 +244,7 @@ class MLP(nn.Module):
             x = seq_gather(x, self.tp_group, reduce_grad=True)
         y, fc_bias = self.c_fc(x)                                # [s, b, 4h/tp]
         if self.fused_gelu:
+            # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
             from gpt_dist.kernels.bias_gelu import bias_gelu
 
             y = bias_gelu(y, fc_bias)

@@ -61,6 +61,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     ``fused``: the streamed Triton CE (no float32 copy of the logits; ``tp`` its TP group),
     else megatron-core's."""
     if fused:
+        # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
         from gpt_dist.kernels.cross_entropy import vocab_parallel_cross_entropy
 
         losses = vocab_parallel_cross_entropy(logits, labels.t().contiguous(), tp=tp)
@@ -76,6 +77,7 @@ def fused_lm_loss(hidden: torch.Tensor, wte: torch.Tensor, labels: torch.Tensor,
                   vocab: int, chunk: int, tp: TPGroup, sequence_parallel: bool) -> torch.Tensor:
     """``lm_loss(vocab_parallel_logits(hidden, wte, ...), labels, loss_mask)`` with the chunked
     CE fused with the tied output layer (``gpt_dist.kernels.cross_entropy``): hidden [s(/tp), b, h]."""
+    # Triton: imported only when this kernel is on (TRITON_INTERPRET is read at import; kernels/__init__.py)
     from gpt_dist.kernels.cross_entropy import fused_linear_cross_entropy
 
     x = _to_tp_output(hidden, tp, sequence_parallel)            # [s, b, h], grad summed over TP

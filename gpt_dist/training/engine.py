@@ -97,7 +97,8 @@ def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.dev
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
     if kernels_for(cfg, device.type).fused_adam:  # DeepSpeed's FusedAdam, torch-compatible state
-        from gpt_dist.kernels.optim import FusedAdamW  # imports DeepSpeed's op builders
+        # deepspeed.ops (FusedAdam and its op builders) at import: only when the fused optimizer is on
+        from gpt_dist.kernels.optim import FusedAdamW
 
         deepspeed_compat.register_zero_optimizer(FusedAdamW)
         return FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
