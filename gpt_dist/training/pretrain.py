@@ -36,7 +36,8 @@ class LMObjective(Objective):
         super().__init__(cfg, ctx)
         self.datasets = datasets
         # training.eval_tasks: task files read and checked now, before the first step
-        self.zero_shot = ZeroShot(cfg, ctx) if cfg.training.eval_tasks else None
+        self.zero_shot = (ZeroShot(cfg.model, cfg.data, cfg.training, cfg.zero_stage, ctx)
+                          if cfg.training.eval_tasks else None)
 
     def micro_batches(self, step: int, consumed_samples: int) -> Iterator[Batch]:
         return micro_batches(self.datasets.train, self.ctx, self.cfg.training, consumed_samples, self.accum)
