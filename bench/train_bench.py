@@ -141,8 +141,8 @@ def main() -> None:
             best[name] = min(best.get(name, float("inf")), timed(fn, args.steps, args.warmup))
 
     ntok = args.batch * args.seq
-    fpt = flops_per_token(cfg)
-    peak = peak_tflops(cfg, dev)
+    fpt = flops_per_token(cfg.model, cfg.parallel, cfg.sequence_length)
+    peak = peak_tflops(cfg.logging, cfg.training, dev)
     lines = []
     for name, sec in best.items():
         tok_s = ntok / sec

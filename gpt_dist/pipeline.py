@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gpt_dist.config import Config
+from gpt_dist.config import ParallelConfig
 from gpt_dist.deepspeed_compat import pipeline_layers
 from gpt_dist.model.gpt import GPT, Block, Embedding, LMHead, ModelSpec, init_task_head
 from gpt_dist.model.heads import TaskHead
@@ -113,12 +113,14 @@ class TaskLoss:
         return loss
 
 
-def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) -> Any:
+def build_pipeline_module(par: ParallelConfig, ctx: ParallelContext, spec: ModelSpec) -> Any:
+    """DeepSpeed's ``PipelineModule`` of the spec's blocks (the layer count is the spec's model
+    section); ``par`` gives the partition method and the activation-checkpointing interval."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     task = spec.task is not None
     layers = [TiedLayerSpec("embed", EmbeddingPipe, spec, tied_weight_attr="wte.weight")]
-    layers += [LayerSpec(BlockPipe, spec, i) for i in range(cfg.model.n_layer)]
+    layers += [LayerSpec(BlockPipe, spec, i) for i in range(spec.cfg.n_layer)]
     layers += [LayerSpec(LMHeadPipe, spec),
                TiedLayerSpec("embed", EmbeddingPipe, spec, forward_fn=_with_wte, tied_weight_attr="wte.weight")]
     loss_fn: LMLoss | TaskLoss = LMLoss()
@@ -128,9 +130,9 @@ def build_pipeline_module(cfg: Config, ctx: ParallelContext, spec: ModelSpec) ->
     # DeepSpeed checkpoints chunks of `interval` consecutive layers of a stage. Only chunks made
     # of blocks: DeepSpeed's (reentrant) checkpoint gives no gradient to a chunk whose input does
     # not require one, i.e. one that starts with the embedding on the first stage.
-    interval = cfg.parallel.checkpoint_every if cfg.parallel.activation_checkpointing == "full" else 0
+    interval = par.checkpoint_every if par.activation_checkpointing == "full" else 0
     module = PipelineModule(layers=layers, loss_fn=loss_fn, topology=ctx.topology,
-                            partition_method=cfg.parallel.pipeline_partition,
+                            partition_method=par.pipeline_partition,
                             activation_checkpoint_interval=interval,
                             checkpointable_layers=["BlockPipe"])
     funcs = pipeline_layers(module)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt_dist.config import Config, ConfigError
+from gpt_dist.config import ConfigError, DataConfig, ModelConfig, TrainingConfig
 from gpt_dist.eval import tasks as T
 from gpt_dist.eval.model import EvalError, EvalModel
 from gpt_dist.eval.scoring import Scorer
@@ -28,21 +28,26 @@ from gpt_dist.tokenizer import load_tokenizer
 
 
 class ZeroShot:
-    def __init__(self, cfg: Config, ctx: Any) -> None:
-        t = cfg.training
+    """The run's ``training.eval_tasks``, scored on the training model by ``run``."""
+
+    def __init__(self, model: ModelConfig, data: DataConfig, training: TrainingConfig, zero_stage: int,
+                 ctx: Any) -> None:
+        """``model``: the architecture ``EvalModel`` reads the module as; ``data.tokenizer``: the
+        run's tokenizer; ``zero_stage`` 3: the replicas score in lockstep (see above)."""
+        t = training
         try:
             self.tasks = [T.read(task, t.eval_tasks_limit)
                           for task in T.resolve(",".join(t.eval_tasks), t.eval_tasks_dir)]
         except EvalError as exc:
             raise ConfigError(f"training.eval_tasks: {exc}") from None
-        self.cfg, self.ctx = cfg, ctx
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.model, self.training, self.zero_stage, self.ctx = model, training, zero_stage, ctx
+        self.tokenizer = load_tokenizer(data.tokenizer)
 
     def run(self, module: Any, step: int) -> dict[str, float]:
         """{TASK/METRIC: value} on ``module`` (already in eval mode)."""
-        em = EvalModel(module, self.cfg.model, self.ctx, self.tokenizer, fingerprint=f"training step {step}")
-        scorer = Scorer(em, batch_size=max(self.cfg.training.micro_batch_size, 1), progress=False,
-                        lockstep=self.cfg.zero_stage == 3)
+        em = EvalModel(module, self.model, self.ctx, self.tokenizer, fingerprint=f"training step {step}")
+        scorer = Scorer(em, batch_size=max(self.training.micro_batch_size, 1), progress=False,
+                        lockstep=self.zero_stage == 3)
         out: dict[str, float] = {}
         for task in self.tasks:
             raw = T.score(task, scorer, self.tokenizer)

@@ -49,7 +49,7 @@ def load_classifier(path: str | Path, ctx: ParallelContext) -> tuple[LoadedModel
                                                                          "n_ctx", "vocab_size")},
                                 "finetune": {"task": "multiple_choice", "train_file": ""}})
     assert loaded.task is not None
-    return loaded, (task_spec(cfg, loaded.tokenizer) if loaded.task.task != "multiple_choice" else cfg)
+    return loaded, (task_spec(cfg.finetune, cfg.model, cfg.sequence_length) if loaded.task.task != "multiple_choice" else cfg)
 
 
 def spec_for(spec: TaskSpec | Config, input_path: str | Path, tok: Any) -> TaskSpec:
@@ -57,7 +57,7 @@ def spec_for(spec: TaskSpec | Config, input_path: str | Path, tok: Any) -> TaskS
     if isinstance(spec, TaskSpec):
         return spec
     ft = dataclasses.replace(spec.finetune, train_file=str(input_path), num_choices=None)
-    return task_spec(dataclasses.replace(spec, finetune=ft), tok)
+    return task_spec(ft, spec.model, spec.sequence_length)  # max_len: replace() kept it
 
 
 def task_logits(runner: Runner, batch: dict[str, torch.Tensor]) -> torch.Tensor:

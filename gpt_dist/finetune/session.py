@@ -78,7 +78,7 @@ def finetune(cfg: Config, ctx: ParallelContext | None = None, hooks: TrainHooks 
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {tok.vocab_size} "
                           f"({cfg.data.tokenizer}); set it to {tok.vocab_size}")
-    data = load_task_data(cfg, tok)
+    data = load_task_data(cfg.finetune, cfg.model, cfg.sequence_length, cfg.run_dir, tok)
     schedule = cfg.run_schedule(len(data.train))  # derived; the config is never rewritten
     return train(cfg, tok, data, schedule, ctx, hooks)
 
@@ -137,7 +137,7 @@ def _finish(cfg: Config, ctx: ParallelContext, eng: Engine, objective: TaskObjec
     if data.test:
         logits, _ = objective.predict(eng, data.test)
         if ctx.is_main:
-            _write_predictions(cfg.run_dir / PREDICTIONS, data, logits, cfg)
+            _write_predictions(cfg.run_dir / PREDICTIONS, data, logits)
         out["test_predictions"] = str(cfg.run_dir / PREDICTIONS)
         labelled = [ex for ex in data.test if _labelled(ex.label, spec.regression)]
         if len(labelled) == len(data.test):
@@ -151,7 +151,7 @@ def _labelled(label: Any, regression: bool) -> bool:
     return not math.isnan(label) if regression else label >= 0
 
 
-def _write_predictions(path: Path, data: TaskData, logits: np.ndarray, cfg: Config) -> None:
+def _write_predictions(path: Path, data: TaskData, logits: np.ndarray) -> None:
     """One JSON line per test example (``objective.prediction_rows``), written atomically."""
     rows = prediction_rows(data.test or [], logits, data.spec)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -14,19 +14,17 @@ import dataclasses
 import json
 from pathlib import Path
 
-from gpt_dist.config import Config, ConfigError
+from gpt_dist.config import ConfigError, FinetuneConfig, ModelConfig
 from gpt_dist.finetune.tasks import Example, TaskFileError, TaskSpec, TaskStats, load_task_cached
 from gpt_dist.tokenizer import Tokenizer
 
 
-def task_spec(cfg: Config, tok: Tokenizer) -> TaskSpec:
-    """The task as the data layer needs it, from the config (and, for multiple choice without
-    ``finetune.num_choices``, the first example of the training file)."""
-    ft = cfg.finetune
-    assert ft is not None
-    max_len = cfg.sequence_length
-    if max_len > cfg.model.n_ctx:
-        raise ConfigError(f"finetune.max_len: {max_len} exceeds model.n_ctx={cfg.model.n_ctx}")
+def task_spec(ft: FinetuneConfig, model: ModelConfig, max_len: int) -> TaskSpec:
+    """The task as the data layer needs it, from the ``finetune`` section (and, for multiple
+    choice without ``finetune.num_choices``, the first example of the training file);
+    ``max_len``: the run's ``Config.sequence_length``, at most ``model.n_ctx``."""
+    if max_len > model.n_ctx:
+        raise ConfigError(f"finetune.max_len: {max_len} exceeds model.n_ctx={model.n_ctx}")
     if ft.task == "multiple_choice":
         num_labels = ft.num_choices or _first_choices(Path(ft.train_file))
     else:
@@ -61,21 +59,21 @@ class TaskData:
     stats: dict[str, TaskStats]
 
 
-def load_task_data(cfg: Config, tok: Tokenizer) -> TaskData:
-    """Every task file validated and tokenized (or read from the cache) on this rank.
+def load_task_data(ft: FinetuneConfig, model: ModelConfig, max_len: int, run_dir: Path,
+                   tok: Tokenizer) -> TaskData:
+    """Every task file validated and tokenized (or read from the cache: ``finetune.cache_dir``,
+    else ``run_dir/task_cache``) on this rank; ``model`` and ``max_len`` as in :func:`task_spec`.
 
     Every rank reads the same files with the same code, so a bad file fails on all of them
     with the same one-line error, before any collective could wait for a failed rank."""
-    ft = cfg.finetune
-    assert ft is not None
     for key in ("train_file", "valid_file", "test_file"):
         path = getattr(ft, key)
         if key == "train_file" and not path:
             raise ConfigError("finetune.train_file: required")
         if path and not Path(path).is_file():
             raise ConfigError(f"finetune.{key}: {path} does not exist")
-    spec = task_spec(cfg, tok)
-    cache = Path(ft.cache_dir) if ft.cache_dir else cfg.run_dir / "task_cache"
+    spec = task_spec(ft, model, max_len)
+    cache = Path(ft.cache_dir) if ft.cache_dir else run_dir / "task_cache"
     train, st_train = load_task_cached(ft.train_file, spec, tok, cache)
     stats = {"train": st_train}
     valid = test = None

@@ -88,7 +88,7 @@ def _task_head(src: Source) -> TaskHeadSpec:
         try:
             run = src.training_config   # its init_from export need not exist here
             spec = task_head_spec(config_from_dict({**run, "checkpoint": {**run.get("checkpoint", {}),
-                                                                          "init_from": None}}))
+                                                                          "init_from": None}}).finetune)
         except ConfigError as exc:
             raise InferenceError(f"{src.info.get('path')}: training_config: {exc}") from None
         if spec is not None:

@@ -15,16 +15,15 @@ from typing import Any
 
 from torch import nn
 
-from gpt_dist.config import Config, KernelChoice, ModelConfig, ParallelConfig, kernels_for
+from gpt_dist.config import Config, FinetuneConfig, KernelChoice, ModelConfig, ParallelConfig, kernels_for
 from gpt_dist.model.gpt import GPT, ModelSpec
 from gpt_dist.model.heads import TaskHeadSpec
 from gpt_dist.parallel import ParallelContext, TPGroup
 from gpt_dist.pipeline import build_pipeline_module
 
 
-def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
-    """GPT-1's head from the ``finetune`` section (None when pretraining)."""
-    ft = getattr(cfg, "finetune", None)
+def task_head_spec(ft: FinetuneConfig | None) -> TaskHeadSpec | None:
+    """GPT-1's head from the ``finetune`` section (None when pretraining: no section)."""
     if ft is None:
         return None
     return TaskHeadSpec(task=ft.task, n_out=ft.head_outputs(), dropout=ft.classifier_dropout,
@@ -34,7 +33,7 @@ def task_head_spec(cfg: Config) -> TaskHeadSpec | None:
 def model_spec(cfg: Config, tp: TPGroup) -> ModelSpec:
     """The spec of a run's model from its config sections, on the TP group ``tp``."""
     return ModelSpec(cfg.model, tp_group=tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                     seed=cfg.training.seed, task=task_head_spec(cfg), kernels=kernels_for(cfg))
+                     seed=cfg.training.seed, task=task_head_spec(cfg.finetune), kernels=kernels_for(cfg))
 
 
 def build_gpt(mcfg: ModelConfig, tp: TPGroup | None = None, *, sequence_parallel: bool = False,
@@ -54,9 +53,9 @@ def build_model(cfg: Config, ctx: ParallelContext, ds_config: dict[str, Any]) ->
     spec = model_spec(cfg, ctx.tensor_parallel)
     full_ac = cfg.parallel.activation_checkpointing == "full"
     if full_ac:
-        configure_activation_checkpointing(cfg, ctx)
+        configure_activation_checkpointing(cfg.parallel, ctx)
     if ctx.pp > 1:
-        return build_pipeline_module(cfg, ctx, spec)
+        return build_pipeline_module(cfg.parallel, ctx, spec)
     init: Any = contextlib.nullcontext()
     if cfg.zero_stage == 3:
         init = deepspeed.zero.Init(data_parallel_group=ctx.dp_group, config_dict_or_path=ds_config,
@@ -79,11 +78,11 @@ def build_inference_model(mcfg: ModelConfig, ctx: ParallelContext, pipeline_part
                                                      pipeline_partition=pipeline_partition))  # type: ignore[arg-type]
     spec = dataclasses.replace(model_spec(cfg, ctx.tensor_parallel), task=task)
     if ctx.pp > 1:
-        return build_pipeline_module(cfg, ctx, spec).eval()
+        return build_pipeline_module(cfg.parallel, ctx, spec).eval()
     return GPT(spec).eval()
 
 
-def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> None:
+def configure_activation_checkpointing(par: ParallelConfig, ctx: ParallelContext) -> None:
     """DeepSpeed's checkpointing API with our mpu; the RNG tracker (gpt_dist.rng) is the one it
     saves and restores around the recomputation, so dropout masks are identical.
 
@@ -95,7 +94,7 @@ def configure_activation_checkpointing(cfg: Config, ctx: ParallelContext) -> Non
     """
     import deepspeed
 
-    partition = cfg.parallel.partition_activations and not cfg.parallel.sequence_parallel
+    partition = par.partition_activations and not par.sequence_parallel
     deepspeed.checkpointing.configure(
         ctx.mpu(), partition_activations=partition,
         contiguous_checkpointing=False, checkpoint_in_cpu=False, synchronize=False, profile=False)

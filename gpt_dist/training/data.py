@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gpt_dist.config import Config
+from gpt_dist.config import DataConfig, ModelConfig, TrainingConfig
 from gpt_dist.data.indexed import index_cache_key
 from gpt_dist.data.shardset import ShardSet, check_tokenizer, check_vocab, resolve
 from gpt_dist.parallel import ParallelContext
@@ -47,7 +47,7 @@ def resolve_prefixes(prefixes: list[str], verify_hash: bool = False) -> list[Sha
     return [resolve(prefix, verify_hash=verify_hash) for prefix in prefixes]
 
 
-def check_data(cfg: Config, tokenizer_fingerprint: str) -> list[ShardSet]:
+def check_data(data: DataConfig, model: ModelConfig, tokenizer_fingerprint: str) -> list[ShardSet]:
     """Resolve and check ``data.prefixes`` before anything reads them: shards present and
     intact, written by the run's tokenizer, every token id below ``model.vocab_size``.
 
@@ -55,9 +55,9 @@ def check_data(cfg: Config, tokenizer_fingerprint: str) -> list[ShardSet]:
     data set fails every rank before the first collective instead of leaving some waiting.
     Raises ``DataCheckError`` (a ``ValueError``: ``launch/pretrain.py`` exits 1 with the
     line) or ``FileNotFoundError``."""
-    sets = resolve_prefixes(cfg.data.prefixes, cfg.data.verify_shards)
-    check_tokenizer(sets, tokenizer_fingerprint, cfg.data.tokenizer)
-    check_vocab(sets, cfg.model.vocab_size)
+    sets = resolve_prefixes(data.prefixes, data.verify_shards)
+    check_tokenizer(sets, tokenizer_fingerprint, data.tokenizer)
+    check_vocab(sets, model.vocab_size)
     return sets
 
 
@@ -147,15 +147,17 @@ class Datasets:
     eod_id: int
 
 
-def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: int,
-                   tokenizer_fingerprint: str) -> Datasets:
+def build_datasets(data: DataConfig, model: ModelConfig, training: TrainingConfig, run_dir: Path,
+                   ctx: ParallelContext, vocab_size: int, eod_id: int, tokenizer_fingerprint: str) -> Datasets:
     """Train and valid datasets of ``data.prefixes`` after :func:`check_data`
-    (``tokenizer_fingerprint``: the run's tokenizer's, compared with the shards')."""
+    (``tokenizer_fingerprint``: the run's tokenizer's, compared with the shards'). ``model``
+    only for that check (ids below ``model.vocab_size``); ``training``: the seed and the sample
+    counts; the index cache goes to ``data.cache_dir`` or ``run_dir/data_cache``."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    d, t = cfg.data, cfg.training
-    sets = check_data(cfg, tokenizer_fingerprint)
+    d, t = data, training
+    sets = check_data(data, model, tokenizer_fingerprint)
     if ctx.rank == 0:
         for i, s in enumerate(sets):
             if s.warning:
@@ -172,7 +174,7 @@ def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: i
     # the key covers the shards' content (recorded hashes), seq_len, seed, sample counts and
     # split: an edited shard or a changed setting gets a fresh cache, never a stale one
     key = index_cache_key(prefixes, seq_len=d.seq_len, seed=t.seed, num_samples=sum(sizes), split=split)
-    cache = (Path(d.cache_dir) if d.cache_dir else cfg.run_dir / "data_cache") / key[:16]
+    cache = (Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache") / key[:16]
     cache.parent.mkdir(parents=True, exist_ok=True)
 
     def build(path_to_cache: str) -> tuple[Any, Any]:
@@ -189,10 +191,10 @@ def build_datasets(cfg: Config, ctx: ParallelContext, vocab_size: int, eod_id: i
     return Datasets(train=train, valid=valid, eod_id=eod_id)
 
 
-def micro_batches(dataset: Any, ctx: ParallelContext, cfg: Config, consumed_samples: int,
+def micro_batches(dataset: Any, ctx: ParallelContext, training: TrainingConfig, consumed_samples: int,
                   accum: int) -> Iterator[dict[str, torch.Tensor]]:
     """The ``accum`` micro-batches of this rank for the global batch at ``consumed_samples``."""
-    mb, dp = cfg.training.micro_batch_size, ctx.dp
+    mb, dp = training.micro_batch_size, ctx.dp
     for m in range(accum):
         start = consumed_samples + m * dp * mb + ctx.dp_rank * mb
         items = [dataset[(start + i) % len(dataset)] for i in range(mb)]
@@ -203,7 +205,7 @@ def micro_batches(dataset: Any, ctx: ParallelContext, cfg: Config, consumed_samp
         }
 
 
-def sample_ids_digest(ctx: ParallelContext, cfg: Config, consumed: int, accum: int) -> str:
+def sample_ids_digest(ctx: ParallelContext, training: TrainingConfig, consumed: int, accum: int) -> str:
     """sha256 of the global sample ids of one step (logged, to prove resume reads the same)."""
-    ids = list(range(consumed, consumed + cfg.training.micro_batch_size * ctx.dp * accum))
+    ids = list(range(consumed, consumed + training.micro_batch_size * ctx.dp * accum))
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]

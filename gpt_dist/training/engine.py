@@ -89,14 +89,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    offload = cfg.deepspeed.get("zero_optimization", {}).get("offload_optimizer", {})
-    if offload.get("device") in ("cpu", "nvme"):
+def build_optimizer(o: OptimizerConfig, groups: list[dict[str, Any]], device: torch.device, *,
+                    offloaded: bool, fused_adam: bool) -> torch.optim.Optimizer:
+    """AdamW of the ``optimizer`` section: DeepSpeed's CPU Adam when ZeRO-Offload moves the
+    optimizer (``Config.optimizer_offloaded``), else the fused one when the ``kernels`` switch
+    resolves on (``kernels_for(cfg, device).fused_adam``), else torch's."""
+    if offloaded:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
-    if kernels_for(cfg, device.type).fused_adam:  # DeepSpeed's FusedAdam, torch-compatible state
+    if fused_adam:  # DeepSpeed's FusedAdam, torch-compatible state
         # deepspeed.ops (FusedAdam and its op builders) at import: only when the fused optimizer is on
         from gpt_dist.kernels.optim import FusedAdamW
 
@@ -163,7 +165,10 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
     ds_config = deepspeed_config(cfg, ctx.world_size, ctx.device.type)
     if model is None:
         model = build_model(cfg, ctx, ds_config)
-    optimizer = build_optimizer(cfg, param_groups(model, cfg.optimizer.weight_decay), ctx.device)
+    offloaded = cfg.optimizer_offloaded
+    optimizer = build_optimizer(cfg.optimizer, param_groups(model, cfg.optimizer.weight_decay), ctx.device,
+                                offloaded=offloaded,
+                                fused_adam=not offloaded and kernels_for(cfg, ctx.device.type).fused_adam)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, schedule or cfg.run_schedule()))
     guard = NonFiniteGuard(optimizer, ctx.device)  # after LambdaLR, which re-wraps .step
     ds_engine, _, _, ds_sched = deepspeed.initialize(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from gpt_dist import deepspeed_compat, rng
-from gpt_dist.config import Config, Schedule, arch_diff
+from gpt_dist.config import Config, Schedule, TrainingConfig, arch_diff
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
 from gpt_dist.training.engine import Engine
@@ -143,7 +143,7 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
         loss = eng.ds.train_batch(data_iter=(objective.pipe_item(b) for b in batches))
         metrics = objective.pipe_metrics()
         skipped = eng.guard.skipped or eng.ds.skipped_steps > skips_before
-        _count_skipped_step(cfg, eng, skipped, lr_pos)
+        _count_skipped_step(cfg.training, eng, skipped, lr_pos)
         return float(loss.item()), metrics, skipped
     total = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     metric_sum: torch.Tensor | None = None
@@ -160,11 +160,11 @@ def train_step(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
     loss_mean = objective.dp_mean(total / n)
     metric_mean = objective.dp_mean(metric_sum / n) if metric_sum is not None else None
     skipped = eng.guard.skipped or getattr(eng.ds, "skipped_steps", 0) > skips_before
-    _count_skipped_step(cfg, eng, skipped, lr_pos)
+    _count_skipped_step(cfg.training, eng, skipped, lr_pos)
     return float(loss_mean.item()), metric_mean, skipped
 
 
-def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: int | None) -> None:
+def _count_skipped_step(training: TrainingConfig, eng: Engine, skipped: bool, lr_pos: int | None) -> None:
     """A skipped fp32/bf16 step still counts: advance the LR schedule DeepSpeed did not.
 
     ZeRO-1/2 check gradients for inf/NaN even in fp32 and, finding one, skip both the update
@@ -173,7 +173,7 @@ def _count_skipped_step(cfg: Config, eng: Engine, skipped: bool, lr_pos: int | N
     consumed and the schedule moves on (README, "Non-finite loss"; T7). Under fp16 a skip is
     the loss scaler's overflow step and DeepSpeed's behaviour (schedule holds) is kept.
     """
-    if (skipped and cfg.training.precision != "fp16" and lr_pos is not None
+    if (skipped and training.precision != "fp16" and lr_pos is not None
             and getattr(eng.scheduler, "last_epoch", None) == lr_pos):
         eng.scheduler.step()
 

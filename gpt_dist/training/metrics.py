@@ -21,26 +21,28 @@ from typing import Any
 
 import torch
 
-from gpt_dist.config import Config
+from gpt_dist.config import Config, LoggingConfig, ModelConfig, ParallelConfig, TrainingConfig
 
 #: dense bf16 peak TFLOP/s by device-name substring (PAPERS_AND_NUMBERS.md)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
 
 
-def flops_per_token(cfg: Config) -> float:
-    m = cfg.model
-    l, h, s, v = m.n_layer, m.n_embd, cfg.sequence_length, m.padded_vocab_size(cfg.parallel.tp)
+def flops_per_token(m: ModelConfig, par: ParallelConfig, seq_len: int) -> float:
+    """F_token above for sequences of ``seq_len`` tokens (``Config.sequence_length``); the
+    vocabulary is the one padded for ``par.tp``."""
+    l, h, s, v = m.n_layer, m.n_embd, seq_len, m.padded_vocab_size(par.tp)
     return 72 * l * h * h + 12 * l * h * s + 6 * h * v
 
 
-def peak_tflops(cfg: Config, device: torch.device) -> float | None:
-    if cfg.logging.peak_tflops:
-        return cfg.logging.peak_tflops
+def peak_tflops(logging: LoggingConfig, training: TrainingConfig, device: torch.device) -> float | None:
+    """``logging.peak_tflops`` if set, else the device's dense peak (halved for fp32)."""
+    if logging.peak_tflops:
+        return logging.peak_tflops
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in PEAK_TFLOPS.items():
             if key in name:
-                return value if cfg.training.precision != "fp32" else value / 2
+                return value if training.precision != "fp32" else value / 2
     return None
 
 
@@ -86,8 +88,8 @@ class RunLogger:
 
             self._bar = tqdm(total=self.train_steps, initial=self.start_step,
                              desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-        self._peak = peak_tflops(self.cfg, self.device)
-        self._fpt = flops_per_token(self.cfg)
+        self._peak = peak_tflops(self.cfg.logging, self.cfg.training, self.device)
+        self._fpt = flops_per_token(self.cfg.model, self.cfg.parallel, self.cfg.sequence_length)
 
     def resume_at(self, step: int) -> None:
         """The progress bar and the rate/ETA clock start where a resumed run stands."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpt_dist.config import Config, validate
+from gpt_dist.config import Config, DataConfig, validate
 from gpt_dist.eval.training import ZeroShot
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.tokenizer import load_tokenizer
@@ -36,13 +36,14 @@ class LMObjective(Objective):
         super().__init__(cfg, ctx)
         self.datasets = datasets
         # training.eval_tasks: task files read and checked now, before the first step
-        self.zero_shot = ZeroShot(cfg, ctx) if cfg.training.eval_tasks else None
+        self.zero_shot = (ZeroShot(cfg.model, cfg.data, cfg.training, cfg.zero_stage, ctx)
+                          if cfg.training.eval_tasks else None)
 
     def micro_batches(self, step: int, consumed_samples: int) -> Iterator[Batch]:
-        return micro_batches(self.datasets.train, self.ctx, self.cfg, consumed_samples, self.accum)
+        return micro_batches(self.datasets.train, self.ctx, self.cfg.training, consumed_samples, self.accum)
 
     def sample_digest(self, step: int, consumed_samples: int) -> str:
-        return sample_ids_digest(self.ctx, self.cfg, consumed_samples, self.accum)
+        return sample_ids_digest(self.ctx, self.cfg.training, consumed_samples, self.accum)
 
     def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return batch["tokens"], batch["labels"], batch["loss_mask"]
@@ -58,7 +59,7 @@ class LMObjective(Objective):
         losses = []
         with torch.no_grad():
             for i in range(cfg.training.eval_steps):
-                batches = micro_batches(self.datasets.valid, ctx, cfg, i * cfg.training.global_batch_size,
+                batches = micro_batches(self.datasets.valid, ctx, cfg.training, i * cfg.training.global_batch_size,
                                         self.accum)
                 if eng.is_pipeline:  # eval_batch averages over micro-batches and dp itself
                     it = (self.pipe_item(b) for b in batches)
@@ -74,9 +75,9 @@ class LMObjective(Objective):
         return {"loss": float(mean.item()), **zero_shot}
 
 
-def load_tokenizer_info(cfg: Config) -> tuple[int, int, str]:
-    """(vocab size, end-of-document id, fingerprint) of the run's tokenizer."""
-    tok = load_tokenizer(cfg.data.tokenizer)
+def load_tokenizer_info(data: DataConfig) -> tuple[int, int, str]:
+    """(vocab size, end-of-document id, fingerprint) of the run's tokenizer (``data.tokenizer``)."""
+    tok = load_tokenizer(data.tokenizer)
     return tok.vocab_size, tok.eod_id, tok.fingerprint
 
 
@@ -86,10 +87,10 @@ def pretrain(cfg: Config, ctx: ParallelContext | None = None, hooks: TrainHooks 
     ``ctx``: an existing parallel context (else one is built from the launcher's environment
     and destroyed at the end); ``hooks``: see ``gpt_dist.training.hooks`` (default: none)."""
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    vocab, eod, fingerprint = load_tokenizer_info(cfg)
+    vocab, eod, fingerprint = load_tokenizer_info(cfg.data)
     if vocab > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
     with training_session(cfg, fingerprint, ctx, hooks) as s:
-        datasets = build_datasets(cfg, s.ctx, vocab, eod, fingerprint)
+        datasets = build_datasets(cfg.data, cfg.model, cfg.training, cfg.run_dir, s.ctx, vocab, eod, fingerprint)
         s.start()
         return s.train(LMObjective(cfg, s.ctx, datasets))

@@ -104,7 +104,7 @@ def test_bad_eval_task_file_is_a_config_error(trained, ctx, tmp_path) -> None:
     cfg = Config(data=DataConfig(tokenizer=str(trained.tok_dir)),
                  training=TrainingConfig(eval_tasks=["hellaswag"], eval_tasks_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"training.eval_tasks: .*hellaswag.jsonl:2: invalid JSON"):
-        ZeroShot(cfg, ctx)
+        ZeroShot(cfg.model, cfg.data, cfg.training, cfg.zero_stage, ctx)
 
 
 def test_cli_pipeline_on_a_zero3_run_equals_tp1(zero3_run, trained, ctx, tmp_path) -> None:

@@ -202,9 +202,9 @@ def test_shard_matches_pretraining_micro_batches():
             t = torch.tensor([i])
             return {"tokens": t, "labels": t, "loss_mask": t.float()}
 
-    cfg = SimpleNamespace(training=SimpleNamespace(micro_batch_size=mb))
+    training = SimpleNamespace(micro_batch_size=mb)
     batch = list(range(consumed, consumed + dp * mb * accum))
     for r in range(dp):
         ctx = SimpleNamespace(dp=dp, dp_rank=r, device="cpu")
-        theirs = [b["tokens"][:, 0].tolist() for b in micro_batches(Ids(), ctx, cfg, consumed, accum)]
+        theirs = [b["tokens"][:, 0].tolist() for b in micro_batches(Ids(), ctx, training, consumed, accum)]
         assert theirs == shard_for_rank(batch, r, dp, mb)

@@ -43,10 +43,9 @@ def _run(ctx, mcfg, *, sp: bool, every: int = 0, partition: bool = False, seed: 
     model = build_model(mcfg, ctx.tensor_parallel, sequence_parallel=sp, seed=seed)
     model.train()
     if every:
-        cfg = type("C", (), {})()
-        cfg.parallel = ParallelConfig(tp=2, sequence_parallel=sp, activation_checkpointing="full",
-                                      checkpoint_every=every, partition_activations=partition)
-        configure_activation_checkpointing(cfg, ctx)
+        par = ParallelConfig(tp=2, sequence_parallel=sp, activation_checkpointing="full",
+                             checkpoint_every=every, partition_activations=partition)
+        configure_activation_checkpointing(par, ctx)
         model.checkpoint_every = every
     g = torch.Generator().manual_seed(123)                      # same data on both TP ranks
     ids = torch.randint(0, mcfg.vocab_size, (3, 16), generator=g)

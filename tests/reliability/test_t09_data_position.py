@@ -42,7 +42,7 @@ ACCUM = 2  # 3 * 2 (accum) * 2 (dp) = 12
 
 def _ids(consumed: int, rank: int) -> list[tuple[int, list[int]]]:
     return [(m, b["tokens"][:, 0].tolist())
-            for m, b in enumerate(micro_batches(IdDataset(), Ctx(rank), CFG, consumed, ACCUM))]
+            for m, b in enumerate(micro_batches(IdDataset(), Ctx(rank), CFG.training, consumed, ACCUM))]
 
 
 def _run(start_step: int, end_step: int) -> list[tuple[int, int, int, list[int]]]:
@@ -85,8 +85,8 @@ def test_reading_batches_does_not_draw_from_global_rng():
 
 
 def test_digest_is_a_function_of_the_position():
-    a = sample_ids_digest(Ctx(0), CFG, 24, ACCUM)
-    assert a == sample_ids_digest(Ctx(1), CFG, 24, ACCUM) != sample_ids_digest(Ctx(0), CFG, 36, ACCUM)
+    a = sample_ids_digest(Ctx(0), CFG.training, 24, ACCUM)
+    assert a == sample_ids_digest(Ctx(1), CFG.training, 24, ACCUM) != sample_ids_digest(Ctx(0), CFG.training, 36, ACCUM)
 
 
 def test_changed_global_batch_continues_by_samples():
@@ -95,7 +95,7 @@ def test_changed_global_batch_continues_by_samples():
     before = sorted(i for _, _, _, ids in _run(0, 3) for i in ids)  # 36 samples at batch 12
     cfg24 = config_from_dict({"training": {"micro_batch_size": 3, "global_batch_size": 24}})
     after = sorted(i for rank in range(2)
-                   for b in micro_batches(IdDataset(), Ctx(rank), cfg24, 36, 4)
+                   for b in micro_batches(IdDataset(), Ctx(rank), cfg24.training, 36, 4)
                    for i in b["tokens"][:, 0].tolist())
     assert after == sorted((36 + k) % EPOCH for k in range(24))
     assert sorted(before + after) == sorted(k % EPOCH for k in range(60))

@@ -30,12 +30,17 @@ def _config(tmp: Path, data: Path, run: str = "run") -> object:
     return load_config(path)
 
 
+def _sections(cfg) -> tuple:
+    """The config sections ``build_datasets`` takes: data, model, training, run directory."""
+    return cfg.data, cfg.model, cfg.training, cfg.run_dir
+
+
 def _first_samples(ds, n: int = 6) -> list[list[int]]:
     return [ds[i]["tokens"].tolist() for i in range(n)]
 
 
 def _build(cfg) -> tuple[list[list[int]], list[Path]]:
-    d = build_datasets(cfg, SOLO, h.VOCAB, h.EOD, toy_fingerprint())
+    d = build_datasets(*_sections(cfg), SOLO, h.VOCAB, h.EOD, toy_fingerprint())
     cache_root = cfg.run_dir / "data_cache"
     return _first_samples(d.train), sorted(p for p in cache_root.iterdir())
 
@@ -117,7 +122,7 @@ def test_edited_shard_gets_a_fresh_cache(toy) -> None:
 
 def _build_in_child(cfg_path: str, out: mp.Queue) -> None:
     cfg = load_config(cfg_path)
-    out.put(_first_samples(build_datasets(cfg, SOLO, h.VOCAB, h.EOD, toy_fingerprint()).train))
+    out.put(_first_samples(build_datasets(*_sections(cfg), SOLO, h.VOCAB, h.EOD, toy_fingerprint()).train))
 
 
 def test_two_jobs_building_the_same_cache_at_once(toy) -> None:
@@ -137,4 +142,4 @@ def test_two_jobs_building_the_same_cache_at_once(toy) -> None:
     assert results[0] == results[1]
     dirs = sorted((tmp / "shared" / "data_cache").iterdir())
     assert len(dirs) == 1 and ".building-" not in dirs[0].name, dirs
-    assert _first_samples(build_datasets(load_config(path), SOLO, h.VOCAB, h.EOD, toy_fingerprint()).train) == results[0]
+    assert _first_samples(build_datasets(*_sections(load_config(path)), SOLO, h.VOCAB, h.EOD, toy_fingerprint()).train) == results[0]

@@ -49,6 +49,16 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
                            fp_b=b.fingerprint, vocab_a=a.vocab_size, n=n)
 
 
+def _check_data(cfg, fingerprint: str):
+    """``check_data`` on the sections it takes (data, model) of ``cfg``."""
+    return check_data(cfg.data, cfg.model, fingerprint)
+
+
+def _build_datasets(cfg, ctx, vocab_size: int, eod_id: int, fingerprint: str):
+    """``build_datasets`` on the sections it takes (data, model, training, run dir) of ``cfg``."""
+    return build_datasets(cfg.data, cfg.model, cfg.training, cfg.run_dir, ctx, vocab_size, eod_id, fingerprint)
+
+
 def _copy(made: SimpleNamespace, tmp_path: Path) -> str:
     """A private copy of the shard directory (tests damage it)."""
     src = Path(made.prefix).parent
@@ -76,7 +86,7 @@ def _remove(shard: str) -> None:
 
 def test_good_set_resolves_through_its_manifest(made, tmp_path: Path) -> None:
     p = _copy(made, tmp_path)
-    sets = check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a, verify=True), made.fp_a)
+    sets = _check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a, verify=True), made.fp_a)
     assert [Path(s).name for s in sets[0].shards] == [f"{Path(p).name}_{k:05d}" for k in range(made.n)]
     assert sets[0].warning is None and sets[0].tokenizer_fingerprint == made.fp_a
     assert sets[0].tokenizer_path == made.tok_a  # the path the manifest recorded
@@ -89,7 +99,7 @@ def test_missing_shard_refused(made, tmp_path: Path, which: str) -> None:
     gone = indexed.shard_prefix(p, 1 if which == "middle" else made.n - 1)
     _remove(gone)
     with pytest.raises(DataCheckError) as exc:
-        check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a), made.fp_a)
+        _check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a), made.fp_a)
     msg = _one_line(exc)
     assert f"{gone}.idx: missing" in msg and f"{p}.manifest.json lists {made.n} shards" in msg
 
@@ -132,22 +142,22 @@ def test_other_tokenizer_refused(made, tmp_path: Path) -> None:
     p = _copy(made, tmp_path)
     cfg = _cfg(tmp_path, [p], made.tok_b, made.vocab_a)
     with pytest.raises(DataCheckError) as exc:
-        check_data(cfg, made.fp_b)
+        _check_data(cfg, made.fp_b)
     msg = _one_line(exc)
     for part in (f"{p}.manifest.json", made.fp_a, made.tok_a, made.tok_b, made.fp_b, "data.prefixes[0]"):
         assert part in msg, (part, msg)
-    check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a), made.fp_a)  # the control
+    _check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a), made.fp_a)  # the control
 
 
 def test_token_ids_beyond_the_vocabulary_refused(made, tmp_path: Path) -> None:
     p = _copy(made, tmp_path)
-    sets = check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a), made.fp_a)
+    sets = _check_data(_cfg(tmp_path, [p], made.tok_a, made.vocab_a), made.fp_a)
     top = max(sets[0].max_token_ids)
     with pytest.raises(DataCheckError) as exc:
-        check_data(_cfg(tmp_path, [p], made.tok_a, top), made.fp_a)  # id `top` is not below `top`
+        _check_data(_cfg(tmp_path, [p], made.tok_a, top), made.fp_a)  # id `top` is not below `top`
     msg = _one_line(exc)
     assert f"holds token id {top}, not below model.vocab_size {top}" in msg
-    check_data(_cfg(tmp_path, [p], made.tok_a, top + 1), made.fp_a)  # the control: top + 1 is enough
+    _check_data(_cfg(tmp_path, [p], made.tok_a, top + 1), made.fp_a)  # the control: top + 1 is enough
 
 
 def test_recorded_largest_id_is_the_real_one(made) -> None:
@@ -173,12 +183,12 @@ def test_plain_megatron_shards_warn_and_are_scanned(tmp_path: Path, capsys: pyte
     for k in range(2):
         _plain_megatron(tmp_path / "plain" / f"toy_{k:05d}", top=300 + k)
     p = str(tmp_path / "plain" / "toy")
-    sets = check_data(_cfg(tmp_path, [p], "unused", 400), "any-fingerprint")  # nothing recorded to compare
+    sets = _check_data(_cfg(tmp_path, [p], "unused", 400), "any-fingerprint")  # nothing recorded to compare
     assert len(sets[0].shards) == 2 and sets[0].max_token_ids == [300, 301]
     warning = sets[0].warning
     assert warning and "\n" not in warning and "no toy.manifest.json guards these 2 shards" in warning
     with pytest.raises(DataCheckError, match=r"toy_00001\.bin holds token id 301, not below model.vocab_size 301"):
-        check_data(_cfg(tmp_path, [p], "unused", 301), "any-fingerprint")
+        _check_data(_cfg(tmp_path, [p], "unused", 301), "any-fingerprint")
     # build_datasets prints the warning on rank 0, as one line, before its first collective
     class Reached(Exception):
         pass
@@ -189,7 +199,7 @@ def test_plain_megatron_shards_warn_and_are_scanned(tmp_path: Path, capsys: pyte
     for rank in (0, 1):
         ctx = SimpleNamespace(rank=rank, world_size=2, broadcast_object=collective, barrier=collective)
         with pytest.raises(Reached):
-            build_datasets(_cfg(tmp_path, [p], "unused", 400), ctx, 400, 0, "any-fingerprint")
+            _build_datasets(_cfg(tmp_path, [p], "unused", 400), ctx, 400, 0, "any-fingerprint")
         err = capsys.readouterr().err.splitlines()
         assert err == ([f"warning: data.prefixes[0]: {warning}"] if rank == 0 else []), err
 
@@ -211,7 +221,7 @@ def test_refused_before_any_collective(made, tmp_path: Path) -> None:
     ctx = SimpleNamespace(rank=1, world_size=2, broadcast_object=collective, barrier=collective)
     p = _copy(made, tmp_path)
     with pytest.raises(DataCheckError, match="records tokenizer fingerprint"):
-        build_datasets(_cfg(tmp_path, [p], made.tok_b, made.vocab_a), ctx, 400, 1, made.fp_b)
+        _build_datasets(_cfg(tmp_path, [p], made.tok_b, made.vocab_a), ctx, 400, 1, made.fp_b)
 
 
 def test_pretrain_exits_1_with_one_line(made, tmp_path: Path) -> None:
