@@ -6,8 +6,8 @@ transformations (:mod:`.tasks`), batching, epoch order and data-parallel shardin
 lets them be tested exhaustively on a CPU in a second, and lets ``launch/predict.py`` and
 the training loop share one definition of what the model sees.
 
-The run itself: :mod:`.task_data` reads and checks the task files and resolves the schedule
-before any process group exists; :mod:`.session` (``finetune(cfg)``, launch/finetune.py) runs
+The run itself: :mod:`.task_data` reads and checks the task files before any process group
+exists (the schedule is derived from their size: ``FinetuneConfig.schedule``); :mod:`.session` (``finetune(cfg)``, launch/finetune.py) runs
 the training session of ``gpt_dist.training.session`` with :mod:`.objective`'s
 ``TaskObjective``, keeps the best model and writes the predictions and results.
 """
