@@ -69,19 +69,49 @@ def gate_optimizer_step(optimizer: torch.optim.Optimizer, allow: Callable[[], bo
 
 
 def keep_fp32_clip_norm(ds_engine: Any) -> None:
-    """Record the gradient norm that ZeRO-0 fp32 clipping computes.
+    """ZeRO-0 fp32 clipping with the global norm of a pp = 1 run, and that norm recorded.
 
     In that one case (no ZeRO, no fp16/bf16, ``gradient_clipping`` > 0) DeepSpeed clips in
-    ``DeepSpeedEngine.clip_fp32_gradients``, which computes the global norm and drops it, so
-    the public ``get_global_grad_norm()`` stays None and the log showed ``gnorm nan`` for
-    every step (ZeRO-1/2/3, fp16 and bf16 record it themselves). The replacement does the
-    same computation and stores the norm in ``_global_grad_norm``, the attribute that
-    ``get_global_grad_norm()`` returns."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+    ``DeepSpeedEngine.clip_fp32_gradients`` through ``runtime.utils.clip_grad_norm_``, which
+
+    * drops the norm, so the public ``get_global_grad_norm()`` stayed None (``gnorm nan`` in
+      every log line; ZeRO-1/2/3, fp16 and bf16 record theirs);
+    * under the pipeline engine counts the tied token embedding on both the first and the
+      last stage (its other norms skip ``ds_pipe_replicated`` copies), and counts a
+      TP-replicated parameter (LayerNorm, row-parallel bias) only where the *model*-parallel
+      rank is 0, which with a pipeline grid is the first stage only: every later stage's
+      LayerNorms were left out. Measured on the toy model at pp = 2: 1.19 (both bugs) or
+      1.01 (the first fixed) against 1.16 at pp = 1 and under ZeRO-1, so pp > 1 ZeRO-0 runs
+      clipped differently from every other layout.
+
+    The replacement sums squared gradient norms over this rank's parameters, skipping
+    pipeline-replicated copies and, on TP ranks > 0, TP-replicated parameters; all-reduces
+    the sum over the model-parallel (pp x tp) group; stores the norm in ``_global_grad_norm``
+    (what ``get_global_grad_norm()`` returns); and scales every gradient, copies included, by
+    DeepSpeed's coefficient ``min(1, clip / (norm + 1e-6))``."""
+    import torch.distributed as dist
+    from deepspeed.runtime.utils import is_model_parallel_parameter
 
     def clip_fp32_gradients() -> None:
-        norm = clip_grad_norm_(parameters=ds_engine.module.parameters(),
-                               max_norm=ds_engine.gradient_clipping(), mpu=ds_engine.mpu)
+        mpu = ds_engine.mpu
+        if mpu is None:
+            tp_rank = 0
+        elif hasattr(mpu, "get_slice_parallel_rank"):  # the pipeline engine's grid: pp x tp
+            tp_rank = mpu.get_slice_parallel_rank()
+        else:  # the project's mpu at pp = 1: model parallel is tensor parallel
+            tp_rank = mpu.get_model_parallel_rank()
+        params = [p for p in ds_engine.module.parameters() if p.grad is not None]
+        norms = [p.grad.detach().float().norm(2) for p in params
+                 if not getattr(p, "ds_pipe_replicated", False)
+                 and (tp_rank == 0 or is_model_parallel_parameter(p))]
+        device = params[0].grad.device if params else torch.device("cpu")
+        sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=device)
+        if mpu is not None and mpu.get_model_parallel_world_size() > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mpu.get_model_parallel_group())
+        norm = sq.sqrt()
+        coef = torch.clamp(ds_engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.data.mul_(coef.to(p.grad.device))
         ds_engine._global_grad_norm = float(norm)
 
     ds_engine.clip_fp32_gradients = clip_fp32_gradients
@@ -210,3 +240,74 @@ def zero2_merge_params(world_size: int, fp32_flat_groups: list[list[torch.Tensor
     out: dict[str, Any] = {}
     z._zero2_merge_trainable_params(out, world_size, fp32_flat_groups, zero_model_states, alignment_paddings)
     return out
+
+
+# --------------------------------------------------------------------------- layout-free state
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def engine_counters(ds_engine: Any) -> dict[str, int]:
+    """The engine's step counters (``global_steps``, ``global_samples``, ``skipped_steps``).
+
+    DeepSpeed keeps them as plain engine attributes, saved in its own per-layout checkpoint
+    files only; a checkpoint resumed in another layout (``training/reshard.py``) restores them
+    from the manifest instead. No public getter/setter exists."""
+    return {k: int(getattr(ds_engine, k, 0)) for k in ENGINE_COUNTERS}
+
+
+def set_engine_counters(ds_engine: Any, counters: dict[str, int]) -> None:
+    """Restore what ``engine_counters`` read."""
+    for k in ENGINE_COUNTERS:
+        if k in counters and hasattr(ds_engine, k):
+            setattr(ds_engine, k, int(counters[k]))
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(ds_engine: Any) -> Any:
+    opt = getattr(ds_engine, "optimizer", None)
+    return getattr(opt, "loss_scaler", None) if opt is not None else None
+
+
+def loss_scaler_state(ds_engine: Any) -> dict[str, float] | None:
+    """The fp16 dynamic loss scaler's state (None without fp16).
+
+    DeepSpeed's fp16 optimizers (ZeRO-0's ``FP16_Optimizer``, ZeRO-1/2/3's) keep a
+    ``loss_scaler`` whose scale, iteration counters and hysteresis it pickles into its own
+    per-layout optimizer files; there is no public accessor."""
+    scaler = _loss_scaler(ds_engine)
+    if scaler is None or not hasattr(scaler, "cur_scale"):
+        return None
+    return {k: float(getattr(scaler, k)) for k in _SCALER_FIELDS if hasattr(scaler, k)}
+
+
+def set_loss_scaler_state(ds_engine: Any, state: dict[str, float] | None) -> None:
+    """Restore what ``loss_scaler_state`` read (nothing when either side has no scaler)."""
+    scaler = _loss_scaler(ds_engine)
+    if not state or scaler is None or not hasattr(scaler, "cur_scale"):
+        return
+    for k, v in state.items():
+        if k in _SCALER_FIELDS and hasattr(scaler, k):
+            setattr(scaler, k, v if k == "cur_scale" else int(v))
+
+
+def link_optimizer_state(ds_engine: Any) -> None:
+    """Point every parameter's ZeRO-1/2 (and bf16 optimizer) fragment mapping at the inner
+    optimizer's current state tensors, so ``safe_get/set_full_optimizer_state`` reach them.
+
+    DeepSpeed links them once, lazily, right after the first ``optimizer.step()``; ZeRO-1/2
+    step one parameter group at a time and link after the first group's step, when the other
+    groups have no state yet, and never again (``_hp_optimizer_states_linked``): the public
+    getters then fail with "exp_avg not found in optimizer state fragment" for every
+    parameter outside group 0 (the biases and LayerNorm gains here). State created before any
+    step (a layout-free resume) is not linked at all. Clearing the flag and calling the
+    optimizer's own linking again is what its checkpoint loading does. No-op under ZeRO-0
+    fp32 and ZeRO-3 (which read the inner optimizer's state directly)."""
+    opt = getattr(ds_engine, "optimizer", None)
+    if opt is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state") \
+            and hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()

@@ -174,6 +174,9 @@ class CheckpointConfig:
     """An export (native or Hugging Face) to initialise weights from, in any parallel layout."""
     on_disk_full: Literal["fail", "continue"] = "fail"
     """A save that fails for lack of space: stop the run, or drop the save and keep training."""
+    layout_free: bool = True
+    """Also write the layout-free state (one file per parameter: fp32 weight, Adam moments), so
+    the checkpoint resumes in any parallel layout (docs/resharding.md); 12 bytes per parameter."""
 
 
 @dataclass

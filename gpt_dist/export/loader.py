@@ -160,7 +160,6 @@ def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Te
     export has no fine-tuning head) keep their initialisation. ZeRO-3 parameters are
     gathered, written and re-partitioned. Returns the native names loaded."""
     tp_group = tp_group or TPGroup()
-    tp, tp_rank = tp_group.size, tp_group.rank
     n_layer = cfg.n_layer if cfg is not None else getattr(getattr(model, "spec", None), "cfg", ModelConfig()).n_layer
     loaded = []
     for name, param in model.named_parameters():
@@ -173,26 +172,39 @@ def load_state_into_model(model: torch.nn.Module, full_state: dict[str, torch.Te
             raise ExportError(f"load: the export has no tensor {canon} (model parameter {name})")
         full = full_state[canon]
         shape = tuple(getattr(param, "ds_shape", param.shape))
-        dim = tp_dim(canon)
-        with _gathered(param):
-            if canon == "wte.weight":
-                full = _vocab_rows(full, param, shape[0] * tp, tp_group, cfg, grow_vocab)
-            if dim is not None and tp > 1:
-                if full.dim() <= dim or full.shape[dim] % tp:
-                    raise ExportError(f"load: tensor {canon} of shape {tuple(full.shape)} cannot be split "
-                                      f"{tp} ways along dim {dim}")
-                per = full.shape[dim] // tp
-                full = full.narrow(dim, tp_rank * per, per)
-            if tuple(full.shape) != shape:
-                raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model parameter "
-                                  f"{name} expects {shape} (tp rank {tp_rank} of {tp})")
+        with gathered(param):
+            full = local_slice(canon, full, shape, tp_group, cfg, param=param, grow_vocab=grow_vocab,
+                               module_name=name)
             with torch.no_grad():
                 param.data.copy_(full.to(param.dtype))
         loaded.append(canon)
     return loaded
 
 
-def _gathered(param: torch.nn.Parameter) -> Any:
+def local_slice(canon: str, full: torch.Tensor, shape: tuple[int, ...], tp_group: TPGroup,
+                cfg: ModelConfig | None, *, param: torch.nn.Parameter | None = None,
+                grow_vocab: bool = False, module_name: str | None = None) -> torch.Tensor:
+    """This TP rank's part of the full native tensor ``canon``, as a parameter of ``shape``
+    holds it: the vocabulary re-padded (zero rows) to the padded size, then split along the
+    tensor's TP dimension. Used for weights (``load_state_into_model``) and, by
+    ``training/reshard.py``, for the Adam moments of a checkpoint resumed in another layout."""
+    tp, tp_rank = tp_group.size, tp_group.rank
+    dim = tp_dim(canon)
+    if canon == "wte.weight":
+        full = _vocab_rows(full, param, shape[0] * tp, tp_group, cfg, grow_vocab)
+    if dim is not None and tp > 1:
+        if full.dim() <= dim or full.shape[dim] % tp:
+            raise ExportError(f"load: tensor {canon} of shape {tuple(full.shape)} cannot be split "
+                              f"{tp} ways along dim {dim}")
+        per = full.shape[dim] // tp
+        full = full.narrow(dim, tp_rank * per, per)
+    if tuple(full.shape) != shape:
+        raise ExportError(f"load: tensor {canon} has shape {tuple(full.shape)}, model parameter "
+                          f"{module_name or canon} expects {shape} (tp rank {tp_rank} of {tp})")
+    return full
+
+
+def gathered(param: torch.nn.Parameter) -> Any:
     """ZeRO-3: the whole parameter on every rank for the block, re-partitioned from rank 0."""
     if hasattr(param, "ds_id"):
         import deepspeed
@@ -202,7 +214,7 @@ def _gathered(param: torch.nn.Parameter) -> Any:
     return contextlib.nullcontext()
 
 
-def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter, padded: int, tp_group: TPGroup,
+def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter | None, padded: int, tp_group: TPGroup,
                 cfg: ModelConfig | None, grow_vocab: bool) -> torch.Tensor:
     """The export's token embedding brought to the model's padded vocabulary (full rows)."""
     if full.shape[0] > padded or full.dim() != 2:
@@ -210,7 +222,7 @@ def _vocab_rows(full: torch.Tensor, param: torch.nn.Parameter, padded: int, tp_g
                           f"is padded to {padded}")
     vocab = cfg.vocab_size if cfg is not None else full.shape[0]
     if full.shape[0] < vocab:
-        if not grow_vocab:
+        if not grow_vocab or param is None:
             raise ExportError(f"load: the export has {full.shape[0]} token rows, the model {vocab}; "
                               "only fine-tuning grows the vocabulary")
         # the new real rows: this model's own seeded init (the TP shard's rows, gathered)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ from gpt_dist.parallel import ParallelContext
 from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.utils import atomic_write_text, sha256_file
 
+ExtraState = Callable[[Path, Callable[[Path, Callable[[Path], None], Any], None]], dict[str, Any]]
+
 # --------------------------------------------------------------------------- save
 
 
@@ -121,8 +124,14 @@ def _hash_files(tag_dir: Path, ctx: ParallelContext) -> dict[str, dict[str, Any]
 
 def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_state: dict[str, Any],
          extra_manifest: dict[str, Any], rng_state: dict[str, Any], keep_last: int,
-         on_disk_full: str = "fail", hooks: TrainHooks = NO_HOOKS) -> Path | None:
-    """Save, verify and commit ``global_step{step}``; returns its path (None if dropped)."""
+         on_disk_full: str = "fail", hooks: TrainHooks = NO_HOOKS,
+         extra_state: ExtraState | None = None) -> Path | None:
+    """Save, verify and commit ``global_step{step}``; returns its path (None if dropped).
+
+    ``extra_state(tag_dir, write)`` (every rank; may be collective) writes more files into the
+    checkpoint through ``write(path, write_fn, state)`` (the same error handling as
+    DeepSpeed's files) and returns a manifest section: the layout-free state of
+    ``training/reshard.py``, under the manifest key ``layout_free``."""
     root = ckpt_root(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag
@@ -155,6 +164,18 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
             torch.save(rng_state, rng_path)
         except (OSError, RuntimeError) as exc:
             errors.append(exc)
+    section: dict[str, Any] | None = None
+    if extra_state is not None:  # collective: every rank takes part, even after a failed write
+        def write(path: Path, write_fn: Any, state: Any) -> None:
+            if errors:
+                return
+            try:
+                hooks.on_checkpoint_write(step, ctx.rank, path, state)
+                write_fn(path)
+            except (OSError, RuntimeError) as exc:
+                errors.append(exc)
+
+        section = extra_state(tag_dir, write)
     error = errors[0] if errors else None
     status = 0 if error is None else (1 if _is_disk_full(error) else 2)
     status = _max_status(status, ctx)
@@ -175,6 +196,8 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
         manifest = {"format_version": FORMAT_VERSION, "tag": tag, "step": step, "files": files,
                     "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size},
                     **extra_manifest}
+        if section is not None:
+            manifest["layout_free"] = section
         manifest = sign_manifest(manifest, manifest_key(root, create=True))  # type: ignore[arg-type]
         atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write_text(root / "latest", tag)  # the commit point

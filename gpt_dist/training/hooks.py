@@ -59,6 +59,11 @@ class TrainHooks:
         negative control: a resume test must then fail, proving it can see that bug."""
         return True
 
+    def after_resume(self, eng: Engine, ctx: ParallelContext, tag_dir: Path, resharded: bool) -> None:
+        """After ``resume`` loaded the checkpoint ``tag_dir`` into ``eng`` (``resharded``: in
+        another layout than the one that wrote it), before the first step. Collectives are
+        allowed (every rank calls this at the same point)."""
+
     def on_checkpoint_write(self, step: int, rank: int, path: Path, state: Any) -> None:
         """Just before this rank writes ``state`` to the checkpoint file ``path``.
 

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from gpt_dist import deepspeed_compat, rng
-from gpt_dist.config import Config, Schedule, TrainingConfig, arch_diff
+from gpt_dist.config import Config, Schedule, TrainingConfig
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.training import checkpoint as ckpt
+from gpt_dist.training import reshard
 from gpt_dist.training.engine import Engine
 from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.training.metrics import RunLogger
@@ -85,41 +86,47 @@ def save_checkpoint(cfg: Config, ctx: ParallelContext, eng: Engine, state: Train
         extra_manifest={"train_state": state.to_dict(), "config": cfg.to_dict(),
                         "tokenizer_fingerprint": fingerprint},
         rng_state=rng.rng_state_dict(), keep_last=cfg.checkpoint.keep_last,
-        on_disk_full=cfg.checkpoint.on_disk_full, hooks=hooks)
+        on_disk_full=cfg.checkpoint.on_disk_full, hooks=hooks,
+        extra_state=(lambda tag_dir, write: reshard.write_state(eng, ctx, cfg, tag_dir, write))
+        if cfg.checkpoint.layout_free else None)
     log.write(f"checkpoint {'saved: ' + str(tag_dir) if tag_dir else 'DROPPED (disk full)'} "
               f"at step {state.step}")
     return tag_dir
 
 
 def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
-           log: RunLogger, hooks: TrainHooks = NO_HOOKS) -> TrainState:
-    """Load the newest committed checkpoint of the run, verified first; or start fresh."""
-    if cfg.checkpoint.load == "none":
+           log: RunLogger, hooks: TrainHooks = NO_HOOKS, plan: reshard.ResumePlan | None = None,
+           planned: bool = False) -> TrainState:
+    """Load the newest committed checkpoint of the run, verified first; or start fresh.
+
+    ``plan``/``planned``: ``reshard.plan_resume``'s decision, made (with its checks) before the
+    process groups existed (``training_session``); without one it is made here. In the
+    checkpoint's own layout DeepSpeed loads its files (bit-exact, RNG included); in another
+    the layout-free state is loaded instead (``training/reshard.py``)."""
+    if not planned:
+        plan = reshard.plan_resume(cfg, ctx.world_size)
+    if plan is None:
         return state
-    found = ckpt.find_resumable(cfg.run_dir, cfg.checkpoint.on_corrupt)
-    if found is None:
-        return state
+    found = plan.found
     for reason in found.skipped:
         log.write(f"skipped checkpoint: {reason}")
-    diff = arch_diff(found.manifest.get("config", {}).get("model", {}), cfg.model)
-    if diff:
-        raise ckpt.CheckpointError(f"{found.path}: incompatible model config: " + "; ".join(diff))
-    saved = found.manifest.get("layout", {})
-    if saved.get("tp") != ctx.tp or saved.get("pp") != ctx.pp or (saved.get("dp") != ctx.dp and cfg.zero_stage > 0):
-        raise ckpt.CheckpointError(
-            f"{found.path}: written with tp={saved.get('tp')} pp={saved.get('pp')} dp={saved.get('dp')}, "
-            f"this run is tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}; export it and start with "
-            "checkpoint.init_from (see README, 'Changing the parallel layout')")
     load_optim = hooks.should_restore("optim")
-    eng.ds.load_checkpoint(str(found.path.parent), tag=found.tag, load_module_strict=True,
-                           load_optimizer_states=load_optim, load_lr_scheduler_states=load_optim)
+    if plan.reshard:
+        log.write(plan.describe())
+        reshard.read_state(eng, ctx, cfg, found.path, found.manifest["layout_free"], restore_optim=load_optim)
+    else:
+        eng.ds.load_checkpoint(str(found.path.parent), tag=found.tag, load_module_strict=True,
+                               load_optimizer_states=load_optim, load_lr_scheduler_states=load_optim)
     restored = TrainState(**found.manifest["train_state"])
     if not hooks.should_restore("data"):
         restored.consumed_samples = 0
-    if hooks.should_restore("rng"):
+    if plan.reshard:  # dropout masks depend on the layout: a fresh, deterministic stream
+        rng.seed_all(reshard.derived_seed(cfg.training.seed, restored.step), tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
+    elif hooks.should_restore("rng"):
         saved_rng = ckpt.load_rng(found.path, ctx.rank)
         if saved_rng is not None:
             rng.load_rng_state_dict(saved_rng)
+    hooks.after_resume(eng, ctx, found.path, plan.reshard)
     log.write(f"resumed from {found.path} (step {restored.step}, "
               f"{restored.consumed_samples} samples consumed)")
     return restored

@@ -31,6 +31,7 @@ from gpt_dist.training.init_from import load_into_engine
 from gpt_dist.training.loop import EXIT_NONFINITE, NonFiniteLossError, StopFlag, TrainState, resume, train_loop
 from gpt_dist.training.metrics import RunLogger
 from gpt_dist.training.objective import Objective
+from gpt_dist.training.reshard import ResumePlan, plan_resume, world_size_from_env
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Session:
     hooks: TrainHooks = NO_HOOKS
     schedule: Schedule | None = None
     """Steps, warm-up, decay, eval and save intervals (derived: ``Config.run_schedule``)."""
+    plan: ResumePlan | None = None
+    """What to resume from and how (``reshard.plan_resume``, decided before the groups)."""
+    planned: bool = False
     eng: Engine | None = None
     state: TrainState = field(default_factory=TrainState)
 
@@ -57,7 +61,8 @@ class Session:
         if cfg.checkpoint.init_from:
             load_into_engine(cfg.checkpoint.init_from, self.eng, cfg, self.ctx)
             self.log.write(f"initialised from {cfg.checkpoint.init_from}")
-        self.state = resume(cfg, self.ctx, self.eng, TrainState(), self.log, self.hooks)
+        self.state = resume(cfg, self.ctx, self.eng, TrainState(), self.log, self.hooks,
+                            plan=self.plan, planned=self.planned)
         self.log.resume_at(self.state.step)
         return self.eng
 
@@ -100,6 +105,9 @@ def training_session(cfg: Config, fingerprint: str, ctx: ParallelContext | None 
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
         with contextlib.ExitStack() as owned:
+            # the checkpoint to resume, checked (verified, architecture, vocabulary, global
+            # batch, layout) before any process group exists: a bad one is one line, not a hang
+            resume_plan = plan_resume(cfg, ctx.world_size if ctx is not None else world_size_from_env())
             if ctx is None:  # built here, so destroyed here
                 ctx = owned.enter_context(ParallelContext.from_env(cfg.parallel, device=cfg.training.device))
             rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)
@@ -113,7 +121,7 @@ def training_session(cfg: Config, fingerprint: str, ctx: ParallelContext | None 
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 dump_config(cfg, cfg.run_dir / "config.json")
             try:
-                yield Session(cfg, ctx, log, stop, fingerprint, hooks or NO_HOOKS, plan)
+                yield Session(cfg, ctx, log, stop, fingerprint, hooks or NO_HOOKS, plan, resume_plan, True)
             except NonFiniteLossError as exc:
                 log.write(f"error: {exc}")
                 nonfinite = True
