@@ -247,4 +247,22 @@ def dry_run(cfg: Config, nodes: int, gpus_per_node: int) -> str:
         f"b={t.micro_batch_size}); buffers, fragmentation and the CUDA context are extra")
     add(f"  output layer: {head_formula}")
     add(f"  kernels: {', '.join(kernels.names_on()) or 'none (the reference path)'}")
+    add("")
+    add(resume_line(cfg, world))
     return "\n".join(out)
+
+
+def resume_line(cfg: Config, world: int) -> str:
+    """What a start at ``world`` ranks would resume: nothing, the checkpoint in its own layout,
+    or in a new one (both layouts and what carries over), or why it would be refused. The
+    manifest's signature and file sizes are checked; the hashes only at the real start."""
+    from gpt_dist.checkpoint_format import CheckpointError
+    from gpt_dist.training.reshard import plan_resume
+
+    try:
+        plan = plan_resume(cfg, world, check_hash=False)
+    except CheckpointError as exc:
+        return f"resume: REFUSED: {exc}"
+    if plan is None:
+        return f"resume: none (no committed checkpoint under {cfg.run_dir}; a fresh start)"
+    return plan.describe()

@@ -84,7 +84,9 @@ def save_checkpoint(cfg: Config, ctx: ParallelContext, eng: Engine, state: Train
     tag_dir = ckpt.save(
         eng.ds, ctx, cfg.run_dir, state.step, client_state(cfg, state, fingerprint),
         extra_manifest={"train_state": state.to_dict(), "config": cfg.to_dict(),
-                        "tokenizer_fingerprint": fingerprint},
+                        "tokenizer_fingerprint": fingerprint,
+                        "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size,
+                                   "zero_stage": cfg.zero_stage, "precision": cfg.training.precision}},
         rng_state=rng.rng_state_dict(), keep_last=cfg.checkpoint.keep_last,
         on_disk_full=cfg.checkpoint.on_disk_full, hooks=hooks,
         extra_state=(lambda tag_dir, write: reshard.write_state(eng, ctx, cfg, tag_dir, write))
@@ -104,7 +106,8 @@ def resume(cfg: Config, ctx: ParallelContext, eng: Engine, state: TrainState,
     checkpoint's own layout DeepSpeed loads its files (bit-exact, RNG included); in another
     the layout-free state is loaded instead (``training/reshard.py``)."""
     if not planned:
-        plan = reshard.plan_resume(cfg, ctx.world_size)
+        plan = reshard.plan_resume(cfg, new=reshard.Layout(ctx.tp, ctx.pp, ctx.dp, cfg.zero_stage,
+                                                           cfg.training.precision))
     if plan is None:
         return state
     found = plan.found

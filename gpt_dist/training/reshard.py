@@ -87,11 +87,16 @@ def config_layout(cfg: Config, world_size: int) -> Layout:
     return Layout(p.tp, p.pp, world_size // (p.tp * p.pp), cfg.zero_stage, cfg.training.precision)
 
 
-def manifest_layout(manifest: dict[str, Any]) -> Layout:
+def manifest_layout(manifest: dict[str, Any], default: Layout) -> Layout:
+    """The layout that wrote a checkpoint. ZeRO stage and precision come from the manifest's
+    layout (or its config); a manifest with neither (an older writer) is taken to share the
+    run's (``default``), as resuming always assumed before they were recorded."""
     lay, config = manifest.get("layout", {}), manifest.get("config", {})
-    stage = lay.get("zero_stage", config.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0))
-    precision = lay.get("precision", config.get("training", {}).get("precision", "fp32"))
-    return Layout(int(lay.get("tp", 1)), int(lay.get("pp", 1)), int(lay.get("dp", 1)), int(stage), str(precision))
+    stage = lay.get("zero_stage", config.get("deepspeed", {}).get("zero_optimization", {}).get("stage"))
+    precision = lay.get("precision", config.get("training", {}).get("precision"))
+    return Layout(int(lay.get("tp", 1)), int(lay.get("pp", 1)), int(lay.get("dp", 1)),
+                  default.zero_stage if stage is None else int(stage),
+                  default.precision if precision is None else str(precision))
 
 
 def unsupported_reason(cfg: Config) -> str | None:
@@ -118,10 +123,11 @@ class ResumePlan:
         st = self.found.manifest.get("train_state", {})
         if not self.reshard:
             return f"resume: {self.found.path} in its own layout ({self.new.describe()})"
+        scaler = ", the loss scaler" if "fp16" in (self.old.precision, self.new.precision) else ""
         return (f"resume in a new layout: {self.found.path} written at {self.old.describe()}, "
                 f"this run {self.new.describe()}; carrying fp32 master weights, Adam moments and step, "
                 f"the LR schedule, step {st.get('step')}, {st.get('consumed_samples')} samples consumed, "
-                f"{st.get('skipped_steps', 0)} skipped steps, loss scaler; RNG re-derived from (seed, step)")
+                f"{st.get('skipped_steps', 0)} skipped steps{scaler}; RNG re-derived from (seed, step)")
 
 
 def world_size_from_env() -> int:
@@ -129,12 +135,15 @@ def world_size_from_env() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def plan_resume(cfg: Config, world_size: int, *, check_hash: bool = True) -> ResumePlan | None:
+def plan_resume(cfg: Config, world_size: int | None = None, *, new: Layout | None = None,
+                fingerprint: str | None = None, check_hash: bool = True) -> ResumePlan | None:
     """The checkpoint the run will resume from and in which way, or None (a fresh start).
 
-    Runs before any process group work: a checkpoint that fails verification, a different
-    architecture or vocabulary, a different global batch, or a layout change without
-    layout-free state each raise ``CheckpointError`` with one line naming what differs."""
+    The run's layout is ``new``, else the config's at ``world_size`` ranks; ``fingerprint``:
+    the run's tokenizer's (checked against the checkpoint's when given). Runs before any
+    process group work: a checkpoint that fails verification, a different architecture or
+    vocabulary, a layout change without layout-free state, a different global batch each
+    raise ``CheckpointError`` with one line naming what differs."""
     if cfg.checkpoint.load == "none":
         return None
     found = find_resumable(cfg.run_dir, cfg.checkpoint.on_corrupt, check_hash=check_hash)
@@ -145,22 +154,28 @@ def plan_resume(cfg: Config, world_size: int, *, check_hash: bool = True) -> Res
     diff = arch_diff(saved.get("model", {}), cfg.model)
     if diff:
         raise CheckpointError(f"{found.path}: incompatible model config: " + "; ".join(diff))
-    old, new = manifest_layout(found.manifest), config_layout(cfg, world_size)
+    theirs = found.manifest.get("tokenizer_fingerprint")
+    if fingerprint and theirs and theirs != fingerprint:
+        raise CheckpointError(f"data.tokenizer: checkpoint {found.path} was trained with tokenizer "
+                              f"{theirs[:16]}, this run's is {fingerprint[:16]} (another vocabulary)")
+    if new is None:
+        new = config_layout(cfg, world_size if world_size is not None else world_size_from_env())
+    old = manifest_layout(found.manifest, new)
     plan = ResumePlan(found, old, new)
     if not plan.reshard:
         return plan
-    gbs = saved.get("training", {}).get("global_batch_size")
-    if gbs != cfg.training.global_batch_size:
-        raise CheckpointError(
-            f"training.global_batch_size: checkpoint {found.path} was trained with {gbs}, this run has "
-            f"{cfg.training.global_batch_size}; a layout change keeps the global batch (it is part of the "
-            "training run: the data position and the LR schedule count it)")
     section = found.manifest.get("layout_free")
     if not isinstance(section, dict) or "params" not in section:
         why = section.get("unavailable") if isinstance(section, dict) else "checkpoint.layout_free was off"
         raise CheckpointError(
             f"{mpath}: written at {old.describe()} without layout-free state ({why}); this run is "
             f"{new.describe()}: resume it in its own layout, or export it and start with checkpoint.init_from")
+    gbs = saved.get("training", {}).get("global_batch_size")
+    if gbs != cfg.training.global_batch_size:
+        raise CheckpointError(
+            f"training.global_batch_size: checkpoint {found.path} was trained with {gbs}, this run has "
+            f"{cfg.training.global_batch_size}; a layout change keeps the global batch (it is part of the "
+            "training run: the data position and the LR schedule count it)")
     reason = unsupported_reason(cfg)
     if reason:
         raise CheckpointError(f"deepspeed.zero_optimization.stage: cannot resume {found.path} in {new.describe()}: {reason}")

@@ -107,7 +107,8 @@ def training_session(cfg: Config, fingerprint: str, ctx: ParallelContext | None 
         with contextlib.ExitStack() as owned:
             # the checkpoint to resume, checked (verified, architecture, vocabulary, global
             # batch, layout) before any process group exists: a bad one is one line, not a hang
-            resume_plan = plan_resume(cfg, ctx.world_size if ctx is not None else world_size_from_env())
+            resume_plan = plan_resume(cfg, ctx.world_size if ctx is not None else world_size_from_env(),
+                                      fingerprint=fingerprint)
             if ctx is None:  # built here, so destroyed here
                 ctx = owned.enter_context(ParallelContext.from_env(cfg.parallel, device=cfg.training.device))
             rng.seed_all(cfg.training.seed, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank)

@@ -1,18 +1,20 @@
 """T8: reshaping a checkpoint to another parallel layout.
 
-Policy (README, "Changing the parallel layout"): a layout change goes through
-``launch/export.py`` and ``checkpoint.init_from``. The weights are kept exactly; the optimizer
-state (Adam moments, step count) and the LR schedule position are dropped, and the new run
-starts at step 0 of its own schedule. Resuming a checkpoint under another tp/pp (or, with
-ZeRO, another dp) without that conversion is refused with a message naming both layouts;
-it never silently re-initialises.
+Policy (README, "Changing the parallel layout"): a checkpoint with layout-free state (every
+checkpoint by default) resumes in any layout with its whole training state
+(tests/training/test_reshard.py). One without it (``checkpoint.layout_free: false``, or an
+older writer: the fake saver here) resumes only in its own layout; another tp/pp (or, with
+ZeRO, another dp) is refused with a message naming both layouts, never silently
+re-initialised. Moving weights alone goes through ``launch/export.py`` and
+``checkpoint.init_from``: the weights are kept exactly; the optimizer state (Adam moments,
+step count) and the LR schedule position are dropped, and the new run starts at step 0.
 
 * unit (fake saver, no processes): the refusal, for tp, pp and ZeRO dp changes;
 * slow, two launches: a TP=2 run (dropout 0) trains 2 steps and evaluates; its export is
   the TP=2 shards merged bit for bit; a TP=1 run ``init_from`` the export (one no-op step,
   lr 1e-30) evaluates the same validation batches within 1e-6 relative of the TP=2 run, and
-  its own checkpoint exports to the same bits again. The TP=2 checkpoint itself is refused
-  by a TP=1 resume with a message naming tp=2 and tp=1.
+  its own checkpoint exports to the same bits again. The TP=2 checkpoint itself is planned
+  as a resume in a new layout by a TP=1 run (``reshard.plan_resume``, both layouts named).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def test_resume_under_another_layout_is_refused_naming_both(tmp_path, layout):
         eng, _ = _resume(tmp_path, fake.FakeCtx(**layout))
     msg = str(info.value)
     want = {"tp": 1, "pp": 1, "dp": 1, **layout}
-    assert "written with tp=1 pp=1 dp=1" in msg
+    assert "written at tp=1 pp=1 dp=1" in msg and "without layout-free state" in msg
     assert f"this run is tp={want['tp']} pp={want['pp']} dp={want['dp']}" in msg
     assert "checkpoint.init_from" in msg and "global_step10" in msg and "\n" not in msg
     assert eng is None  # nothing loaded
@@ -115,9 +117,12 @@ def test_tp2_to_tp1_through_export_keeps_weights_and_loss(rel_tmp, data):
     for k in merged:
         assert torch.equal(exported[k], merged[k]), k
 
-    # resuming the TP=2 checkpoint at TP=1 without conversion: refused, both layouts named
-    with pytest.raises(ckpt.CheckpointError, match=r"written with tp=2 pp=1 dp=1, this run is tp=1 pp=1 dp=1"):
-        _resume(src.run_dir, fake.FakeCtx(), **model)
+    # resuming the TP=2 checkpoint at TP=1: planned as a resume in a new layout, both named
+    from gpt_dist.training import reshard
+
+    plan = reshard.plan_resume(_cfg(src.run_dir, **model), new=reshard.Layout(1, 1, 1, 1, "fp32"))
+    assert plan is not None and plan.reshard, plan
+    assert "written at tp=2 pp=1 dp=1" in plan.describe() and "this run tp=1 pp=1 dp=1" in plan.describe()
 
     # TP=1 from the export: a no-op step, then the same validation batches
     dst_dir = rel_tmp / "t8_tp1"
