@@ -273,13 +273,13 @@ def _loss_scaler(ds_engine: Any) -> Any:
 
 
 def loss_scaler_state(ds_engine: Any) -> dict[str, float] | None:
-    """The fp16 dynamic loss scaler's state (None without fp16).
+    """The fp16 dynamic loss scaler's state (None without one: fp32, bf16, a static scale).
 
     DeepSpeed's fp16 optimizers (ZeRO-0's ``FP16_Optimizer``, ZeRO-1/2/3's) keep a
     ``loss_scaler`` whose scale, iteration counters and hysteresis it pickles into its own
     per-layout optimizer files; there is no public accessor."""
     scaler = _loss_scaler(ds_engine)
-    if scaler is None or not hasattr(scaler, "cur_scale"):
+    if scaler is None or not getattr(scaler, "dynamic", False):  # a static scale is config, not state
         return None
     return {k: float(getattr(scaler, k)) for k in _SCALER_FIELDS if hasattr(scaler, k)}
 
@@ -287,7 +287,7 @@ def loss_scaler_state(ds_engine: Any) -> dict[str, float] | None:
 def set_loss_scaler_state(ds_engine: Any, state: dict[str, float] | None) -> None:
     """Restore what ``loss_scaler_state`` read (nothing when either side has no scaler)."""
     scaler = _loss_scaler(ds_engine)
-    if not state or scaler is None or not hasattr(scaler, "cur_scale"):
+    if not state or scaler is None or not getattr(scaler, "dynamic", False):
         return
     for k, v in state.items():
         if k in _SCALER_FIELDS and hasattr(scaler, k):
