@@ -47,7 +47,19 @@ def discover_launch_env() -> str:
     sets OMPI_*/PMI_* (we then ask MPI through mpi4py, which DeepSpeed's discovery uses).
     A plain ``python`` run is world size 1. Returns the launcher's name for the logs.
     """
-    env = os.environ
+    return _discover(os.environ)
+
+
+def launch_world_size() -> int:
+    """The world size the launcher gives this process, read without changing the environment
+    (the resume check needs it before the context is built; ``discover_launch_env`` then
+    still sees, and names, the launcher itself)."""
+    env = dict(os.environ)
+    _discover(env)
+    return int(env["WORLD_SIZE"])
+
+
+def _discover(env: Any) -> str:
     if "RANK" in env and "WORLD_SIZE" in env:
         env.setdefault("LOCAL_RANK", "0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")

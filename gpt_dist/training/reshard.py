@@ -32,7 +32,6 @@ layout_free: false`` leaves them out (the checkpoint then resumes in its own lay
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from gpt_dist.checkpoint_format import CheckpointError, Found, find_resumable
 from gpt_dist.config import Config, arch_diff
 from gpt_dist.export.loader import gathered, local_slice
 from gpt_dist.export.names import ExportError, canonical_name, tp_dim
-from gpt_dist.parallel import ParallelContext, discover_launch_env
+from gpt_dist.parallel import ParallelContext, launch_world_size
 
 PREFIX = "lf_"
 SUFFIX = ".safetensors"
@@ -130,11 +129,6 @@ class ResumePlan:
                 f"{st.get('skipped_steps', 0)} skipped steps{scaler}; RNG re-derived from (seed, step)")
 
 
-def world_size_from_env() -> int:
-    discover_launch_env()
-    return int(os.environ["WORLD_SIZE"])
-
-
 def plan_resume(cfg: Config, world_size: int | None = None, *, new: Layout | None = None,
                 fingerprint: str | None = None, check_hash: bool = True) -> ResumePlan | None:
     """The checkpoint the run will resume from and in which way, or None (a fresh start).
@@ -159,7 +153,7 @@ def plan_resume(cfg: Config, world_size: int | None = None, *, new: Layout | Non
         raise CheckpointError(f"data.tokenizer: checkpoint {found.path} was trained with tokenizer "
                               f"{theirs[:16]}, this run's is {fingerprint[:16]} (another vocabulary)")
     if new is None:
-        new = config_layout(cfg, world_size if world_size is not None else world_size_from_env())
+        new = config_layout(cfg, world_size if world_size is not None else launch_world_size())
     old = manifest_layout(found.manifest, new)
     plan = ResumePlan(found, old, new)
     if not plan.reshard:

@@ -24,14 +24,14 @@ import torch
 
 from gpt_dist import rng
 from gpt_dist.config import Config, Schedule, bubble_fraction, dump_config
-from gpt_dist.parallel import ParallelContext
+from gpt_dist.parallel import ParallelContext, launch_world_size
 from gpt_dist.training.engine import Engine, build_engine
 from gpt_dist.training.hooks import NO_HOOKS, TrainHooks
 from gpt_dist.training.init_from import load_into_engine
 from gpt_dist.training.loop import EXIT_NONFINITE, NonFiniteLossError, StopFlag, TrainState, resume, train_loop
 from gpt_dist.training.metrics import RunLogger
 from gpt_dist.training.objective import Objective
-from gpt_dist.training.reshard import ResumePlan, plan_resume, world_size_from_env
+from gpt_dist.training.reshard import ResumePlan, plan_resume
 
 
 @dataclass
@@ -107,7 +107,7 @@ def training_session(cfg: Config, fingerprint: str, ctx: ParallelContext | None 
         with contextlib.ExitStack() as owned:
             # the checkpoint to resume, checked (verified, architecture, vocabulary, global
             # batch, layout) before any process group exists: a bad one is one line, not a hang
-            resume_plan = plan_resume(cfg, ctx.world_size if ctx is not None else world_size_from_env(),
+            resume_plan = plan_resume(cfg, ctx.world_size if ctx is not None else launch_world_size(),
                                       fingerprint=fingerprint)
             if ctx is None:  # built here, so destroyed here
                 ctx = owned.enter_context(ParallelContext.from_env(cfg.parallel, device=cfg.training.device))
