@@ -120,7 +120,9 @@ def test_tp2_to_tp1_through_export_keeps_weights_and_loss(rel_tmp, data):
     # resuming the TP=2 checkpoint at TP=1: planned as a resume in a new layout, both named
     from gpt_dist.training import reshard
 
-    plan = reshard.plan_resume(_cfg(src.run_dir, **model), new=reshard.Layout(1, 1, 1, 1, "fp32"))
+    tp1 = _cfg(src.run_dir, **model)
+    tp1.training.global_batch_size = h.BASE_CONFIG["training"]["global_batch_size"]
+    plan = reshard.plan_resume(tp1, new=reshard.Layout(1, 1, 1, 1, "fp32"))
     assert plan is not None and plan.reshard, plan
     assert "written at tp=2 pp=1 dp=1" in plan.describe() and "this run tp=1 pp=1 dp=1" in plan.describe()
 

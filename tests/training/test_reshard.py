@@ -163,8 +163,19 @@ def _cfg(out: Out, run: Path, **sections):
     return helpers.toy_config(run, [out.data], **base)
 
 
+@pytest.fixture
+def no_process_groups(monkeypatch):
+    """The resume check is made before any process group exists: here every
+    ``torch.distributed`` call that creates or uses one fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("process-group work during the resume check")
+
+    for name in ("init_process_group", "new_group", "barrier", "all_reduce", "all_gather",
+                 "all_gather_object", "broadcast", "broadcast_object_list", "gather", "is_initialized"):
+        monkeypatch.setattr(dist, name, refuse)
+
+
 def _refusal(cfg, world: int = 2, **kw) -> str:
-    assert not dist.is_initialized()  # what a start checks before any process group
     with pytest.raises(CheckpointError) as info:
         reshard.plan_resume(cfg, world, **kw)
     msg = str(info.value)
@@ -172,7 +183,7 @@ def _refusal(cfg, world: int = 2, **kw) -> str:
     return msg
 
 
-def test_refusals_name_what_differs(out, tmp_path):
+def test_refusals_name_what_differs(out, tmp_path, no_process_groups):
     _copy_run(out, "dp2_z3", tmp_path / "run")
     run = tmp_path / "run"
     assert reshard.plan_resume(_cfg(out, run), 2).reshard  # the control: accepted (zero 3 -> 1)
@@ -182,7 +193,7 @@ def test_refusals_name_what_differs(out, tmp_path):
     assert "data.tokenizer" in _refusal(_cfg(out, run), fingerprint="0" * 64)
 
 
-def test_a_tampered_layout_free_file_is_refused(out, tmp_path):
+def test_a_tampered_layout_free_file_is_refused(out, tmp_path, no_process_groups):
     tag = _copy_run(out, "dp2_z3", tmp_path / "run")
     victim = min(tag.glob(f"{reshard.PREFIX}h.0.*"))
     raw = bytearray(victim.read_bytes())
@@ -192,7 +203,7 @@ def test_a_tampered_layout_free_file_is_refused(out, tmp_path):
         reshard.plan_resume(_cfg(out, tmp_path / "run"), 2)
 
 
-def test_a_half_written_checkpoint_is_never_loaded(out, tmp_path):
+def test_a_half_written_checkpoint_is_never_loaded(out, tmp_path, no_process_groups):
     """A crash mid-save leaves a directory without manifest: not a checkpoint. ``latest``
     pointing at it is refused; without ``latest`` the run starts fresh."""
     tag = _copy_run(out, "dp2_z3", tmp_path / "run")
@@ -202,7 +213,7 @@ def test_a_half_written_checkpoint_is_never_loaded(out, tmp_path):
     assert reshard.plan_resume(_cfg(out, tmp_path / "run"), 2) is None
 
 
-def test_without_layout_free_state_only_the_own_layout_resumes(out, tmp_path):
+def test_without_layout_free_state_only_the_own_layout_resumes(out, tmp_path, no_process_groups):
     tag = _copy_run(out, "dp2_z3", tmp_path / "run")
     mpath = tag / "manifest.json"
     manifest = json.loads(mpath.read_text())
