@@ -12,10 +12,16 @@ A. world 2: the same multiple-choice fine-tuning (dropout 0 unless said) as
    parameter partitioned, tests/helpers.py ``zero3``), and with dropout 0.1 ``dp2_drop``
    (uninterrupted) and ``dp2_drop_resumed`` (2 epochs; a stop signal after step 6, mid-epoch,
    then the same run started again: it resumes from the checkpoint the signal wrote).
+   Across layouts (``xl_*``: 2 epochs, validation every 8 steps, a checkpoint every 12): the
+   references ``xl_pp2`` (pp=2, ZeRO-1) and ``xl_dp2z3`` (ZeRO-3) run uninterrupted; the
+   resumed ``xl_pp2_to_dp2z2`` (dp=2, ZeRO-2) starts in a new run directory holding only
+   ``xl_pp2``'s step-12 checkpoint (mid-epoch, with a best record from step 8).
 B. world 1 (rank 0): the references ``tp1`` (pp=1, the same batches) and, per task type, a
    run that must learn: ``learn_{task}`` (classification, entailment, similarity classes and
    scores, multiple choice; lambda 0.5) and ``learn_classification_lm0`` (lambda 0);
-   ``grown`` starts from a native export whose vocabulary lacks the last 3 ids.
+   ``grown`` starts from a native export whose vocabulary lacks the last 3 ids;
+   ``xl_dp2z3_to_1`` (one rank, ZeRO-0) resumes ``xl_dp2z3``'s step-12 checkpoint and
+   ``xl_pp2_at40_to_1`` ``xl_pp2``'s step-40 one (its best, not beaten at step 48).
 
 Every run is the real fine-tuning entry (``gpt_dist.finetune.session.finetune`` with the context
 passed in), writing RUN/metrics.jsonl and RUN/results.json, which the tests compare. A
@@ -24,8 +30,11 @@ failing rank fails the launch with its rank and traceback.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -69,6 +78,40 @@ def base(out: Path, tasks: Path, tok: str, name: str, task: str = "multiple_choi
     )
 
 
+TIMES: dict[str, float] = {}  # seconds per run (rank 0's), written to OUT/times_rank0.json
+XL_STOP = 12  # the cross-layout runs' checkpoint: mid-epoch 1 of 2 (24 steps per epoch)
+
+
+def xl_config(out: Path, tasks: Path, tok: str, name: str, *, tp: int = 1, pp: int = 1, stage: int = 0) -> dict:
+    """A cross-layout run: multiple choice, 2 epochs (48 steps), dropout 0 (the classifier's
+    too), lr 1e-3; validation every 8 steps, so the step-12 checkpoint holds a best record
+    (step 8); a checkpoint every 12 steps, all kept until the resumed runs have copied one."""
+    raw = base(out, tasks, tok, name, epochs=2, eval_interval=8)
+    raw["checkpoint"].update(save_interval=XL_STOP, keep_last=20)
+    raw["parallel"] = {"tp": tp, "pp": pp}
+    raw["deepspeed"]["zero_optimization"].update(helpers.zero3() if stage == 3 else {"stage": stage})
+    return raw
+
+
+def _resumed(ctx, out: Path, tasks: Path, tok: str, name: str, source: str, at: int = XL_STOP, **layout) -> None:
+    """``name``: a new run directory holding only ``source``'s step-``at`` checkpoint (and the
+    run's manifest key), trained to the end in ``layout`` (as tests/training/_reshard_worker.py).
+    RUN/best, exported when a best step was saved, is copied too when ``source``'s final best
+    is no later than step ``at``: then it is what the run directory held at that step."""
+    run, src = out / name, out / source
+    if ctx.is_main:
+        (run / "checkpoints").mkdir(parents=True)
+        tag = f"global_step{at}"
+        shutil.copytree(src / "checkpoints" / tag, run / "checkpoints" / tag)
+        shutil.copy2(src / "checkpoints" / ".manifest_key", run / "checkpoints" / ".manifest_key")
+        (run / "checkpoints" / "latest").write_text(tag)
+        best = json.loads((src / "results.json").read_text()).get("best")
+        if best is not None and best["step"] <= at:
+            shutil.copytree(src / "best", run / "best")
+    ctx.barrier()
+    _run(ctx, xl_config(out, tasks, tok, name, **layout))
+
+
 def _world(rank: int, world: int, port: int | None = None, tp: int = 1, pp: int = 1):
     """A fresh process group + megatron-core groups (the first world's rendezvous is
     run_ranks'; later ones use the port the previous world picked)."""
@@ -101,7 +144,9 @@ def _run(ctx, raw: dict, hooks=None) -> None:
 
     if raw["deepspeed"]["zero_optimization"].get("stage") == 3 and hooks is None:
         hooks = Zero3Report()
+    t0 = time.monotonic()
     finetune(config_from_dict(raw), ctx, hooks)
+    TIMES[raw["run"]["name"]] = round(time.monotonic() - t0, 2)
 
 
 def _learn(raw: dict) -> dict:
@@ -125,6 +170,7 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
         raw["parallel"] = {"tp": 1, "pp": 2}
         raw["deepspeed"]["zero_optimization"]["stage"] = 1
         _run(ctx, raw)
+        _run(ctx, xl_config(outp, tasksp, tok, "xl_pp2", pp=2, stage=1))
         port = helpers.next_world_port(ctx)
     with _world(rank, 2, port) as ctx:
         _run(ctx, base(outp, tasksp, tok, "dp2_zero0"))
@@ -139,6 +185,8 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
                 _run(ctx, raw, StopAt(7))      # saves after step 6 (mid-epoch: 24 steps/epoch)
                 (outp / name / "first_stop.txt").write_text("stopped\n")
             _run(ctx, raw)
+        _run(ctx, xl_config(outp, tasksp, tok, "xl_dp2z3", stage=3))
+        _resumed(ctx, outp, tasksp, tok, "xl_pp2_to_dp2z2", "xl_pp2", stage=2)
         port = helpers.next_world_port(ctx)
     if rank >= 1:
         return
@@ -154,6 +202,9 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
         raw = base(outp, tasksp, tok, "grown")
         raw["checkpoint"]["init_from"] = str(tasksp / "small_vocab_export")
         _run(ctx, raw)
+        _resumed(ctx, outp, tasksp, tok, "xl_dp2z3_to_1", "xl_dp2z3", stage=0)
+        _resumed(ctx, outp, tasksp, tok, "xl_pp2_at40_to_1", "xl_pp2", at=40, stage=0)
+    (outp / "times_rank0.json").write_text(json.dumps(TIMES, indent=1))
     (outp / "done").write_text("ok\n")
 
 
