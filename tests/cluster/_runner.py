@@ -40,12 +40,6 @@ def main() -> None:
         return name
 
     parallel.discover_launch_env = logged_discover
-    # the resume plan is made before the parallel context (training/session.py), through
-    # reshard's own reference to the function: that first call is the one that sees the
-    # launcher's variables (later calls find RANK/WORLD_SIZE already set)
-    from gpt_dist.training import reshard
-
-    reshard.discover_launch_env = logged_discover
     runpy.run_path(script, run_name="__main__")
 
 
