@@ -311,3 +311,18 @@ def link_optimizer_state(ds_engine: Any) -> None:
             and hasattr(opt, "_hp_optimizer_states_linked"):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
+
+
+def optimizer_stepped_tensors(ds_engine: Any, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors the inner (torch) optimizer steps and keeps Adam state for.
+
+    Under ZeRO-1/2 and the bf16 optimizer they sit in its ``param_groups`` (the flat fp32
+    partitions), under ZeRO-0 fp32 they are the module's parameters. ZeRO-3 puts each
+    sub-group's flat fp32 partition into ``param_groups`` only for the duration of its step
+    (``_optimizer_step``) and keeps them in ``fp32_partitioned_groups_flat``; its public
+    ``safe_set_full_optimizer_state`` then fails with a ``KeyError`` until the first step has
+    created the state."""
+    flats = getattr(getattr(ds_engine, "optimizer", None), "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        return list(flats)
+    return [t for group in optimizer.param_groups for t in group["params"]]

@@ -196,22 +196,23 @@ def _has_master(cfg: Config) -> bool:
     return cfg.zero_stage > 0 or cfg.training.precision == "bf16"
 
 
-def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every tensor the inner optimizer steps (the module's parameters under ZeRO-0, the
-    flat fp32 partitions under ZeRO) its Adam state, as the first ``step()`` would create it
-    (zero moments, step 0), so that state can be read or written before the first step.
-    torch's AdamW and the project's ``FusedAdamW`` keep ``step`` as a tensor (on the device
-    for fused/capturable groups), DeepSpeed's CPU Adam as an int."""
+def ensure_adam_state(eng: Any) -> None:
+    """Give every tensor the inner optimizer steps (``deepspeed_compat.optimizer_stepped_tensors``:
+    the module's parameters under ZeRO-0, the flat fp32 partitions under ZeRO) its Adam state
+    as the first ``step()`` would create it (zero moments, step 0), so that state can be read
+    or written before the first step. torch's AdamW and the project's ``FusedAdamW`` keep
+    ``step`` as a tensor (on the device for fused/capturable groups), DeepSpeed's CPU Adam as
+    an int."""
+    optimizer = eng.optimizer
     int_step = "CPUAdam" in type(optimizer).__name__
-    for group in optimizer.param_groups:
-        for t in group["params"]:
-            st = optimizer.state[t]
-            if "exp_avg" in st:
-                continue
-            dev = t.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
-            st["step"] = 0 if int_step else torch.tensor(0.0, device=dev)
-            st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for t in deepspeed_compat.optimizer_stepped_tensors(eng.ds, optimizer):
+        st = optimizer.state[t]
+        if "exp_avg" in st:
+            continue
+        st["step"] = 0 if int_step else torch.tensor(0.0, device=t.device if on_device else "cpu")
+        st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
 
 
 def _full_state(cfg: Config, optimizer: torch.optim.Optimizer, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
@@ -266,7 +267,7 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
         for n in names:
             first_stage.setdefault(n, stage)
     mine = [(c, p) for c, p in named if first_stage[c] == ctx.pp_rank]
-    ensure_adam_state(eng.optimizer)  # a save before the first step
+    ensure_adam_state(eng)  # a save before the first step
     deepspeed_compat.link_optimizer_state(eng.ds)
     shapes: dict[str, list[int]] = {}
     for k, (canon, p) in enumerate(mine):
@@ -318,7 +319,7 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
     step = int(section.get("optimizer_step", 0))
     tp_group = ctx.tensor_parallel
     if restore_optim:
-        ensure_adam_state(eng.optimizer)
+        ensure_adam_state(eng)
         deepspeed_compat.link_optimizer_state(eng.ds)
     for name, p in eng.ds.module.named_parameters():
         canon = canonical_name(name, cfg.model.n_layer)
