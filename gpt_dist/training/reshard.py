@@ -303,7 +303,6 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
     """Load the layout-free state into this run's engine (every rank; collective under
     ZeRO-3, which re-partitions each weight as it is written)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from safetensors import safe_open
 
     params, master = section["params"], _has_master(cfg)
     step = int(section.get("optimizer_step", 0))
@@ -319,27 +318,19 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
         if canon not in params:
             raise CheckpointError(f"{tag_dir / 'manifest.json'}: no layout-free state for {canon} "
                                   f"(model parameter {name})")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                missing = [k for k in KEYS if k not in f.keys()]  # noqa: SIM118 - safe_open has no __contains__
-                if missing:
-                    raise CheckpointError(f"{path}: has no tensor(s) {missing}")
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                local = {k: local_slice(canon, f.get_tensor(k), shape, tp_group, cfg.model, module_name=name)
-                         for k in KEYS}
-        except ExportError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-        with gathered(p), torch.no_grad():
-            p.data.copy_(local["fp32"].to(p.dtype))
-        if master:
-            safe_set_full_fp32_param(p, local["fp32"])
-            if restore_optim:
-                for key in KEYS[1:]:
-                    safe_set_full_optimizer_state(p, local[key], key)
-        elif restore_optim:  # ZeRO-0 fp32: the torch optimizer steps the module's weights
-            for key in KEYS[1:]:
-                eng.optimizer.state[p][key].copy_(local[key])
-        del local
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        for key in KEYS if restore_optim else KEYS[:1]:  # one full tensor at a time (memory)
+            local = _read_local(path, key, canon, shape, tp_group, cfg, name)
+            if key == "fp32":
+                with gathered(p), torch.no_grad():
+                    p.data.copy_(local.to(p.dtype))
+                if master:
+                    safe_set_full_fp32_param(p, local)
+            elif master:
+                safe_set_full_optimizer_state(p, local, key)
+            else:  # ZeRO-0 fp32: the torch optimizer steps the module's weights
+                eng.optimizer.state[p][key].copy_(local)
+            del local
     if restore_optim:
         _set_optimizer_step(eng.optimizer, step)
         sched = section.get("lr_scheduler")
@@ -349,6 +340,23 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
                 group["lr"] = lr
         deepspeed_compat.set_loss_scaler_state(eng.ds, section.get("loss_scaler"))
     deepspeed_compat.set_engine_counters(eng.ds, section.get("engine", {}))
+
+
+def _read_local(path: Path, key: str, canon: str, shape: tuple[int, ...], tp_group: Any, cfg: Config,
+                name: str) -> torch.Tensor:
+    """This rank's part of one tensor of a layout-free file. The file is opened (memory-mapped)
+    for this one tensor and closed before the next is read, so a rank holds at most one full
+    tensor and its mapped pages, not a parameter's three (bench/reshard_bench.py measures it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in KEYS if k not in f.keys()]  # noqa: SIM118 - safe_open has no __contains__
+            if missing:
+                raise CheckpointError(f"{path}: has no tensor(s) {missing}")
+            return local_slice(canon, f.get_tensor(key), shape, tp_group, cfg.model, module_name=name)
+    except ExportError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _set_optimizer_step(optimizer: torch.optim.Optimizer, step: int) -> None:
