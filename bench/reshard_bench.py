@@ -207,11 +207,17 @@ def worker_save(work: Path, seq: int, out: dict[str, Any]) -> None:
     from gpt_dist.training.pretrain import pretrain
 
     M.plot_loss = lambda run_dir: None  # matplotlib's seconds are not what is measured here
-    for key in ("save", "ds_save_checkpoint", "write_state", "hash_files"):
+    import safetensors.torch
+
+    for key in ("save", "ds_save_checkpoint", "write_state", "full_state", "save_file", "hash_files"):
         out[key] = {}
     C.save = measured(C.save, out["save"])
     DeepSpeedEngine.save_checkpoint = timed_only(DeepSpeedEngine.save_checkpoint, out["ds_save_checkpoint"])
     R.write_state = measured(R.write_state, out["write_state"])
+    # inside write_state: gathering each parameter's full tensors (DeepSpeed's safe_get_full_*,
+    # an all-reduce over the data-parallel group each) and writing the files
+    R._full_state = timed_only(R._full_state, out["full_state"])
+    safetensors.torch.save_file = timed_only(safetensors.torch.save_file, out["save_file"])
     C._hash_files = timed_only(C._hash_files, out["hash_files"])
     t0 = time.perf_counter()
     pretrain(config(work / "source", data_of(work), seq, tp=1, stage=1))
@@ -565,6 +571,10 @@ def main() -> None:
     rows.append("| - of which DeepSpeed's `save_checkpoint` | | "
                 + " / ".join(f"{r['ds_save_checkpoint']['seconds']:.2f}" for r in save) + " | | | | | |")
     rows.append(memory_row("- of which the layout-free files (`reshard.write_state`)", "", save, "write_state"))
+    rows.append("| - - gathering full tensors (`safe_get_full_*`, all-reduce over dp) | | "
+                + " / ".join(f"{r['full_state']['seconds']:.2f}" for r in save) + " | | | | | |")
+    rows.append("| - - writing lf_* files (`safetensors.torch.save_file`) | | "
+                + " / ".join(f"{r['save_file'].get('seconds', 0.0):.2f}" for r in save) + " | | | | | |")
     rows.append("| - of which hashing the files for the manifest | | "
                 + " / ".join(f"{r['hash_files']['seconds']:.2f}" for r in save) + " | | | | | |")
     for phase, res in loads.items():
