@@ -23,8 +23,9 @@ TP × PP × sequence parallelism × fine-tuning heads (docs/resharding.md has th
 
 Memory: saving and loading go one parameter at a time; a rank holds at most one parameter's
 three full fp32 tensors (its TP shards gathered onto the one rank that writes it). Writing is
-spread over the ranks of the stage that owns a parameter (round robin over tp × dp). Loading
-is local: each rank reads (memory-mapped) the files of its own parameters and keeps its slice.
+spread over the ranks of the stage that owns a parameter (tp × dp of them, balanced by size).
+Loading is local: each rank reads (memory-mapped) the files of its own parameters, one tensor
+at a time, and keeps its slice.
 
 The cost: the files take 12 bytes per parameter beside DeepSpeed's own. ``checkpoint.
 layout_free: false`` leaves them out (the checkpoint then resumes in its own layout only).
@@ -32,6 +33,7 @@ layout_free: false`` leaves them out (the checkpoint then resumes in its own lay
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -260,8 +262,9 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
     ensure_adam_state(eng.optimizer)  # a save before the first step
     deepspeed_compat.link_optimizer_state(eng.ds)
     shapes: dict[str, list[int]] = {}
+    writers = _writers([p for _, p in mine], ctx.dp * ctx.tp)
     for k, (canon, p) in enumerate(mine):
-        writer_dp, writer_tp = divmod(k % (ctx.dp * ctx.tp), ctx.tp)
+        writer_dp, writer_tp = divmod(writers[k], ctx.tp)
         tensors: dict[str, torch.Tensor] | None = _full_state(cfg, eng.optimizer, p)
         if ctx.dp_rank != writer_dp:
             continue
@@ -285,6 +288,19 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
             "lr_scheduler": _scheduler_state(eng.scheduler),
             "engine": deepspeed_compat.engine_counters(eng.ds),
             "loss_scaler": deepspeed_compat.loss_scaler_state(eng.ds)}
+
+
+def _writers(params: list[torch.nn.Parameter], n: int) -> list[int]:
+    """Which of a stage's ``n`` (= dp x tp) ranks writes each parameter: the largest first, each
+    to the rank with the fewest elements so far (the same on every rank: sizes and order are).
+    Round robin by position put every large GPT-2 matrix on one rank: a block has an even
+    number of parameters, its weights at even positions."""
+    sizes = [math.prod(getattr(p, "ds_shape", p.shape)) for p in params]
+    load, out = [0] * n, [0] * len(params)
+    for k in sorted(range(len(params)), key=lambda k: (-sizes[k], k)):
+        out[k] = min(range(n), key=lambda i: (load[i], i))
+        load[out[k]] += sizes[k]
+    return out
 
 
 def _scheduler_state(scheduler: Any) -> dict[str, Any] | None:
