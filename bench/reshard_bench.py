@@ -1,37 +1,41 @@
 #!/usr/bin/env python
 """Resuming in another layout (issue 19): gpt_dist's layout-free state vs DeepSpeed's universal
 checkpoint, on configs/gpt2_124m.json's model (124M parameters, nothing about it shrunk), in
-one run.
+one run (about 3 minutes on 2 CPU cores; a few GB of disk, deleted at the end).
 
-    python bench/reshard_bench.py [--seq 64] [--work DIR] [--no-ds] [--no-append]
+    python bench/reshard_bench.py [--seq 64] [--work DIR --keep] [--no-ds] [--no-append]
 
-1. **Save.** The model trained one step under ZeRO-1 at 2 ranks (tp=1, dp=2; fp32 on the
-   CPU, micro batch 1, ``--seq`` tokens) and saved: a committed checkpoint, which holds
-   DeepSpeed's files and the layout-free ``lf_*.safetensors``. Timed per rank: the whole
-   save (``training.checkpoint.save``), DeepSpeed's ``save_checkpoint`` inside it,
-   ``reshard.write_state`` (the layout-free files) and the files' hashing for the manifest;
-   bytes on disk of each kind of file.
-2. **Resharded load.** New runs resuming from that checkpoint in other layouts: 1 rank ZeRO-1
-   (the lost-node case), 1 rank ZeRO-0, 2 ranks tp=2 ZeRO-1. The layout differs, so
-   ``resume`` goes through ``reshard.read_state``; its wall time and its peak memory per rank
-   are measured around that call alone.
-3. **DeepSpeed's converter** on the same checkpoint (``python -m
-   deepspeed.checkpoint.ds_to_universal``, under ``/usr/bin/time -v``), then DeepSpeed
-   loading the universal checkpoint (``"checkpoint": {"load_universal": true}``,
-   ``engine.load_checkpoint``) into the 1-rank ZeRO-1 layout, measured like 2.
+1. **Save.** The model trains one step under ZeRO-1 at 2 ranks (tp=1, dp=2; fp32 on the CPU,
+   micro batch 1, ``--seq`` tokens) and saves: a committed checkpoint, which holds
+   DeepSpeed's files and the layout-free ``lf_*.safetensors``. Timed per rank: the whole save
+   (``training.checkpoint.save``), DeepSpeed's ``save_checkpoint`` in it, ``reshard.
+   write_state`` (split into gathering the full tensors and writing the files) and hashing
+   the files for the manifest; bytes on disk of each kind of file.
+2. **Resharded load.** New runs (the real trainer) resume that checkpoint in other layouts:
+   1 rank ZeRO-1 (the lost-node case), 1 rank ZeRO-0, 2 ranks tp=2 ZeRO-1. The layout
+   differs, so ``resume`` goes through ``reshard.read_state``, measured alone.
+3. **DeepSpeed's converter** (``python -m deepspeed.checkpoint.ds_to_universal``) on the same
+   checkpoint: as saved, with its ``--inject_missing_state``, and on the copy that
+   ``_ds_universal.ds_converter_input`` adapts (its docstring says why); then DeepSpeed loads
+   the universal checkpoint (``"checkpoint": {"load_universal": true}``,
+   ``engine.load_checkpoint``) at 1 rank ZeRO-1 and 2 ranks tp=2 ZeRO-1, measured like 2.
 
-Memory: the resident set (RSS, /proc/self/status) of each rank; its high-water mark is reset
-(``/proc/self/clear_refs`` = 5) right before the measured call and read right after it, so
-"peak" is the highest RSS during that call, and "baseline" the RSS on entry (model, optimizer
-and everything else already resident). The load's own cost is peak - baseline. RSS counts the
-pages of memory-mapped files that were touched (safetensors reads through mmap); they are
-page cache, reclaimable, but resident. The converter's peak is ``/usr/bin/time``'s maximum
-RSS (run with one worker of each kind, so that it is one process).
+After each load, the fp32 weight and both Adam moments of a few parameters (``CHECKED``) are
+compared with the saved layout-free files, sliced for the rank (0.0: the load is right).
 
-Target (issue 19): no slower than DeepSpeed's converter; the load's peak per rank under 2x the
+Memory (``_rss.py``): each rank's resident set, its high-water mark reset on entry to the
+measured call and read on exit ("peak"), with the RSS on entry and on exit; "transient" is
+the peak above the larger of the two (what the call holds only while it runs; the rest of
+the rise, mostly the Adam moments a load creates, stays). RSS counts the touched pages of
+memory-mapped files (safetensors reads through mmap): page cache, reclaimable, but resident,
+so their peak is shown too. Heap space freed earlier and reused by the call does not show.
+The converter's peak is ``/usr/bin/time -v``'s maximum RSS (one worker of each kind: one
+process). Every rank is a process of its own (``--worker``, started by the main process with
+the torch.distributed environment), so each phase starts with a fresh resident set.
+
+Target (issue 19): no slower than DeepSpeed's converter; a load's peak per rank under 2x the
 largest parameter's fp32 tensor plus its two Adam moments (wte, 50257 x 768: 3 x 154 MB).
-Every rank is a process of its own (``--worker``, started by the main process with the
-torch.distributed environment), so each phase starts with a fresh resident set.
+Figures and the machine go into BENCHMARKS.md unless --no-append.
 """
 
 from __future__ import annotations
@@ -40,18 +44,18 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from _machine import cpu_name  # bench/ is on sys.path when a bench script runs
+from _ds_universal import ds_converter_input, run_converter  # bench/ is on sys.path when a bench script runs
+from _machine import cpu_name
+from _rss import measured, status_kb, timed_only
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,74 +75,6 @@ DS_LOADS: dict[str, tuple[int, int, int]] = {
 }
 CHECKED = ("wte.weight", "h.0.attn.c_attn.weight", "h.11.mlp.c_proj.weight")
 """Parameters whose loaded state is compared with the checkpoint's after every load."""
-
-
-# --------------------------------------------------------------------------- memory and time
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status: no {key}")
-
-
-class RssSampler:
-    """The highest anonymous and file-backed resident sizes while it runs (a thread reading
-    /proc/self/status every ~2 ms): the split of the peak that VmHWM gives as one number."""
-
-    def __init__(self) -> None:
-        self.anon = self.file = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.anon = max(self.anon, _status_kb("RssAnon") * 1024)
-            self.file = max(self.file, _status_kb("RssFile") * 1024)
-            self._stop.wait(0.002)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def measured(fn: Callable[..., Any], record: dict[str, Any]) -> Callable[..., Any]:
-    """``fn`` wrapped: each call adds its seconds to ``record`` and records (bytes) the RSS on
-    entry (``baseline_rss``, of the first call), on exit (``end_rss``), the peak during it
-    (``peak_rss``: VmHWM, reset on entry) and the sampled peaks of its anonymous and
-    file-backed parts."""
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
-        record.setdefault("baseline_rss", _status_kb("VmRSS") * 1024)
-        record.setdefault("baseline_anon", _status_kb("RssAnon") * 1024)
-        t0 = time.perf_counter()
-        try:
-            with RssSampler() as sampler:
-                return fn(*args, **kwargs)
-        finally:
-            record["seconds"] = record.get("seconds", 0.0) + time.perf_counter() - t0
-            record["peak_rss"] = max(record.get("peak_rss", 0), _status_kb("VmHWM") * 1024)
-            record["end_rss"] = _status_kb("VmRSS") * 1024
-            record["end_anon"] = _status_kb("RssAnon") * 1024
-            record["peak_anon"] = max(record.get("peak_anon", 0), sampler.anon)
-            record["peak_file"] = max(record.get("peak_file", 0), sampler.file)
-            record["calls"] = record.get("calls", 0) + 1
-    return wrapper
-
-
-def timed_only(fn: Callable[..., Any], record: dict[str, Any]) -> Callable[..., Any]:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            record["seconds"] = record.get("seconds", 0.0) + time.perf_counter() - t0
-    return wrapper
 
 
 # --------------------------------------------------------------------------- data and config
@@ -320,7 +256,7 @@ def worker(phase: str, work: Path, seq: int) -> None:
         worker_ds_load(work, seq, phase, out)
     else:
         worker_load(work, seq, phase, out)
-    out["process_peak_rss"] = _status_kb("VmHWM") * 1024  # since the last reset: see measured()
+    out["process_peak_rss"] = status_kb("VmHWM") * 1024  # since the last reset: see measured()
     (work / "results").mkdir(exist_ok=True)
     (work / "results" / f"{phase}_rank{out['rank']}.json").write_text(json.dumps(out, indent=1))
 
@@ -381,82 +317,6 @@ def disk_bytes(tag_dir: Path) -> dict[str, int]:
         else:
             sizes["other (rng, manifest)"] += n
     return sizes
-
-
-def ds_converter_input(tag_dir: Path, out_dir: Path, vocab_size: int, n_layer: int) -> float:
-    """``out_dir``: the checkpoint's DeepSpeed files as ``ds_to_universal`` can read them (its
-    seconds returned). Hard links, except each ``mp_rank_*_model_states.pt``, rewritten with
-
-    1. the module entries that are not tensors left out: megatron-core's linear layers put an
-       ``_extra_state`` (None: fp8 metadata, unused) in their state dict, and the converter
-       calls ``.float()`` on every module entry it has no optimizer fragments for;
-    2. ``universal_checkpoint_info`` (the checkpoint has none: the model declares no
-       ``universal_checkpoint_info`` attribute), generated from the project's own TP table
-       (``export/names.tp_dim``): the row-parallel weights (split along dim 1) and the
-       vocabulary parameter with its real size (its padding depends on tp). Nothing else is
-       needed from a tp=1 checkpoint; it is what lets the universal checkpoint load at tp=2.
-    """
-    import torch
-    from deepspeed.checkpoint.constants import (
-        ORIGINAL_VOCAB_SIZE,
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
-        UNIVERSAL_CHECKPOINT_INFO,
-        UNIVERSAL_CHECKPOINT_VERSION_KEY,
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        VOCABULARY_PARAMETER_PATTERNS,
-    )
-
-    from gpt_dist.export.names import canonical_name, tp_dim
-
-    t0 = time.perf_counter()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    for f in tag_dir.iterdir():
-        if f.suffix != ".pt" or f.name.startswith("rng_"):
-            continue
-        if "model_states" not in f.name:
-            os.link(f, out_dir / f.name)
-            continue
-        sd = torch.load(f, map_location="cpu", weights_only=False)
-        module = sd["module"]
-        sd["module"] = {k: v for k, v in module.items() if torch.is_tensor(v)}
-        canon = {k: canonical_name(k, n_layer) for k in sd["module"]}
-        rows = sorted(k for k, c in canon.items() if c is not None and tp_dim(c) == 1)
-        vocab = sorted(k for k, c in canon.items() if c == "wte.weight")
-        sd[UNIVERSAL_CHECKPOINT_INFO] = {
-            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: ["^(" + "|".join(map(re.escape, rows)) + ")$"],
-            VOCABULARY_PARAMETER_PATTERNS: ["^(" + "|".join(map(re.escape, vocab)) + ")$"],
-            ORIGINAL_VOCAB_SIZE: vocab_size,
-        }
-        torch.save(sd, out_dir / f.name)
-    return time.perf_counter() - t0
-
-
-def run_converter(input_dir: Path, out_dir: Path, log: Path, *flags: str) -> dict[str, Any]:
-    """``ds_to_universal`` on ``input_dir`` (one worker of each kind: one process, so its
-    maximum RSS is the conversion's peak): wall seconds, peak RSS, exit code, the error."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(input_dir),
-           "--output_folder", str(out_dir), "--num_extract_workers", "1", "--num_merge_workers", "1", *flags]
-    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    t0 = time.perf_counter()
-    proc = subprocess.run(timer + cmd, check=False, capture_output=True, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    wall = time.perf_counter() - t0
-    with log.open("a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if re.match(r"^\w*(Error|Exception)\b", ln)]
-    if proc.returncode:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return {"flags": " ".join(flags), "rc": proc.returncode, "seconds": wall,
-            "peak_rss": int(m.group(1)) * 1024 if m else None, "error": errors[-1] if errors else None,
-            "bytes": tree_bytes(out_dir) if out_dir.exists() else None}
-
-
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def machine() -> str:
@@ -618,13 +478,14 @@ def main() -> None:
                 b = max(r["load_checkpoint"]["seconds"] for r in ds_loads[theirs])
                 summary.append(f"- {ours.removeprefix('load_')}: `read_state` {a:.2f} s vs DeepSpeed's universal load "
                                f"{b:.2f} s + {conv_s:.2f} s conversion")
+    table = "\n".join(rows)
     cmd = "python bench/reshard_bench.py" + (f" --seq {args.seq}" if args.seq != 64 else "")
     report = (f"\n### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
               f"- command: `{cmd}` (total {time.perf_counter() - t_start:.0f} s)\n"
               f"- machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the end\n"
               f"- model: configs/gpt2_124m.json (12 x 768, vocab 50257, n_ctx 1024), fp32 on the CPU, "
               f"seq {args.seq}, micro batch 1, global batch 2, 1 step, saved under ZeRO-1 at tp=1 dp=2\n"
-              f"- checkpoint on disk: {disk}\n\n{table_text(rows)}\n\n" + "\n".join(summary) + "\n")
+              f"- checkpoint on disk: {disk}\n\n{table}\n\n" + "\n".join(summary) + "\n")
     print(report)
     if not args.no_append:
         path = ROOT / "BENCHMARKS.md"
@@ -634,10 +495,6 @@ def main() -> None:
         path.write_text(text + report)
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def table_text(rows: list[str]) -> str:
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":
