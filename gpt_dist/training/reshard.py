@@ -33,7 +33,6 @@ layout_free: false`` leaves them out (the checkpoint then resumes in its own lay
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,7 +294,7 @@ def _writers(params: list[torch.nn.Parameter], n: int) -> list[int]:
     to the rank with the fewest elements so far (the same on every rank: sizes and order are).
     Round robin by position put every large GPT-2 matrix on one rank: a block has an even
     number of parameters, its weights at even positions."""
-    sizes = [math.prod(getattr(p, "ds_shape", p.shape)) for p in params]
+    sizes = [torch.Size(getattr(p, "ds_shape", p.shape)).numel() for p in params]
     load, out = [0] * n, [0] * len(params)
     for k in sorted(range(len(params)), key=lambda k: (-sizes[k], k)):
         out[k] = min(range(n), key=lambda i: (load[i], i))
