@@ -23,8 +23,9 @@ TP × PP × sequence parallelism × fine-tuning heads (docs/resharding.md has th
 
 Memory: saving and loading go one parameter at a time; a rank holds at most one parameter's
 three full fp32 tensors (its TP shards gathered onto the one rank that writes it). Writing is
-spread over the ranks of the stage that owns a parameter (round robin over tp × dp). Loading
-is local: each rank reads (memory-mapped) the files of its own parameters and keeps its slice.
+spread over the ranks of the stage that owns a parameter (tp × dp of them, balanced by size).
+Loading is local: each rank reads (memory-mapped) the files of its own parameters, one tensor
+at a time, and keeps its slice.
 
 The cost: the files take 12 bytes per parameter beside DeepSpeed's own. ``checkpoint.
 layout_free: false`` leaves them out (the checkpoint then resumes in its own layout only).
@@ -270,8 +271,9 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
     ensure_adam_state(eng)  # a save before the first step
     deepspeed_compat.link_optimizer_state(eng.ds)
     shapes: dict[str, list[int]] = {}
+    writers = _writers([p for _, p in mine], ctx.dp * ctx.tp)
     for k, (canon, p) in enumerate(mine):
-        writer_dp, writer_tp = divmod(k % (ctx.dp * ctx.tp), ctx.tp)
+        writer_dp, writer_tp = divmod(writers[k], ctx.tp)
         tensors: dict[str, torch.Tensor] | None = _full_state(cfg, eng.optimizer, p)
         if ctx.dp_rank != writer_dp:
             continue
@@ -297,6 +299,19 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
             "loss_scaler": deepspeed_compat.loss_scaler_state(eng.ds)}
 
 
+def _writers(params: list[torch.nn.Parameter], n: int) -> list[int]:
+    """Which of a stage's ``n`` (= dp x tp) ranks writes each parameter: the largest first, each
+    to the rank with the fewest elements so far (the same on every rank: sizes and order are).
+    Round robin by position put every large GPT-2 matrix on one rank: a block has an even
+    number of parameters, its weights at even positions."""
+    sizes = [torch.Size(getattr(p, "ds_shape", p.shape)).numel() for p in params]
+    load, out = [0] * n, [0] * len(params)
+    for k in sorted(range(len(params)), key=lambda k: (-sizes[k], k)):
+        out[k] = min(range(n), key=lambda i: (load[i], i))
+        load[out[k]] += sizes[k]
+    return out
+
+
 def _scheduler_state(scheduler: Any) -> dict[str, Any] | None:
     if scheduler is None:
         return None
@@ -313,7 +328,6 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
     """Load the layout-free state into this run's engine (every rank; collective under
     ZeRO-3, which re-partitions each weight as it is written)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from safetensors import safe_open
 
     params, master = section["params"], _has_master(cfg)
     step = int(section.get("optimizer_step", 0))
@@ -329,27 +343,19 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
         if canon not in params:
             raise CheckpointError(f"{tag_dir / 'manifest.json'}: no layout-free state for {canon} "
                                   f"(model parameter {name})")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                missing = [k for k in KEYS if k not in f.keys()]  # noqa: SIM118 - safe_open has no __contains__
-                if missing:
-                    raise CheckpointError(f"{path}: has no tensor(s) {missing}")
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                local = {k: local_slice(canon, f.get_tensor(k), shape, tp_group, cfg.model, module_name=name)
-                         for k in KEYS}
-        except ExportError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-        with gathered(p), torch.no_grad():
-            p.data.copy_(local["fp32"].to(p.dtype))
-        if master:
-            safe_set_full_fp32_param(p, local["fp32"])
-            if restore_optim:
-                for key in KEYS[1:]:
-                    safe_set_full_optimizer_state(p, local[key], key)
-        elif restore_optim:  # ZeRO-0 fp32: the torch optimizer steps the module's weights
-            for key in KEYS[1:]:
-                eng.optimizer.state[p][key].copy_(local[key])
-        del local
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        for key in KEYS if restore_optim else KEYS[:1]:  # one full tensor at a time (memory)
+            local = _read_local(path, key, canon, shape, tp_group, cfg, name)
+            if key == "fp32":
+                with gathered(p), torch.no_grad():
+                    p.data.copy_(local.to(p.dtype))
+                if master:
+                    safe_set_full_fp32_param(p, local)
+            elif master:
+                safe_set_full_optimizer_state(p, local, key)
+            else:  # ZeRO-0 fp32: the torch optimizer steps the module's weights
+                eng.optimizer.state[p][key].copy_(local)
+            del local
     if restore_optim:
         _set_optimizer_step(eng.optimizer, step)
         sched = section.get("lr_scheduler")
@@ -359,6 +365,23 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
                 group["lr"] = lr
         deepspeed_compat.set_loss_scaler_state(eng.ds, section.get("loss_scaler"))
     deepspeed_compat.set_engine_counters(eng.ds, section.get("engine", {}))
+
+
+def _read_local(path: Path, key: str, canon: str, shape: tuple[int, ...], tp_group: Any, cfg: Config,
+                name: str) -> torch.Tensor:
+    """This rank's part of one tensor of a layout-free file. The file is opened (memory-mapped)
+    for this one tensor and closed before the next is read, so a rank holds at most one full
+    tensor and its mapped pages, not a parameter's three (bench/reshard_bench.py measures it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in KEYS if k not in f.keys()]  # noqa: SIM118 - safe_open has no __contains__
+            if missing:
+                raise CheckpointError(f"{path}: has no tensor(s) {missing}")
+            return local_slice(canon, f.get_tensor(key), shape, tp_group, cfg.model, module_name=name)
+    except ExportError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _set_optimizer_step(optimizer: torch.optim.Optimizer, step: int) -> None:
