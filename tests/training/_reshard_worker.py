@@ -14,7 +14,8 @@ trains steps 11-60. Right after loading, a resumed run writes the layout-free st
 A. world 4: ``w4_tp2dp2_z1`` (tp=2 x dp=2, ZeRO-1): the reference of the lost-node case.
 B. world 2: references ``dp2_z3`` (ZeRO-3, dp=2), ``pp2_z1`` (pp=2, ZeRO-1), ``tp2_z0`` (tp=2,
    ZeRO-0 fp32: the torch optimizer's own state); resumed ``dp2z3_to_tp2z1``,
-   ``pp2_to_dp2z2``, ``tp2_to_pp2``, ``w4_to_tp2`` (4 ranks -> 2), the negative control
+   ``pp2_to_dp2z2``, ``tp2_to_pp2``, ``w4_to_tp2`` (4 ranks -> 2), ``w4_to_dp2z3`` (4 ranks
+   tp=2 -> 2 ranks ZeRO-3, every parameter partitioned), the negative control
    ``dp2z3_to_tp2z1_no_optim`` (Adam state not restored) and ``tp2_to_pp2_twice`` (resumed
    in pp=2, stopped at step 30, started again: the second start resumes natively).
    Where the CPU has bf16: ``dp2_z1_bf16`` (dp=2, ZeRO-1, bf16) resumed as ``bf16_z1_to_z3``
@@ -161,6 +162,7 @@ def worker(rank: int, out: str, data: str) -> None:
         port = helpers.next_world_port(ctx)
     with _world(rank, 2, port=port) as ctx:  # ---- B''': dp=2 again
         _resumed(ctx, o, data, "pp2_to_dp2z2", "pp2_z1", stage=2)
+        _resumed(ctx, o, data, "w4_to_dp2z3", "w4_tp2dp2_z1", stage=3)
         if _bf16():
             _resumed(ctx, o, data, "bf16_z1_to_z3", "dp2_z1_bf16", stage=3, precision="bf16")
         port = helpers.next_world_port(ctx)
