@@ -15,6 +15,7 @@ setup(
         "megatron-core>=0.16,<0.18",
         "numpy>=1.26",
         "sentencepiece>=0.2",
+        "tiktoken>=0.7",  # GPT-2 byte-level BPE at tiktoken's speed (gpt_dist/tokenizer.py)
         "mpi4py>=3.1",
         "tensorboard>=2.15",
         "tqdm>=4.66",

@@ -256,3 +256,17 @@ def test_without_layout_free_state_only_the_own_layout_resumes(out, tmp_path, no
     assert "this run is tp=1 pp=1 dp=2 zero=1 fp32" in msg and "checkpoint.init_from" in msg
     same = reshard.plan_resume(_cfg(out, run, deepspeed={"zero_optimization": {"stage": 3}}), 2)
     assert same is not None and not same.reshard
+
+
+def test_the_dry_run_shows_the_resume_before_anything_starts(out, tmp_path, no_process_groups):
+    from gpt_dist.dryrun import dry_run
+
+    _copy_run(out, "dp2_z3", tmp_path / "run")
+    report = dry_run(_cfg(out, tmp_path / "run", parallel={"tp": 2}), nodes=1, gpus_per_node=2)
+    last = report.splitlines()[-1]
+    assert last.startswith("resume in a new layout:")
+    assert "written at tp=1 pp=1 dp=2 zero=3 fp32, this run tp=2 pp=1 dp=1 zero=1 fp32" in last
+    refused = dry_run(_cfg(out, tmp_path / "run", training={"global_batch_size": 16}), nodes=1, gpus_per_node=2)
+    assert refused.splitlines()[-1].startswith("resume: REFUSED: training.global_batch_size")
+    fresh = dry_run(_cfg(out, tmp_path / "fresh"), nodes=1, gpus_per_node=2)
+    assert fresh.splitlines()[-1].startswith("resume: none")
