@@ -30,6 +30,16 @@ KEY_FILE = ".manifest_key"
 TRUST_ENV = "GPT_DIST_TRUST_CHECKPOINT"
 FORMAT_VERSION = 1
 
+LAYOUT_FREE_PREFIX = "lf_"
+LAYOUT_FREE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+"""A checkpoint's layout-free state: one ``lf_<GPT-2 name>.safetensors`` per parameter with
+these full fp32 tensors, listed in the manifest's ``layout_free`` section (written by
+``training/reshard.py``; read by it to resume in another layout and by ``export/reader.py``)."""
+
+
+def layout_free_file(name: str) -> str:
+    return f"{LAYOUT_FREE_PREFIX}{name}.safetensors"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the reason."""

@@ -218,8 +218,23 @@ def _zero12_master(tag_dir: Path, tp_rank: int, sd: dict[str, Any]) -> dict[str,
     return deepspeed_compat.zero2_merge_params(world, groups, [state] * world, paddings)
 
 
-def gather_checkpoint(tag_dir: Path, manifest: dict[str, Any], prefer_master: bool = True) -> dict[str, torch.Tensor]:
-    """The whole model of a verified checkpoint with native names (vocabulary padding kept)."""
+def gather_checkpoint(tag_dir: Path, manifest: dict[str, Any], prefer_master: bool = True,
+                      source: str = "auto") -> dict[str, torch.Tensor]:
+    """The whole model of a verified checkpoint with native names.
+
+    ``source``: ``layout_free`` reads the checkpoint's layout-free files (the fp32 masters,
+    one small file per parameter, whatever layout wrote it; the real vocabulary rows);
+    ``deepspeed`` merges DeepSpeed's per-layout files (TP shards, pipeline layer files, ZeRO
+    partitions; the vocabulary padding kept); ``auto`` (default) the first where the
+    checkpoint has it and masters are wanted, else the second."""
+    section = manifest.get("layout_free")
+    has_free = isinstance(section, dict) and bool(section.get("params"))
+    if source == "layout_free" or (source == "auto" and prefer_master and has_free):
+        if not has_free:
+            raise ExportError(f"{tag_dir / ckpt.MANIFEST}: the checkpoint has no layout-free state")
+        return _layout_free_weights(tag_dir, section)  # type: ignore[arg-type]
+    if source not in ("auto", "deepspeed"):
+        raise ValueError(f"gather_checkpoint: source {source!r} is not auto, layout_free or deepspeed")
     config, layout = manifest["config"], manifest["layout"]
     cfg = model_config_from_dict(config.get("model", {}), str(tag_dir / "manifest.json"))
     stage = int(config.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0))
@@ -234,3 +249,24 @@ def gather_checkpoint(tag_dir: Path, manifest: dict[str, Any], prefer_master: bo
             merger.add(canon, tensor, tp_rank, path)
     return merger.full
 
+
+
+def _layout_free_weights(tag_dir: Path, section: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of every parameter the manifest lists, from its layout-free
+    file (safetensors: no unpickling; one file open at a time)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in section["params"].items():
+        path = tag_dir / ckpt.layout_free_file(name)
+        if not path.is_file():
+            raise ExportError(f"{path}: missing layout-free file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                t = fh.get_tensor("fp32")
+        except Exception as exc:  # noqa: BLE001 - a corrupt file, whatever safetensors raises
+            raise ExportError(f"{path}: cannot read layout-free file ({type(exc).__name__}: {exc})") from None
+        if list(t.shape) != list(shape):
+            raise ExportError(f"{path}: tensor fp32 has shape {list(t.shape)}, the manifest says {shape}")
+        out[name] = t
+    return out

@@ -42,23 +42,27 @@ import torch
 import torch.distributed as dist
 
 from gpt_dist import deepspeed_compat
-from gpt_dist.checkpoint_format import CheckpointError, Found, find_resumable
+from gpt_dist.checkpoint_format import (
+    LAYOUT_FREE_KEYS,
+    LAYOUT_FREE_PREFIX,
+    CheckpointError,
+    Found,
+    find_resumable,
+    layout_free_file,
+)
 from gpt_dist.config import Config, arch_diff
 from gpt_dist.export.loader import gathered, local_slice
 from gpt_dist.export.names import ExportError, canonical_name, tp_dim
 from gpt_dist.parallel import ParallelContext, launch_world_size
 
-PREFIX = "lf_"
-SUFFIX = ".safetensors"
-KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+PREFIX, KEYS = LAYOUT_FREE_PREFIX, LAYOUT_FREE_KEYS
 FORMAT = 1
 
 WriteFile = Callable[[Path, Callable[[Path], None], Any], None]
 """``write(path, write_fn, state)``: write one file through the saver's error handling."""
 
 
-def file_name(canon: str) -> str:
-    return f"{PREFIX}{canon}{SUFFIX}"
+file_name = layout_free_file
 
 
 # --------------------------------------------------------------------------- layouts

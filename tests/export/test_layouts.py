@@ -55,7 +55,7 @@ def test_exports_of_every_layout_are_identical(toy_data, source, layout):
     """init_from the export into the layout, one step with lr 1e-30 (a no-op in fp32), save,
     export again: bit for bit the source (TP merge, vocabulary padding, ZeRO-3 gather of
     parameters that really are partitioned: checked in the run's own report)."""
-    from gpt_dist.export import export_checkpoint, load_native
+    from gpt_dist.export import export_checkpoint, gather_checkpoint, load_native, resolve_checkpoint
 
     run = source / layout
     over = dict(FROZEN, **{"checkpoint.init_from": str(source / "e0")})
@@ -69,8 +69,14 @@ def test_exports_of_every_layout_are_identical(toy_data, source, layout):
     manifest = json.loads(next((run / "checkpoints").glob("global_step1/manifest.json")).read_text())
     assert manifest["layout"]["tp"] == (2 if layout == "tp2" else 1)
     assert manifest["layout"]["dp"] == (2 if layout == "zero3_dp2" else 1)
-    export_checkpoint(run, source / f"{layout}_export")
+    export_checkpoint(run, source / f"{layout}_export")  # from the layout-free files
     assert _same(source / "e0", source / f"{layout}_export") == []
+    # DeepSpeed's own files of that layout merge into the same weights (the padding aside)
+    tag, manifest = resolve_checkpoint(run)
+    native = gather_checkpoint(tag, manifest, source="deepspeed")
+    free = gather_checkpoint(tag, manifest, source="layout_free")
+    assert free and set(free) == set(native)
+    assert [k for k, t in free.items() if not torch.equal(t, native[k][: t.shape[0]])] == []
     info = json.loads((source / f"{layout}_export" / "export.json").read_text())
     assert info["source"]["zero_stage"] == (3 if layout == "zero3_dp2" else 1)
     cfg, _ = load_native(source / f"{layout}_export")

@@ -106,13 +106,23 @@ def test_corrupt_checkpoint_files_give_one_line_errors(tp2_run, tmp_path):
     manifest = json.loads((tag / "manifest.json").read_text())
     manifest["files"][shard.name] = {"size": shard.stat().st_size, "sha256": sha256_file(shard)}
     (tag / "manifest.json").write_text(json.dumps(manifest))
+    # (the export reads the layout-free files; DeepSpeed's own files through source="deepspeed")
+    from gpt_dist.export import gather_checkpoint, resolve_checkpoint
+
+    lf = min(tag.glob("lf_h.0.*"))
+    lf.write_bytes(lf.read_bytes()[: lf.stat().st_size // 2])
+    manifest["files"][lf.name] = {"size": lf.stat().st_size, "sha256": sha256_file(lf)}
+    (tag / "manifest.json").write_text(json.dumps(manifest))
     os.environ["GPT_DIST_TRUST_CHECKPOINT"] = "1"
     try:
         with pytest.raises(ExportError) as err:
+            gather_checkpoint(*resolve_checkpoint(run), source="deepspeed")
+        with pytest.raises(ExportError) as lf_err:
             export_checkpoint(run, tmp_path / "out")
     finally:
         del os.environ["GPT_DIST_TRUST_CHECKPOINT"]
     assert "mp_rank_01_model_states.pt: cannot load" in str(err.value) and "\n" not in str(err.value)
+    assert f"{lf.name}: cannot read layout-free file" in str(lf_err.value) and "\n" not in str(lf_err.value)
     res = helpers.run(helpers.python_cmd(ROOT / "launch" / "export.py", "--run", run, "--step", "7",
                                          "--out", tmp_path / "o"), timeout=120)
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0

@@ -144,17 +144,23 @@ def test_pp2_resume_is_exact(pp2):
 
 @pytest.mark.slow
 def test_pp_checkpoints_read_by_export(pp1, pp2, tp2pp2):
-    """gpt_dist.export merges the pp=2 (and tp=2 x pp=2) checkpoints into GPT names; the pp=2
-    one holds the weights pp=1 trained."""
+    """gpt_dist.export merges the pp=2 (and tp=2 x pp=2) checkpoints' DeepSpeed files into GPT
+    names; the pp=2 one holds the weights pp=1 trained. Their layout-free files hold the same
+    weights, bit for bit (the real vocabulary rows: the padding is not state)."""
     from gpt_dist.export import gather_checkpoint, resolve_checkpoint
 
-    flat = gather_checkpoint(*resolve_checkpoint(pp1))
-    piped = gather_checkpoint(*resolve_checkpoint(pp2[0]))
+    flat = gather_checkpoint(*resolve_checkpoint(pp1), source="deepspeed")
+    piped = gather_checkpoint(*resolve_checkpoint(pp2[0]), source="deepspeed")
     assert flat and set(piped) == set(flat), set(piped) ^ set(flat)
     for k in flat:
         assert torch.allclose(piped[k], flat[k], atol=TOL), k
-    grid = gather_checkpoint(*resolve_checkpoint(tp2pp2[0]))
+    grid = gather_checkpoint(*resolve_checkpoint(tp2pp2[0]), source="deepspeed")
     assert {k: v.shape for k, v in grid.items()} == {k: v.shape for k, v in flat.items()}
+    for run, native in ((pp1, flat), (pp2[0], piped), (tp2pp2[0], grid)):
+        free = gather_checkpoint(*resolve_checkpoint(run), source="layout_free")
+        assert set(free) == set(native), set(free) ^ set(native)
+        for k, t in free.items():
+            assert torch.equal(t, native[k][: t.shape[0]]), (run, k)
 
 
 @pytest.mark.slow
