@@ -121,11 +121,13 @@ class TaskObjective(Objective):
 
     # -- evaluation and prediction ----------------------------------------------------
     def predict(self, eng: Any, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
-        """Task logits [n, outputs] (float64) and mean [L1, L2] over ``examples``, on every rank.
+        """Task logits [n, outputs] (float64) and [L1, L2] over ``examples``, on every rank:
+        L1 the mean over every LM token of the examples, L2 the mean over the examples, both
+        independent of how the examples fall into micro-batches and ranks.
 
-        Every rank runs the same number of full micro-batches (padding slots repeat example 0
-        and are dropped): ZeRO-3 gathers parameters in every forward and the pipeline keeps
-        the shapes of its first batch. Under pp > 1 one ``eval_batch`` runs as many different
+        Every rank runs the same number of full micro-batches (padding slots are empty: masks
+        0, dropped; a slot-less batch repeats example 0 with weight 0): ZeRO-3 gathers
+        parameters in every forward and the pipeline keeps the shapes of its first batch. Under pp > 1 one ``eval_batch`` runs as many different
         micro-batches as the engine's schedule has. Unlabelled examples (prediction inputs)
         are scored with a dummy label; their L2 is meaningless and is not used."""
         ctx, mb = self.ctx, self.cfg.training.micro_batch_size
@@ -135,32 +137,38 @@ class TaskObjective(Objective):
         chunks = [mine[c:c + mb] for c in range(0, per_rank, mb)]
         group = eng.ds.micro_batches if eng.is_pipeline else 1
         rows: list[tuple[int, list[float]]] = []
-        parts_sum, parts_n = np.zeros(2), 0
+        parts_sum, parts_n = np.zeros(2), np.zeros(2)
         was_training = eng.ds.module.training
         eng.ds.eval()
         with torch.no_grad():
             for g in range(0, len(chunks), group):
                 idxs = chunks[g:g + group]
-                batches = [self._to_device(collate([_with_valid_label(examples[max(i, 0)], self.spec) for i in idx],
-                                                   self.pad_id, max_len=self.fixed_len)) for idx in idxs]
+                slots = [[_with_valid_label(examples[i], self.spec) if i >= 0 else None for i in idx] for idx in idxs]
+                slots = [ex if any(e is not None for e in ex) else [_with_valid_label(examples[0], self.spec), *ex[1:]]
+                         for ex in slots]
+                batches = [self._to_device(collate(ex, self.pad_id, max_len=self.fixed_len)) for ex in slots]
                 if eng.is_pipeline:
                     outs = self._pipe_forward(eng, batches)
                 else:
                     outs = [eng.ds(*self.model_inputs(b))[1:] for b in batches]
-                for idx, (parts, logits) in zip(idxs, outs, strict=True):
+                for idx, batch, (parts, logits) in zip(idxs, batches, outs, strict=True):
                     real = [j for j, i in enumerate(idx) if i >= 0]
                     rows += [(idx[j], logits[j].double().cpu().tolist()) for j in real]
-                    parts_sum += parts.double().cpu().numpy() * len(real)
-                    parts_n += len(real)
+                    # L1 is this micro-batch's mean over its LM tokens (padding slots have none):
+                    # weighted by them, the sum over micro-batches is the mean over every token
+                    tokens = float(batch["lm_mask"].sum()) if real else 0.0
+                    parts_sum += parts.double().cpu().numpy() * np.array([tokens, len(real)])
+                    parts_n += np.array([tokens, len(real)])
         if was_training:
             eng.ds.train()
-        gathered: list[Any] = [(rows, parts_sum.tolist(), parts_n)]
+        gathered: list[Any] = [(rows, parts_sum.tolist(), parts_n.tolist())]
         if dist.is_initialized() and ctx.dp > 1:
             gathered = [None] * ctx.dp
-            dist.all_gather_object(gathered, (rows, parts_sum.tolist(), parts_n), group=ctx.dp_group)
+            dist.all_gather_object(gathered, (rows, parts_sum.tolist(), parts_n.tolist()), group=ctx.dp_group)
         all_rows = sorted(r for g in gathered for r in g[0])
         logits_np = np.array([r[1] for r in all_rows], dtype=np.float64)
-        mean_parts = np.sum([g[1] for g in gathered], axis=0) / max(1, sum(g[2] for g in gathered))
+        weights = np.sum([g[2] for g in gathered], axis=0)
+        mean_parts = np.sum([g[1] for g in gathered], axis=0) / np.maximum(weights, 1)
         return logits_np, mean_parts
 
     def _pipe_forward(self, eng: Any, batches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
