@@ -409,3 +409,18 @@ def test_loss_scaler_state_round_trips_deepspeeds_dynamic_scaler(ctx):
     b = engine()
     compat.set_loss_scaler_state(b, state)
     assert compat.loss_scaler_state(b) == state
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_optimizer_stepped_tensors_are_what_the_inner_optimizer_steps(ctx, stage):
+    """ZeRO-3 puts its flat fp32 partitions into the inner optimizer's groups only while it
+    steps them; the others keep them there. Adam state appears for exactly these tensors."""
+    eng, opt = _engine(stage)
+    tensors = compat.optimizer_stepped_tensors(eng, opt)
+    in_groups = [t for g in opt.param_groups for t in g["params"]]
+    if stage == 3:
+        assert in_groups == [] and tensors  # (else: read them from the groups)
+    else:
+        assert [id(t) for t in tensors] == [id(t) for t in in_groups]
+    _step(eng)
+    assert {id(t) for t in opt.state} == {id(t) for t in tensors}
