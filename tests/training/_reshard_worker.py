@@ -16,7 +16,8 @@ B. world 2: references ``dp2_z3`` (ZeRO-3, dp=2), ``pp2_z1`` (pp=2, ZeRO-1), ``t
    ZeRO-0 fp32: the torch optimizer's own state); resumed ``dp2z3_to_tp2z1``,
    ``pp2_to_dp2z2``, ``tp2_to_pp2``, ``w4_to_tp2`` (4 ranks -> 2), ``w4_to_dp2z3`` (4 ranks
    tp=2 -> 2 ranks ZeRO-3, every parameter partitioned), the negative control
-   ``dp2z3_to_tp2z1_no_optim`` (Adam state not restored) and ``tp2_to_pp2_twice`` (resumed
+   ``dp2z3_to_tp2z1_no_optim`` (Adam state not restored), ``tp2sp_z2`` (tp=2 with sequence
+   parallelism, ZeRO-2) resumed as ``tp2sp_to_pp2z1`` (pp=2, ZeRO-1), and ``tp2_to_pp2_twice`` (resumed
    in pp=2, stopped at step 30, started again: the second start resumes natively).
    Where the CPU has bf16: ``dp2_z1_bf16`` (dp=2, ZeRO-1, bf16) resumed as ``bf16_z1_to_z3``
    (ZeRO-3, bf16): the fp32 master weights, not their bf16 copies, must carry over.
@@ -59,9 +60,10 @@ BUCKETS = {"reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000,
 TIMES: dict[str, float] = {}
 
 
-def _config(run_dir: Path, data: str, *, tp: int = 1, pp: int = 1, stage: int = 0, precision: str = "fp32"):
+def _config(run_dir: Path, data: str, *, tp: int = 1, pp: int = 1, stage: int = 0, precision: str = "fp32",
+            sp: bool = False):
     zero = {**BUCKETS, "stage": stage, **(helpers.zero3() if stage == 3 else {})}
-    return helpers.toy_config(run_dir, [data], **{**TOY, "parallel": {"tp": tp, "pp": pp},
+    return helpers.toy_config(run_dir, [data], **{**TOY, "parallel": {"tp": tp, "pp": pp, "sequence_parallel": sp},
                                                   "training": {**TOY["training"], "precision": precision},
                                                   "deepspeed": {"zero_optimization": zero}})
 
@@ -155,10 +157,13 @@ def worker(rank: int, out: str, data: str) -> None:
         _resumed(ctx, o, data, "dp2z3_to_tp2z1_no_optim", "dp2_z3", tp=2, stage=1, restore_optim=False)
         _resumed(ctx, o, data, "w4_to_tp2", "w4_tp2dp2_z1", tp=2, stage=1)
         port = helpers.next_world_port(ctx)
+        _reference(ctx, o, data, "tp2sp_z2", tp=2, stage=2, sp=True)
+        port = helpers.next_world_port(ctx)
     with _world(rank, 2, pp=2, port=port) as ctx:  # ---- B'': pp=2
         _reference(ctx, o, data, "pp2_z1", pp=2, stage=1)
         _resumed(ctx, o, data, "tp2_to_pp2", "tp2_z0", pp=2, stage=0)
         _resumed(ctx, o, data, "tp2_to_pp2_twice", "tp2_z0", pp=2, stage=0, stop_at=30)
+        _resumed(ctx, o, data, "tp2sp_to_pp2z1", "tp2sp_z2", pp=2, stage=1)
         port = helpers.next_world_port(ctx)
     with _world(rank, 2, port=port) as ctx:  # ---- B''': dp=2 again
         _resumed(ctx, o, data, "pp2_to_dp2z2", "pp2_z1", stage=2)

@@ -35,6 +35,7 @@ CASES = {
     "w4_to_tp2": ("w4_tp2dp2_z1", "tp=2 pp=1 dp=2 zero=1 fp32", "tp=2 pp=1 dp=1 zero=1 fp32"),
     "dp2z3_to_1": ("dp2_z3", "tp=1 pp=1 dp=2 zero=3 fp32", "tp=1 pp=1 dp=1 zero=0 fp32"),
     "w4_to_dp2z3": ("w4_tp2dp2_z1", "tp=2 pp=1 dp=2 zero=1 fp32", "tp=1 pp=1 dp=2 zero=3 fp32"),
+    "tp2sp_to_pp2z1": ("tp2sp_z2", "tp=2 pp=1 dp=1 zero=2 fp32", "tp=1 pp=2 dp=1 zero=1 fp32"),
 }
 BF16 = "bf16_z1_to_z3"
 
