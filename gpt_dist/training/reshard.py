@@ -11,7 +11,8 @@ and a ``layout_free`` section in the signed manifest: every name with its shape,
 count, the learning-rate scheduler's state, DeepSpeed's step counters and the fp16 loss
 scaler. Step, consumed samples, skipped steps and fine-tuning's best record are the manifest's
 ``train_state`` already; the data position is ``consumed_samples`` (``training/data.py``: the
-global batch at a position does not depend on the data-parallel size).
+global batch at a position does not depend on the data-parallel size). Export reads its
+weights from these files too (``export/reader.py``), whatever layout wrote the checkpoint.
 
 Why not DeepSpeed's universal checkpoint (``ds_to_universal.py``): it converts ZeRO-1/2 and
 its pipeline engine's files offline, from each optimizer's flat-partition layout, and does not
