@@ -229,15 +229,23 @@ class _ByteLevelBPE(Tokenizer):
         self._vocab, self._merges, self._where = vocab, merges, where
         self._base = base
         self._special = {"eod": eod, "start": base, "delimiter": base + 1, "extract": base + 2}
-        self._tt = None if ranks is None else make_encoding(f"gpt_dist-{self.kind}", ranks, SPECIAL_TOKENS["eod"], eod)
-        if self._tt is None:
+        self._ranks = ranks
+        if ranks is None:
             self._engine  # noqa: B018 - build it now: bad files fail at load, as before
 
     @property
     def engine(self) -> str:
         """Which library encodes: ``"tiktoken"``, or ``"tokenizers"`` for vocabularies whose
         ids are not tiktoken ranks."""
-        return "tokenizers" if self._tt is None else "tiktoken"
+        return "tokenizers" if self._ranks is None else "tiktoken"
+
+    @cached_property
+    def _tt(self) -> Any:
+        """The tiktoken ``Encoding``, built on first use: preprocessing's parent process only
+        reads the fingerprint and special ids, and forked workers build their own."""
+        if self._ranks is None:
+            return None
+        return make_encoding(f"gpt_dist-{self.kind}", self._ranks, SPECIAL_TOKENS["eod"], self._special["eod"])
 
     @cached_property
     def _engine(self) -> Any:
@@ -298,14 +306,12 @@ class GPT2BPETokenizer(_ByteLevelBPE):
             raise TokenizerError(f"{self.encoder_json.parent}: unreadable GPT-2 BPE files ({_first_line(exc)})") from None
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise TokenizerError(f"{self.encoder_json}: not a token -> id JSON object")
-        merges: list[tuple[str, str]] = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip() or line.startswith("#version"):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise TokenizerError(f"{self.vocab_bpe}:{n}: expected two space-separated pieces")
-            merges.append((parts[0], parts[1]))
+        pairs = [line.split(" ") for line in lines if line.strip() and not line.startswith("#version")]
+        if any(len(p) != 2 for p in pairs):
+            n = next(n for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#version")
+                     and len(line.split(" ")) != 2)
+            raise TokenizerError(f"{self.vocab_bpe}:{n}: expected two space-separated pieces")
+        merges: list[tuple[str, str]] = list(map(tuple, pairs))  # type: ignore[arg-type]
         self._init_engine(vocab, merges, self.encoder_json.parent,
                           gpt2_ranks(vocab, merges, SPECIAL_TOKENS["eod"]))
 

@@ -52,31 +52,26 @@ def make_encoding(name: str, ranks: dict[bytes, int], eod_token: str, eod_id: in
 def gpt2_ranks(vocab: dict[str, int], merges: Sequence[tuple[str, str]], eod_token: str) -> dict[bytes, int] | None:
     """tiktoken's mergeable ranks for ``encoder.json`` + ``vocab.bpe``, or ``None`` when the
     ids cannot double as ranks (see the module docstring): a token that is neither a byte nor
-    one merge's result, a merge result made twice or missing from the vocabulary, or merge
-    results whose ids do not increase in merge order."""
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    made: set[str] = set()
-    last = -1
-    for a, b in merges:
-        token = a + b
-        rank = vocab.get(token)
-        if rank is None or token in made or rank <= last:
-            return None
-        made.add(token)
-        last = rank
-    ranks: dict[bytes, int] = {}
-    for token, i in vocab.items():
-        if token == eod_token:
-            continue
-        if len(token) > 1 and token not in made:
-            return None
-        try:
-            ranks[bytes(to_byte[c] for c in token)] = i
-        except KeyError:  # a character outside GPT-2's byte map
-            return None
-    if sum(len(t) == 1 for t in ranks) != 256 or len(ranks) != len(made) + 256:
+    one merge's result, a merge of pieces missing from the vocabulary, a merge result made
+    twice or missing, or merge results whose ids do not increase in merge order.
+
+    Every preprocessing worker runs this at start-up, so the per-token work is C (``map``,
+    ``str.translate``) rather than a Python loop over GPT-2's 50,000 merges."""
+    made = [a + b for a, b in merges]
+    ids = list(map(vocab.get, made))
+    if None in ids or ids != sorted(ids) or len(set(ids)) != len(ids):  # strictly increasing, made once
         return None
-    return ranks
+    if not all(map(vocab.__contains__, (piece for pair in merges for piece in pair))):
+        return None
+    byte_map = bytes_to_unicode()
+    tokens = [t for t in vocab if t != eod_token]
+    if len(tokens) != len(made) + 256 or not set(byte_map.values()) <= vocab.keys():
+        return None
+    if not set("".join(tokens)) <= set(byte_map.values()):  # a character outside GPT-2's byte map
+        return None
+    # each character -> the code point of its byte, so latin-1 gives the token's bytes
+    table = str.maketrans({c: chr(b) for b, c in byte_map.items()})
+    return {t.translate(table).encode("latin-1"): vocab[t] for t in tokens}
 
 
 def recover_merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:

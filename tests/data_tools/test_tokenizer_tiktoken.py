@@ -179,3 +179,24 @@ def test_negative_control_perturbed_rank_is_caught(trained_gpt2: Path, base_docs
     bad = make_encoding("perturbed", ranks, EOT, vocab[EOT])
     texts = _all_texts(base_docs)
     assert sum(bad.encode_ordinary(t) != _old(tok, t) for t in texts) > 10
+
+
+def test_ranks_equal_tiktokens_own_gpt2_loader(trained_gpt2: Path, tmp_path: Path, monkeypatch) -> None:
+    """Files in GPT-2's own layout (byte ids in GPT-2's order, merge i = id 256 + i, the end
+    token last): the ranks built here equal what tiktoken's loader for GPT-2's released
+    files (``data_gym_to_mergeable_bpe_ranks``, behind ``get_encoding("gpt2")``) makes."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    merges = [tuple(line.split(" ")) for line in (trained_gpt2 / "vocab.bpe").read_text().splitlines()[1:] if line]
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[EOT] = len(vocab)
+    (tmp_path / "encoder.json").write_text(json.dumps(vocab))
+    shutil.copyfile(trained_gpt2 / "vocab.bpe", tmp_path / "vocab.bpe")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read these files, not a cached copy
+    theirs = data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
+    assert gpt2_ranks(vocab, merges, EOT) == theirs
+    tok = load_tokenizer(tmp_path)
+    assert tok.engine == "tiktoken" and tok.eod_id == len(theirs) == tok.vocab_size - 4
+
