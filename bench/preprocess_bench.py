@@ -217,7 +217,7 @@ def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str
     lines = [(f"corpus: {len(texts)} documents, {input_mb:.2f} MB JSONL ({text_mb:.2f} MB of text); "
              f"workers {args.workers}; best of {args.repeats} runs of each, in turn")]
     if "ours" in runs:
-        lines.append(f"sentencepiece BPE, vocab {vocab}:")
+        lines.append(f"**sentencepiece BPE**, vocab {vocab}:")
         lines += pair("ours", "bare", "", "sentencepiece", 0.9)
 
     if runs.get("megatron_lm"):
@@ -231,7 +231,7 @@ def summarize(args: argparse.Namespace, corpus: Path, vocab: int, runs: dict[str
     elif "ours" in runs:
         lines.append(f"Megatron-LM: not run ({mlm_note})")
     if "ours_gpt2" in runs:
-        lines.append(f"GPT-2 BPE ({gpt2_note}):")
+        lines.append(f"**GPT-2 BPE** ({gpt2_note}):")
         lines += pair("ours_gpt2", "bare_gpt2", " GPT-2 BPE", "tiktoken", 0.5)
     lines.append(f"machine: {machine()}; load average {load_before} before the runs, {load()} after")
     return lines
