@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_dist.tokenizer import GPT2BPETokenizer, TiktokenBPETokenizer, load_tokenizer
+from gpt_dist.tokenizer import GPT2BPETokenizer, TiktokenBPETokenizer, TokenizerError, load_tokenizer
 from gpt_dist.tokenizer_tiktoken import bytes_to_unicode, gpt2_ranks, make_encoding
 
 EOT = "<|endoftext|>"
@@ -200,3 +200,48 @@ def test_ranks_equal_tiktokens_own_gpt2_loader(trained_gpt2: Path, tmp_path: Pat
     tok = load_tokenizer(tmp_path)
     assert tok.engine == "tiktoken" and tok.eod_id == len(theirs) == tok.vocab_size - 4
 
+
+
+def test_preprocess_with_gpt2_bpe_writes_the_former_engines_tokens(trained_gpt2: Path, base_docs: list[str],
+                                                                   tmp_path: Path) -> None:
+    """The whole pipeline (2 forked workers, which take the parent's loaded tokenizer) writes,
+    per document, the ids ``tokenizers`` gives the cleaned text, then ``<|endoftext|>``."""
+    import numpy as np
+
+    from gpt_dist.data.clean import clean_text
+    from gpt_dist.data.indexed import list_shards, read_index_arrays
+    from gpt_dist.data.preprocess import PreprocessConfig, preprocess
+
+    docs = base_docs[:100]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    manifest = preprocess(PreprocessConfig(inputs=[str(tmp_path / "in.jsonl")], tokenizer=str(trained_gpt2),
+                                           output_prefix=str(tmp_path / "out" / "c"), workers=2, progress=False))
+    tok = load_tokenizer(trained_gpt2)
+    assert manifest["tokenizer"]["fingerprint"] == tok.fingerprint
+    written: list[list[int]] = []
+    for shard in list_shards(str(tmp_path / "out" / "c")):
+        lengths, _ = read_index_arrays(shard)
+        flat = np.fromfile(shard + ".bin", dtype=np.uint16).tolist()
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        written += [flat[s:s + n] for s, n in zip(starts, lengths.tolist())]
+    assert written == [_old(tok, clean_text(t).text) + [tok.eod_id] for t in docs]
+
+
+def test_merge_of_unknown_piece_fails_at_load(trained_gpt2: Path, tmp_path: Path) -> None:
+    """A ``vocab.bpe`` merging a piece the vocabulary lacks: refused when loading (one line
+    naming the directory), not later in a preprocessing worker or the export."""
+    d = tmp_path / "bad_merge"
+    shutil.copytree(trained_gpt2, d)
+    vocab = json.loads((d / "encoder.json").read_text())
+    merges = (d / "vocab.bpe").read_text().splitlines()
+    b = merges[-1].split(" ")[1]
+    del vocab[b]  # the merge's second piece is gone; renumber to keep the ids contiguous
+    vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.__getitem__))}
+    (d / "encoder.json").write_text(json.dumps(vocab))
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(d)
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+    # the check itself: a merge whose result is known but one of whose pieces is not
+    byte_vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    assert gpt2_ranks({**byte_vocab, "ab": 256, "abc": 257}, [("a", "b"), ("ab", "c")], EOT) is not None
+    assert gpt2_ranks({**byte_vocab, "ab": 256, "abc": 257}, [("a", "b"), ("a", "bc")], EOT) is None
