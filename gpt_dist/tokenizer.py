@@ -226,10 +226,8 @@ class _ByteLevelBPE(Tokenizer):
         base = max(max(vocab.values()), eod) + 1
         if len(vocab) + (SPECIAL_TOKENS["eod"] not in vocab) != base:
             raise TokenizerError(f"{where}: token ids are not contiguous 0..{base - 1}")
-        self._vocab, self._merges, self._where = vocab, merges, where
-        self._base = base
+        self._vocab, self._merges, self._where, self._ranks, self._base = vocab, merges, where, ranks, base
         self._special = {"eod": eod, "start": base, "delimiter": base + 1, "extract": base + 2}
-        self._ranks = ranks
         if ranks is None:
             self._engine  # noqa: B018 - build it now: bad files fail at load, as before
 
@@ -243,9 +241,9 @@ class _ByteLevelBPE(Tokenizer):
     def _tt(self) -> Any:
         """The tiktoken ``Encoding``, built on first use: preprocessing's parent process only
         reads the fingerprint and special ids, and forked workers build their own."""
-        if self._ranks is None:
-            return None
-        return make_encoding(f"gpt_dist-{self.kind}", self._ranks, SPECIAL_TOKENS["eod"], self._special["eod"])
+        eod = self._special["eod"]
+        return None if self._ranks is None else make_encoding(f"gpt_dist-{self.kind}", self._ranks,
+                                                              SPECIAL_TOKENS["eod"], eod)
 
     @cached_property
     def _engine(self) -> Any:
@@ -258,8 +256,7 @@ class _ByteLevelBPE(Tokenizer):
             engine = HFTokenizer(models.BPE(vocab=self._vocab, merges=merges))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
             raise TokenizerError(f"{self._where}: invalid BPE vocabulary/merges ({_first_line(exc)})") from None
-        # the special token is *not* registered with the engine, so the text
-        # "<|endoftext|>" encodes as ordinary pieces (tiktoken: encode_ordinary)
+        # "<|endoftext|>" is not registered: as text it encodes as ordinary pieces (tiktoken: encode_ordinary)
         engine.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         engine.decoder = decoders.ByteLevel()
         return engine
@@ -329,9 +326,7 @@ class TiktokenBPETokenizer(_ByteLevelBPE):
         ranks: dict[bytes, int] = {}
         try:
             with open(self.ranks_file, "rb") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
+                for line in filter(bytes.strip, f):
                     token, rank = line.split()
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (OSError, ValueError) as exc:
@@ -339,7 +334,8 @@ class TiktokenBPETokenizer(_ByteLevelBPE):
         if not ranks:
             raise TokenizerError(f"{self.ranks_file}: empty tiktoken ranks file")
         byte_map = bytes_to_unicode()
-        vocab = {"".join(byte_map[b] for b in tok): r for tok, r in ranks.items()}
+        table = str.maketrans({chr(b): c for b, c in byte_map.items()})  # byte (as latin-1) -> GPT-2's char
+        vocab = {tok.decode("latin-1").translate(table): r for tok, r in ranks.items()}
 
         def merges() -> list[tuple[str, str]]:
             return [("".join(byte_map[b] for b in a), "".join(byte_map[b] for b in b_))
