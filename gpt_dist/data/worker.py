@@ -22,7 +22,7 @@ import numpy as np
 
 from gpt_dist.data.clean import CleanConfig, clean_text, filter_reason, parse_record
 from gpt_dist.data.dedup import DedupConfig, MinHasher, exact_key
-from gpt_dist.tokenizer import load_tokenizer
+from gpt_dist.tokenizer import Tokenizer, load_tokenizer
 
 REJECT, FILTER, KEEP = 0, 1, 2
 
@@ -38,7 +38,7 @@ class WorkerConfig:
 _STATE: dict[str, Any] = {}
 
 
-def init_worker(cfg: WorkerConfig, in_child: bool = True, tok: Any = None) -> None:
+def init_worker(cfg: WorkerConfig, in_child: bool = True, tok: Tokenizer | None = None) -> None:
     """Load the tokenizer once per process, or take ``tok``, the parent's, which forked
     children inherit without pickling or reading the files again (GPT-2's BPE takes about
     0.1 s of CPU to load, per process). Children ignore SIGINT: the parent decides
