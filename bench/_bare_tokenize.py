@@ -1,7 +1,14 @@
 #!/usr/bin/env python
-"""Bare sentencepiece over a JSONL corpus: the floor bench/preprocess_bench.py compares with.
+"""Bare sentencepiece or bare tiktoken over a JSONL corpus: the floor
+bench/preprocess_bench.py compares with.
 
-    python bench/_bare_tokenize.py CORPUS TOKENIZER_MODEL WORKERS BATCH_BYTES BATCH_DOCS
+    python bench/_bare_tokenize.py CORPUS TOKENIZER WORKERS BATCH_BYTES BATCH_DOCS
+
+``TOKENIZER`` is a sentencepiece ``.model`` file, or a directory with GPT-2's
+``encoder.json`` + ``vocab.bpe`` (GPT-2's layout: byte ids in GPT-2's order, merges from
+256, ``<|endoftext|>`` last), loaded the way tiktoken builds its own ``gpt2`` encoding
+(``tiktoken.load.data_gym_to_mergeable_bpe_ranks``, which checks the ids against the
+merges) and encoded with ``encode_ordinary`` one text at a time.
 
 It reads and JSON-decodes every line in the parent, cuts the texts into batches by the
 same rule as the pipeline (``BATCH_BYTES`` of input or ``BATCH_DOCS`` documents), encodes
@@ -12,8 +19,8 @@ batch submitted to the last result, the pool started and every worker's model lo
 before), ``tokens`` and ``documents``. Its wall time, start-up included, is measured by
 the caller.
 
-Only the standard library, numpy and sentencepiece are imported, as a hand-written
-tokenize script would.
+Only the standard library, numpy and sentencepiece or tiktoken are imported, as a
+hand-written tokenize script would.
 """
 
 from __future__ import annotations
@@ -26,14 +33,25 @@ import time
 
 import numpy as np
 
-_SP = None
+_ENCODE = None  # list of texts -> list of id lists
 
 
 def _init(model: str) -> None:
-    global _SP
-    import sentencepiece as spm
+    global _ENCODE
+    if model.endswith(".model"):
+        import sentencepiece as spm
 
-    _SP = spm.SentencePieceProcessor(model_file=model)
+        sp = spm.SentencePieceProcessor(model_file=model)
+        _ENCODE = lambda texts: sp.encode(texts, num_threads=1)
+        return
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files, never a cached copy
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(model, "vocab.bpe"), os.path.join(model, "encoder.json"))
+    enc = tiktoken.Encoding("gpt2-local", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)},
+                            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    _ENCODE = lambda texts: [enc.encode_ordinary(t) for t in texts]
 
 
 def _ping(_: int = 0) -> int:
@@ -41,7 +59,7 @@ def _ping(_: int = 0) -> int:
 
 
 def _encode(texts: list[str]) -> np.ndarray:
-    ids = _SP.encode(texts, num_threads=1)
+    ids = _ENCODE(texts)
     return np.concatenate([np.asarray(x, dtype=np.uint16) for x in ids]) if ids else np.zeros(0, np.uint16)
 
 

@@ -13,10 +13,11 @@ Kinds:
   faithfully to a Hugging Face fast tokenizer. The four special tokens are *control*
   symbols: plain text never encodes to them, even text that contains ``<|endoftext|>``.
 * ``gpt2_bpe``: GPT-2's byte-level BPE from local ``encoder.json`` + ``vocab.bpe``
-  (loaded with Hugging Face ``tokenizers``; nothing is fetched). ``<|endoftext|>`` is
+  (nothing is fetched), encoded by tiktoken with the ids as ranks. ``<|endoftext|>`` is
   50256; start, delimiter and extract are appended after the base vocabulary.
 * ``tiktoken``: a tiktoken-format ranks file (``base64-token rank`` per line) with GPT-2's
-  pre-tokenizer; merges are recovered from the ranks and run by the same engine.
+  pre-tokenizer, encoded by tiktoken; for the Hugging Face export the merges are
+  recovered from the ranks and run by ``tokenizers``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_dist.data.readers import iter_texts
+from gpt_dist.tokenizer_tiktoken import bytes_to_unicode, gpt2_ranks, make_encoding, recover_merges
 from gpt_dist.utils import atomic_write_json
 
 SPECIAL_TOKENS: dict[str, str] = {
@@ -208,38 +210,75 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class _ByteLevelBPE(Tokenizer):
-    """GPT-2 byte-level BPE run by Hugging Face ``tokenizers`` (Rust), no network."""
+    """GPT-2 byte-level BPE, no network: encoded and decoded by tiktoken (see
+    ``gpt_dist.tokenizer_tiktoken``), with the same BPE as a Hugging Face ``tokenizers``
+    engine built on first use (``_engine``: the Hugging Face export saves it as
+    ``tokenizer.json``; vocabularies whose ids tiktoken cannot reproduce run on it)."""
 
-    def _init_engine(self, vocab: dict[str, int], merges: list[tuple[str, str]], where: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
-
+    def _init_engine(self, vocab: dict[str, int], merges: Any, where: Path,
+                     ranks: dict[bytes, int] | None) -> None:
+        """``merges``: the ``(a, b)`` pairs, or a callable giving them (recovering them from a
+        ranks file costs seconds at GPT-2's size, and only the ``tokenizers`` engine needs them).
+        ``ranks``: tiktoken's mergeable ranks, ``None`` to run on ``tokenizers``."""
         eod = vocab.get(SPECIAL_TOKENS["eod"])
         if eod is None:  # a ranks file without it: GPT-2 puts it right after the ranks
             eod = max(vocab.values()) + 1
         base = max(max(vocab.values()), eod) + 1
         if len(vocab) + (SPECIAL_TOKENS["eod"] not in vocab) != base:
             raise TokenizerError(f"{where}: token ids are not contiguous 0..{base - 1}")
+        self._vocab, self._merges, self._where, self._ranks, self._base = vocab, merges, where, ranks, base
+        self._special = {"eod": eod, "start": base, "delimiter": base + 1, "extract": base + 2}
+        if ranks is None:
+            self._engine  # noqa: B018 - build it now: bad files fail at load, as before
+
+    @property
+    def engine(self) -> str:
+        """Which library encodes: ``"tiktoken"``, or ``"tokenizers"`` for vocabularies whose
+        ids are not tiktoken ranks."""
+        return "tokenizers" if self._ranks is None else "tiktoken"
+
+    @cached_property
+    def _tt(self) -> Any:
+        """The tiktoken ``Encoding``, built on first use: preprocessing's parent process only
+        reads the fingerprint and special ids, and forked workers build their own."""
+        eod = self._special["eod"]
+        return None if self._ranks is None else make_encoding(f"gpt_dist-{self.kind}", self._ranks,
+                                                              SPECIAL_TOKENS["eod"], eod)
+
+    @cached_property
+    def _engine(self) -> Any:
+        """The BPE as a ``tokenizers.Tokenizer`` (GPT-2's regex split, no prefix space)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        merges = self._merges() if callable(self._merges) else self._merges
         try:
-            engine = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+            engine = HFTokenizer(models.BPE(vocab=self._vocab, merges=merges))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
-            raise TokenizerError(f"{where}: invalid BPE vocabulary/merges ({_first_line(exc)})") from None
-        # GPT-2's regex split, no prefix space; the special token is *not* registered with
-        # the engine, so the text "<|endoftext|>" encodes as ordinary pieces.
+            raise TokenizerError(f"{self._where}: invalid BPE vocabulary/merges ({_first_line(exc)})") from None
+        # "<|endoftext|>" is not registered: as text it encodes as ordinary pieces (tiktoken: encode_ordinary)
         engine.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         engine.decoder = decoders.ByteLevel()
-        self._engine = engine
-        self._base = base
-        self._special = {"eod": eod, "start": base, "delimiter": base + 1, "extract": base + 2}
+        return engine
 
     def _encode(self, text: str) -> list[int]:
+        # lone surrogates (not UTF-8): tiktoken encodes them as U+FFFD, as preprocessing's
+        # cleaning replaces them; tokenizers refused them (TypeError)
+        if self._tt is not None:
+            return self._tt.encode_ordinary(text)
         return self._engine.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._tt is not None:  # one thread: callers parallelise with processes
+            enc = self._tt.encode_ordinary
+            return [enc(t) for t in texts]
         return [e.ids for e in self._engine.encode_batch(list(texts), add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._engine.decode([i for i in ids if i < self._base], skip_special_tokens=False)
+        ids = [i for i in ids if i < self._base]
+        if self._tt is not None:  # invalid UTF-8 -> U+FFFD, as tokenizers' ByteLevel decoder
+            return self._tt.decode(ids)
+        return self._engine.decode(ids, skip_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
@@ -264,15 +303,14 @@ class GPT2BPETokenizer(_ByteLevelBPE):
             raise TokenizerError(f"{self.encoder_json.parent}: unreadable GPT-2 BPE files ({_first_line(exc)})") from None
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise TokenizerError(f"{self.encoder_json}: not a token -> id JSON object")
-        merges: list[tuple[str, str]] = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip() or line.startswith("#version"):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise TokenizerError(f"{self.vocab_bpe}:{n}: expected two space-separated pieces")
-            merges.append((parts[0], parts[1]))
-        self._init_engine(vocab, merges, self.encoder_json.parent)
+        pairs = [line.split(" ") for line in lines if line.strip() and not line.startswith("#version")]
+        if any(len(p) != 2 for p in pairs):
+            n = next(n for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#version")
+                     and len(line.split(" ")) != 2)
+            raise TokenizerError(f"{self.vocab_bpe}:{n}: expected two space-separated pieces")
+        merges: list[tuple[str, str]] = list(map(tuple, pairs))  # type: ignore[arg-type]
+        self._init_engine(vocab, merges, self.encoder_json.parent,
+                          gpt2_ranks(vocab, merges, SPECIAL_TOKENS["eod"]))
 
     def files(self) -> list[Path]:
         return [self.encoder_json, self.vocab_bpe]
@@ -288,56 +326,25 @@ class TiktokenBPETokenizer(_ByteLevelBPE):
         ranks: dict[bytes, int] = {}
         try:
             with open(self.ranks_file, "rb") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
+                for line in filter(bytes.strip, f):
                     token, rank = line.split()
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (OSError, ValueError) as exc:
             raise TokenizerError(f"{self.ranks_file}: not a tiktoken ranks file ({_first_line(exc)})") from None
         if not ranks:
             raise TokenizerError(f"{self.ranks_file}: empty tiktoken ranks file")
-        byte_map = _bytes_to_unicode()
-        vocab = {"".join(byte_map[b] for b in tok): r for tok, r in ranks.items()}
-        merges = [("".join(byte_map[b] for b in a), "".join(byte_map[b] for b in b_))
-                  for a, b_ in _recover_merges(ranks)]
-        self._init_engine(vocab, merges, self.ranks_file)
+        byte_map = bytes_to_unicode()
+        table = str.maketrans({chr(b): c for b, c in byte_map.items()})  # byte (as latin-1) -> GPT-2's char
+        vocab = {tok.decode("latin-1").translate(table): r for tok, r in ranks.items()}
+
+        def merges() -> list[tuple[str, str]]:
+            return [("".join(byte_map[b] for b in a), "".join(byte_map[b] for b in b_))
+                    for a, b_ in recover_merges(ranks)]
+
+        self._init_engine(vocab, merges, self.ranks_file, ranks)  # the ranks *are* tiktoken's
 
     def files(self) -> list[Path]:
         return [self.ranks_file]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (``encoder.py`` in GPT-2)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def _recover_merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
-    """The merge that made each multi-byte token: BPE over its bytes with lower ranks only
-    ends in exactly two parts (the method tiktoken's own GPT-2 conversion relies on)."""
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            best, best_rank = -1, rank
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < best_rank:
-                    best, best_rank = i, r
-            if best < 0:
-                break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        if len(parts) == 2:
-            yield parts[0], parts[1]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

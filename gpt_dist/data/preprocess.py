@@ -291,7 +291,7 @@ class Preprocessor:
         batches = self._batches(start)
         try:
             if self.cfg.workers <= 0:  # in-process: for debugging and profiling
-                init_worker(wcfg, in_child=False)
+                init_worker(wcfg, in_child=False, tok=self.tok)
                 for batch in batches:
                     self._consume(batch, process_batch(self._payload(batch)), progress)
                 return
@@ -305,7 +305,8 @@ class Preprocessor:
     def _stream_pool(self, wcfg: WorkerConfig, batches: Iterator[list[RawRecord]], progress: _Progress) -> None:
         method = os.environ.get("GPT_DIST_PREPROCESS_START", "fork" if sys.platform == "linux" else "spawn")
         pool = cf.ProcessPoolExecutor(self.cfg.workers, mp_context=mp.get_context(method),
-                                      initializer=init_worker, initargs=(wcfg,))
+                                      initializer=init_worker,  # fork: the children inherit the tokenizer
+                                      initargs=(wcfg, True, self.tok if method == "fork" else None))
         max_inflight = 2 * self.cfg.workers * max(1, self.cfg.partitions)
         pending: deque[tuple[list[RawRecord], cf.Future[list[tuple[Any, ...]]]]] = deque()
         try:

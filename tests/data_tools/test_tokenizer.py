@@ -183,6 +183,11 @@ def test_tiktoken_file_matches_gpt2_bpe(toy_gpt2: Path) -> None:
         assert tt.decode(tt.encode(text)) == text
     assert tt.special_ids == gpt2.special_ids  # eod right after the ranks, then the GPT-1 tokens
     assert tt.fingerprint != gpt2.fingerprint  # different kind and files
+    # the engine moved from tokenizers to tiktoken; the fingerprints (and so every shard and
+    # export made before) did not: these are the values the tokenizers-engine code gave
+    assert gpt2.engine == tt.engine == "tiktoken"
+    assert gpt2.fingerprint == "d0584a85a38943ebf60a3b005ab82da63b67e3bb52a66b82c18c7349c15075f3"
+    assert tt.fingerprint == "a19412acad6293a2af56cdb54d982c4d75f0b4ea2f37751767c065f41ebe2a22"
 
 
 def test_gpt2_bad_files(tmp_path: Path, toy_gpt2: Path) -> None:
