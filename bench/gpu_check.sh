@@ -5,7 +5,8 @@
 #   bench/gpu_check.sh             on the GPU machine (carry .whl and data/sample): install the
 #                                  wheels, run tests/kernels on CUDA (compiled Triton, not the
 #                                  interpreter), a short bf16 pretraining of gpt2_124m through
-#                                  launch/pretrain.py (NCCL, one GPU, loss must fall), and
+#                                  launch/pretrain.py (NCCL, one GPU, loss must fall), the same
+#                                  run resumed at ZeRO-3 (issue 19: a new layout), and
 #                                  bench/mfu_bench.py; results under $OUT
 #   bench/gpu_check.sh --cpu       the same steps on a CPU with tiny sizes (a dry run of the script)
 #
@@ -14,8 +15,8 @@
 # wheels built or downloaded by --prepare (DeepSpeed is an sdist on PyPI: built here into a
 # pure-Python wheel; its FusedAdam op is JIT-built on the GPU for sm_90 only).
 #
-# $OUT gets at most 8 files: env.txt, kernels.log, pretrain.log, mfu.json, mfu.md, summary.json,
-# summary.md. Each step has its own time limit; a step that fails or times out is recorded and the
+# $OUT gets at most 9 files: env.txt, kernels.log, pretrain.log, reshard.log, mfu.json, mfu.md,
+# summary.json, summary.md. Each step has its own time limit; a step that fails or times out is recorded and the
 # next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -143,6 +144,27 @@ PYEOF
 )
 record pretrain "$STEP_RC" "$STEP_SEC" "$falling"
 
+# ---- 2b. the same run resumed in another layout (issue 19): ZeRO-1 -> ZeRO-3, 10 more steps;
+#          the layout-free state (safe_get/set_full_* on CUDA) must carry the run on
+if [ "$MODE" = gpu ]; then MORE=70; else MORE=30; fi
+run_step reshard "$LIMIT_PRETRAIN" "$OUT/reshard.log" \
+  $PY -m torch.distributed.run --standalone --nproc-per-node=1 launch/pretrain.py \
+  --config configs/gpt2_124m.json --set "${SET[@]}" deepspeed.zero_optimization.stage=3 training.train_steps=$MORE
+carried=$($PY - "$RUN" "$OUT/reshard.log" <<'PYEOF'
+import json, sys
+from pathlib import Path
+path, log = Path(sys.argv[1]) / "metrics.jsonl", Path(sys.argv[2])
+recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+loss = [r["loss"] for r in sorted((r for r in recs if "loss" in r), key=lambda r: r["step"])]
+before, after = loss[-15:-10], loss[-10:-5]  # the 5 steps before the resume, the 5 after it
+jump = sum(after) / 5 - sum(before) / 5 if len(loss) >= 15 else None
+print(json.dumps({"resharded": log.exists() and "resume in a new layout" in log.read_text(),
+                  "steps": len(loss), "loss_jump_after_resume": jump,
+                  "continues": jump is not None and jump < 0.3}))
+PYEOF
+)
+record reshard "$STEP_RC" "$STEP_SEC" "$carried"
+
 # ---- 3. MFU: gpt2_124m/355m/1.5b, kernels on vs off vs Hugging Face (and torch.compile on 124m)
 if [ "$MODE" = gpu ]; then
   BENCH=(--models gpt2_124m,gpt2_355m,gpt2_1.5b --compile --compile-models gpt2_124m --steps 8 --warmup 3)
@@ -161,7 +183,7 @@ summary, out, mode, total = json.load(open(sys.argv[1])), Path(sys.argv[2]), sys
 summary["total_seconds"], summary["mode"] = total, mode
 json.dump(summary, open(sys.argv[1], "w"), indent=1)
 lines = [f"# GPU check ({mode}), {total} s", ""]
-for name in ("kernels", "pretrain", "mfu"):
+for name in ("kernels", "pretrain", "reshard", "mfu"):
     s = summary.get(name, {})
     extra = {k: v for k, v in s.items() if k not in ("rc", "seconds", "ok")}
     lines.append(f"- {name}: {'ok' if s.get('ok') else 'FAILED'} (rc {s.get('rc')}, {s.get('seconds')} s) {extra or ''}")
@@ -170,5 +192,5 @@ lines += ["", mfu.read_text() if mfu.exists() else "(no MFU table)"]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
-ok=$($PY -c "import json,sys; d=json.load(open('$SUMMARY')); print(int(all(d[k]['ok'] for k in ('kernels','pretrain','mfu')) and d['pretrain'].get('loss_falls', False)))")
+ok=$($PY -c "import json,sys; d=json.load(open('$SUMMARY')); print(int(all(d[k]['ok'] for k in ('kernels','pretrain','reshard','mfu')) and d['pretrain'].get('loss_falls', False) and d['reshard'].get('resharded', False) and d['reshard'].get('continues', False)))")
 [ "$ok" = 1 ]
