@@ -113,4 +113,4 @@ class FinetuneConfig:
         total = self.epochs * steps_per_epoch
         return Schedule(train_steps=total, warmup_steps=math.ceil(self.warmup_fraction * total), decay="linear",
                         decay_steps=total, eval_interval=min(self.eval_interval or steps_per_epoch, steps_per_epoch),
-                        save_interval=min(checkpoint.save_interval, steps_per_epoch))
+                        save_interval=min(checkpoint.save_interval, steps_per_epoch), epoch_steps=steps_per_epoch)

@@ -28,6 +28,19 @@ class Schedule:
     """Validate every this many steps (and at the last step)."""
     save_interval: int
     """Checkpoint every this many steps (and at the last step, and at a signal)."""
+    epoch_steps: int | None = None
+    """Fine-tuning: steps per epoch; validation and a checkpoint at every epoch's end as well."""
+
+    def evaluates_at(self, step: int) -> bool:
+        """Validation after ``step``: every ``eval_interval``, at every epoch's end, at the last."""
+        return step % self.eval_interval == 0 or step == self.train_steps or self._epoch_end(step)
+
+    def saves_at(self, step: int) -> bool:
+        """A checkpoint after ``step``: every ``save_interval``, at every epoch's end, at the last."""
+        return step % self.save_interval == 0 or step == self.train_steps or self._epoch_end(step)
+
+    def _epoch_end(self, step: int) -> bool:
+        return self.epoch_steps is not None and step % self.epoch_steps == 0
 
     @classmethod
     def of_sections(cls, training: TrainingConfig, schedule: ScheduleConfig,
@@ -39,4 +52,5 @@ class Schedule:
 
     def describe(self) -> str:
         return (f"schedule: {self.train_steps} steps, warmup {self.warmup_steps}, {self.decay} decay to step "
-                f"{self.decay_steps}, validation every {self.eval_interval}, checkpoint every {self.save_interval}")
+                f"{self.decay_steps}, validation every {self.eval_interval}, checkpoint every {self.save_interval}"
+                + (f" and at every epoch's end ({self.epoch_steps} steps)" if self.epoch_steps else ""))

@@ -235,13 +235,13 @@ def train_loop(cfg: Config, ctx: ParallelContext, eng: Engine, objective: Object
                     f"step {state.step}: {state.consecutive_skips} consecutive non-finite steps "
                     f"(training.max_consecutive_skips={t.max_consecutive_skips}); stopping")
         want_save = False
-        if state.step % plan.eval_interval == 0 or state.step == plan.train_steps:
+        if plan.evaluates_at(state.step):
             results = objective.evaluate(eng, state.step)
             if results:
                 state.last_val_loss = results.get("loss", results.get("task_loss"))
                 log.eval(state.step, results)
                 want_save = bool(on_eval(state.step, results)) if on_eval is not None else False
-        if want_save or state.step % plan.save_interval == 0 or state.step == plan.train_steps:
+        if want_save or plan.saves_at(state.step):
             tag_dir = save_checkpoint(cfg, ctx, eng, state, fingerprint, log, hooks)
             if on_saved is not None:
                 on_saved(state.step, tag_dir)

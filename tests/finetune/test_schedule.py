@@ -48,11 +48,26 @@ def test_finetune_schedule_from_the_data_size(n_train, epochs, frac, eval_every,
     got = cfg.run_schedule(n_train)
     steps, warmup, eval_interval, save_interval = want
     assert got == Schedule(train_steps=steps, warmup_steps=warmup, decay="linear", decay_steps=steps,
-                           eval_interval=eval_interval, save_interval=save_interval)
+                           eval_interval=eval_interval, save_interval=save_interval, epoch_steps=n_train // 32)
     assert got.warmup_steps == math.ceil(frac * got.train_steps)
     assert cfg.to_dict() == before                          # no section rewritten
     with pytest.raises(AttributeError):
         got.train_steps = 1  # type: ignore[misc]            # frozen: computed once, passed around
+
+
+def test_validation_and_a_checkpoint_at_every_epoch_end_whatever_the_intervals() -> None:
+    """31 steps per epoch, validation every 5, a checkpoint every 4: both at 31 (the epoch's end,
+    a multiple of neither) and at 62 (the last step) as well; pretraining has no epochs."""
+    cfg = _ft(epochs=2, warmup_fraction=0.1, eval_interval=5)
+    cfg.checkpoint.save_interval = 4
+    plan = cfg.run_schedule(1000)
+    evals = [s for s in range(1, plan.train_steps + 1) if plan.evaluates_at(s)]
+    saves = [s for s in range(1, plan.train_steps + 1) if plan.saves_at(s)]
+    assert evals == sorted({*range(5, 63, 5), 31, 62})
+    assert saves == sorted({*range(4, 63, 4), 31, 62})
+    pre = load_config(TINY, ["training.train_steps=10", "training.eval_interval=4", "checkpoint.save_interval=3"])
+    assert [s for s in range(1, 11) if pre.run_schedule().evaluates_at(s)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if pre.run_schedule().saves_at(s)] == [3, 6, 9, 10]
 
 
 def test_fewer_examples_than_a_global_batch_names_the_key() -> None:
