@@ -389,6 +389,14 @@ class ParallelContext:
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (small, picklable objects)."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_max(self, value: float) -> float:
         """Max of a scalar over all ranks (flags: stop, save-now, non-finite)."""
         if not dist.is_initialized() or self.world_size == 1:

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -404,6 +405,48 @@ def next_world_port(ctx: Any) -> int:
     dist.broadcast_object_list(port, src=0)
     gc.collect()  # engines of this world release their group handles before the groups go
     return int(port[0])
+
+
+def world(rank: int, size: int, *, tp: int = 1, pp: int = 1, port: int | None = None) -> Any:
+    """A ``ParallelContext`` of ``size`` ranks with this tp/pp on the CPU, for the workers that go
+    through several worlds in one ``run_ranks`` launch: the first world's rendezvous is
+    ``run_ranks``'; a later one passes the ``port`` the previous world picked
+    (``next_world_port``). Use it as ``with world(...) as ctx``: its exit destroys the groups."""
+    from gpt_dist.config import ParallelConfig
+    from gpt_dist.parallel import ParallelContext
+
+    if port is not None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
+    return ParallelContext.from_env(ParallelConfig(tp=tp, pp=pp), device="cpu", timeout_s=240)
+
+
+def preload_trainer() -> None:
+    """In a worker's parent, before ``run_ranks`` forks: import DeepSpeed, megatron-core and the
+    trainers once (4 processes that each import them cost ~4x the CPU time on a 2-core
+    machine; nothing distributed exists yet), and skip DeepSpeed's shared-memory op, which its
+    TorchBackend JIT-builds into ~/.cache/torch_extensions (used by inference only; concurrent
+    sessions with other include paths keep rebuilding it, 60-130 s each under load)."""
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    import deepspeed  # noqa: F401
+    import megatron.core.tensor_parallel  # noqa: F401
+
+    import gpt_dist.finetune.session
+    import gpt_dist.training.pretrain  # noqa: F401
+    from gpt_dist import deepspeed_compat
+
+    deepspeed_compat.skip_shm_comm_build()
+
+
+def copy_checkpoint(src_run: Path | str, dst_run: Path | str, tag: str) -> Path:
+    """Copy one committed checkpoint (and the run's manifest key) into a fresh run dir, with
+    ``latest`` pointing at it: a new run that resumes from another run's checkpoint."""
+    src, dst = Path(src_run) / "checkpoints", Path(dst_run) / "checkpoints"
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / tag, dst / tag)
+    if (src / ".manifest_key").exists():
+        shutil.copy2(src / ".manifest_key", dst / ".manifest_key")
+    (dst / "latest").write_text(tag)
+    return dst / tag
 
 
 # --------------------------------------------------------------------------- in-process ranks

@@ -112,12 +112,8 @@ def _hash_files(tag_dir: Path, ctx: ParallelContext) -> dict[str, dict[str, Any]
     files = sorted(p.name for p in tag_dir.iterdir() if p.is_file() and p.name != MANIFEST)
     mine = {n: {"size": (tag_dir / n).stat().st_size, "sha256": sha256_file(tag_dir / n)}
             for i, n in enumerate(files) if i % ctx.world_size == ctx.rank}
-    if not dist.is_initialized() or ctx.world_size == 1:
-        return mine
-    parts: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(parts, mine)
     out: dict[str, dict[str, Any]] = {}
-    for part in parts:
+    for part in ctx.all_gather_objects(mine):
         out.update(part)
     return out
 
@@ -167,13 +163,8 @@ def save(engine: Any, ctx: ParallelContext, run_dir: Path, step: int, client_sta
     section: dict[str, Any] | None = None
     if extra_state is not None:  # collective: every rank takes part, even after a failed write
         def write(path: Path, write_fn: Any, state: Any) -> None:
-            if errors:
-                return
-            try:
-                hooks.on_checkpoint_write(step, ctx.rank, path, state)
-                write_fn(path)
-            except (OSError, RuntimeError) as exc:
-                errors.append(exc)
+            if not errors:  # after a failed write this rank only takes part in the collectives
+                guarded(lambda _state, p: write_fn(Path(p)), state, str(path))
 
         section = extra_state(tag_dir, write)
     error = errors[0] if errors else None

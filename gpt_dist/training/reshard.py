@@ -185,14 +185,14 @@ def plan_resume(cfg: Config, world_size: int | None = None, *, new: Layout | Non
 # --------------------------------------------------------------------------- save
 
 
-def _named(module: torch.nn.Module, n_layer: int) -> list[tuple[str, torch.nn.Parameter]]:
-    """(native name, parameter) of this stage's trainable parameters; a tied copy (the token
-    embedding on the last pipeline stage) appears under the same name as the original."""
+def _named(module: torch.nn.Module, n_layer: int) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """(native name, module name, parameter) of this stage's trainable parameters; a tied copy
+    (the token embedding on the last pipeline stage) has the same native name as the original."""
     out = []
     for name, p in module.named_parameters():
         canon = canonical_name(name, n_layer)
         if canon is not None and p.requires_grad:
-            out.append((canon, p))
+            out.append((canon, name, p))
     return out
 
 
@@ -251,14 +251,6 @@ def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
     return max(steps, default=0)
 
 
-def _objects(ctx: ParallelContext, mine: Any) -> list[Any]:
-    if not dist.is_initialized() or ctx.world_size == 1:
-        return [mine]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, mine)
-    return out
-
-
 def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, write: WriteFile) -> dict[str, Any]:
     """Write this checkpoint's layout-free files (every rank; collective) and return the
     manifest's ``layout_free`` section (the same on every rank)."""
@@ -269,10 +261,10 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
         return {"unavailable": reason}
     named = _named(eng.ds.module, cfg.model.n_layer)
     first_stage: dict[str, int] = {}
-    for stage, names in sorted({(s, tuple(n)) for s, n in _objects(ctx, (ctx.pp_rank, [c for c, _ in named]))}):
+    for stage, names in sorted({(s, tuple(n)) for s, n in ctx.all_gather_objects((ctx.pp_rank, [c for c, _, _ in named]))}):
         for n in names:
             first_stage.setdefault(n, stage)
-    mine = [(c, p) for c, p in named if first_stage[c] == ctx.pp_rank]
+    mine = [(c, p) for c, _, p in named if first_stage[c] == ctx.pp_rank]
     ensure_adam_state(eng)  # a save before the first step
     deepspeed_compat.link_optimizer_state(eng.ds)
     shapes: dict[str, list[int]] = {}
@@ -295,7 +287,7 @@ def write_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, writ
         shapes[canon] = list(tensors["fp32"].shape)
         del tensors
     all_shapes: dict[str, list[int]] = {}
-    for part in _objects(ctx, shapes):
+    for part in ctx.all_gather_objects(shapes):
         all_shapes.update(part)
     step = int(ctx.all_reduce_max(float(_optimizer_step(eng.optimizer))))
     return {"format": FORMAT, "params": dict(sorted(all_shapes.items())), "optimizer_step": step,
@@ -340,10 +332,7 @@ def read_state(eng: Any, ctx: ParallelContext, cfg: Config, tag_dir: Path, secti
     if restore_optim:
         ensure_adam_state(eng)
         deepspeed_compat.link_optimizer_state(eng.ds)
-    for name, p in eng.ds.module.named_parameters():
-        canon = canonical_name(name, cfg.model.n_layer)
-        if canon is None or not p.requires_grad:
-            continue
+    for canon, name, p in _named(eng.ds.module, cfg.model.n_layer):
         path = tag_dir / file_name(canon)
         if canon not in params:
             raise CheckpointError(f"{tag_dir / 'manifest.json'}: no layout-free state for {canon} "

@@ -100,27 +100,12 @@ def _resumed(ctx, out: Path, tasks: Path, tok: str, name: str, source: str, at: 
     is no later than step ``at``: then it is what the run directory held at that step."""
     run, src = out / name, out / source
     if ctx.is_main:
-        (run / "checkpoints").mkdir(parents=True)
-        tag = f"global_step{at}"
-        shutil.copytree(src / "checkpoints" / tag, run / "checkpoints" / tag)
-        shutil.copy2(src / "checkpoints" / ".manifest_key", run / "checkpoints" / ".manifest_key")
-        (run / "checkpoints" / "latest").write_text(tag)
+        helpers.copy_checkpoint(src, run, f"global_step{at}")
         best = json.loads((src / "results.json").read_text()).get("best")
         if best is not None and best["step"] <= at:
             shutil.copytree(src / "best", run / "best")
     ctx.barrier()
     _run(ctx, xl_config(out, tasks, tok, name, **layout))
-
-
-def _world(rank: int, world: int, port: int | None = None, tp: int = 1, pp: int = 1):
-    """A fresh process group + megatron-core groups (the first world's rendezvous is
-    run_ranks'; later ones use the port the previous world picked)."""
-    from gpt_dist.config import ParallelConfig
-    from gpt_dist.parallel import ParallelContext
-
-    if port is not None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
-    return ParallelContext.from_env(ParallelConfig(tp=tp, pp=pp), device="cpu", timeout_s=240)
 
 
 class StopAt:
@@ -162,17 +147,17 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
     M.plot_loss = lambda run_dir: None  # matplotlib costs seconds per run, not tested here
 
     # ---- A: world 2
-    with _world(rank, 2, tp=2) as ctx:
+    with helpers.world(rank, 2, tp=2) as ctx:
         _run(ctx, {**base(outp, tasksp, tok, "tp2"), "parallel": {"tp": 2, "pp": 1}})
         port = helpers.next_world_port(ctx)
-    with _world(rank, 2, port, pp=2) as ctx:
+    with helpers.world(rank, 2, pp=2, port=port) as ctx:
         raw = base(outp, tasksp, tok, "pp2")
         raw["parallel"] = {"tp": 1, "pp": 2}
         raw["deepspeed"]["zero_optimization"]["stage"] = 1
         _run(ctx, raw)
         _run(ctx, xl_config(outp, tasksp, tok, "xl_pp2", pp=2, stage=1))
         port = helpers.next_world_port(ctx)
-    with _world(rank, 2, port) as ctx:
+    with helpers.world(rank, 2, port=port) as ctx:
         _run(ctx, base(outp, tasksp, tok, "dp2_zero0"))
         raw = base(outp, tasksp, tok, "dp2_zero3")
         raw["deepspeed"]["zero_optimization"].update(helpers.zero3())
@@ -192,7 +177,7 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
         return
 
     # ---- B: world 1
-    with _world(0, 1, port) as ctx:
+    with helpers.world(0, 1, port=port) as ctx:
         _run(ctx, base(outp, tasksp, tok, "tp1"))
         for task in TASK_FILES:  # entailment (a word after the delimiter) needs more steps
             epochs = 10 if task == "entailment" else 6
@@ -211,9 +196,5 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
 if __name__ == "__main__":
     out_dir, tasks_dir, tok_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     os.makedirs(out_dir, exist_ok=True)
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    import deepspeed  # noqa: F401 - imported once in the parent, then forked
-
-    import gpt_dist.finetune.session  # noqa: F401
-
+    helpers.preload_trainer()
     helpers.run_ranks(worker, 2, out_dir, tasks_dir, tok_dir, timeout=560)

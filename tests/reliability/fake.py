@@ -34,6 +34,9 @@ class FakeCtx:
     def barrier(self) -> None:
         pass
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
 
 class _CE:
     def save(self, state: Any, path: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import helpers
-from tests.helpers import PY, ROOT, Result  # noqa: F401 - the suite's names for them
+from tests.helpers import PY, ROOT, Result, copy_checkpoint  # noqa: F401 - the suite's names for them
 
 RUNNER = Path(__file__).resolve().parent / "_runner.py"
 VOCAB, EOD = helpers.VOCAB, helpers.EOD
@@ -125,15 +125,3 @@ def diff_runs(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]],
     return out
 
 
-def copy_checkpoint(src_run: Path, dst_run: Path, tag: str) -> Path:
-    """Copy one committed checkpoint (and the run's manifest key) into a fresh run dir."""
-    import shutil
-
-    src, dst = Path(src_run) / "checkpoints", Path(dst_run) / "checkpoints"
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src / tag, dst / tag)
-    for name in (".manifest_key",):
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
-    (dst / "latest").write_text(tag)
-    return dst / tag

@@ -41,8 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from gpt_dist.config import ParallelConfig
-from gpt_dist.parallel import ParallelContext
 from tests import helpers
 from tests.helpers import VOCAB
 
@@ -74,14 +72,6 @@ def _config(out: Path, data: str, name: str, *, tp: int, stage: int, steps: int 
         **TOY, "parallel": {"tp": tp}, "training": {**TOY["training"], "train_steps": steps},
         "model": {**TOY["model"], "dropout": dropout, "attn_dropout": dropout},
         "deepspeed": {"zero_optimization": zero}})
-
-
-def _world(rank: int, world: int, tp: int, port: int | None = None) -> ParallelContext:
-    """A fresh process group + megatron-core groups of this size (the first world's
-    rendezvous is run_ranks'; later ones use the port the previous world picked)."""
-    if port is not None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
-    return ParallelContext.from_env(ParallelConfig(tp=tp), device="cpu", timeout_s=240)
 
 
 TIMES: dict[str, float] = {}
@@ -162,7 +152,7 @@ def worker(rank: int, out: str, data: str) -> None:
     M.plot_loss = lambda run_dir: None  # loss.png: matplotlib costs seconds per run, not tested here
 
     # ---- A: world 4, tp=2 x dp=2
-    with _timed("init_A", _world, rank, 4, tp=2) as ctx:
+    with _timed("init_A", helpers.world, rank, 4, tp=2) as ctx:
         for arch in ("gpt1", "gpt2"):
             res = _forward_backward(ctx, arch)
             if rank == 0:
@@ -176,7 +166,7 @@ def worker(rank: int, out: str, data: str) -> None:
         return
 
     # ---- B: world 2, tp=1 x dp=2, ZeRO-0..3 in the same process group
-    with _timed("init_B", _world, rank, 2, tp=1, port=port) as ctx:
+    with _timed("init_B", helpers.world, rank, 2, tp=1, port=port) as ctx:
         for stage in (0, 1, 2, 3):
             _train(ctx, outp, data, f"dp2_zero{stage}", stage=stage)
         _train_interrupted(ctx, outp, data, "dp2_zero2_resumed", stage=2)
@@ -185,7 +175,7 @@ def worker(rank: int, out: str, data: str) -> None:
         return
 
     # ---- C: world 1: the DP=1 run and the TP=1 forward/backward references
-    with _timed("init_C", _world, 0, 1, tp=1, port=port) as ctx:
+    with _timed("init_C", helpers.world, 0, 1, tp=1, port=port) as ctx:
         _train(ctx, outp, data, "dp1_zero0", stage=0)
         for arch in ("gpt1", "gpt2"):
             torch.save(_forward_backward(ctx, arch), outp / f"tp1_{arch}.pt")
@@ -197,20 +187,6 @@ if __name__ == "__main__":
     out_dir, data_prefix = sys.argv[1], sys.argv[2]
     os.makedirs(out_dir, exist_ok=True)
     os.environ["GPT_DIST_TEST_T0"] = str(T_START)
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    # import DeepSpeed, megatron-core and the trainer once, then fork: 4 processes that each
-    # import them cost ~4x the CPU time on a 2-core machine (nothing distributed exists yet)
-    import deepspeed  # noqa: F401
-    import megatron.core.tensor_parallel  # noqa: F401
-
-    import gpt_dist.parallel
-    import gpt_dist.training.metrics
-    import gpt_dist.training.pretrain  # noqa: F401
-    from gpt_dist import deepspeed_compat
-
-    # DeepSpeed's TorchBackend JIT-builds its shared-memory all-reduce op (used by inference
-    # only) into ~/.cache/torch_extensions; concurrent sessions with other include paths keep
-    # rebuilding it (60-130 s each under load). gloo does everything these tests need.
-    deepspeed_compat.skip_shm_comm_build()
+    helpers.preload_trainer()
     TIMES["imports"] = round(time.time() - T_START, 2)
     helpers.run_ranks(worker, 4, out_dir, data_prefix, timeout=400)

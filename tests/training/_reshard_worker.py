@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gpt_dist.config import ParallelConfig
-from gpt_dist.parallel import ParallelContext
 from gpt_dist.training.hooks import TrainHooks
 from tests import helpers
 from tests.helpers import VOCAB
@@ -99,12 +96,6 @@ class Probe(TrainHooks):
         return what != "optim" or self.restore_optim
 
 
-def _world(rank: int, world: int, tp: int = 1, pp: int = 1, port: int | None = None) -> ParallelContext:
-    if port is not None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
-    return ParallelContext.from_env(ParallelConfig(tp=tp, pp=pp), device="cpu", timeout_s=240)
-
-
 def _reference(ctx, out: Path, data: str, name: str, **layout) -> None:
     import gpt_dist.training.pretrain as L
 
@@ -121,11 +112,7 @@ def _resumed(ctx, out: Path, data: str, name: str, source: str, *, stop_at: int 
     t0 = time.monotonic()
     run = out / name
     if ctx.is_main:
-        src = out / source / "checkpoints"
-        (run / "checkpoints").mkdir(parents=True)
-        shutil.copytree(src / f"global_step{STOP}", run / "checkpoints" / f"global_step{STOP}")
-        shutil.copy2(src / ".manifest_key", run / "checkpoints" / ".manifest_key")
-        (run / "checkpoints" / "latest").write_text(f"global_step{STOP}")
+        helpers.copy_checkpoint(out / source, run, f"global_step{STOP}")
     ctx.barrier()
     cfg = _config(run, data, **layout)
     L.pretrain(cfg, ctx, hooks=Probe(cfg, stop_at=stop_at, restore_optim=restore_optim))
@@ -141,17 +128,17 @@ def worker(rank: int, out: str, data: str) -> None:
 
     M.plot_loss = lambda run_dir: None  # loss.png: matplotlib costs seconds per run, not tested here
 
-    with _world(rank, 4, tp=2) as ctx:  # ---- A: world 4
+    with helpers.world(rank, 4, tp=2) as ctx:  # ---- A: world 4
         _reference(ctx, o, data, "w4_tp2dp2_z1", tp=2, stage=1)
         port = helpers.next_world_port(ctx)
     if rank >= 2:
         return
-    with _world(rank, 2, port=port) as ctx:  # ---- B: world 2, tp=1 x dp=2
+    with helpers.world(rank, 2, port=port) as ctx:  # ---- B: world 2, tp=1 x dp=2
         _reference(ctx, o, data, "dp2_z3", stage=3)
         if _bf16():  # the CI machine may lack bf16: the test then skips
             _reference(ctx, o, data, "dp2_z1_bf16", stage=1, precision="bf16")
         port = helpers.next_world_port(ctx)
-    with _world(rank, 2, tp=2, port=port) as ctx:  # ---- B': tp=2
+    with helpers.world(rank, 2, tp=2, port=port) as ctx:  # ---- B': tp=2
         _reference(ctx, o, data, "tp2_z0", tp=2, stage=0)
         _resumed(ctx, o, data, "dp2z3_to_tp2z1", "dp2_z3", tp=2, stage=1)
         _resumed(ctx, o, data, "dp2z3_to_tp2z1_no_optim", "dp2_z3", tp=2, stage=1, restore_optim=False)
@@ -159,13 +146,13 @@ def worker(rank: int, out: str, data: str) -> None:
         port = helpers.next_world_port(ctx)
         _reference(ctx, o, data, "tp2sp_z2", tp=2, stage=2, sp=True)
         port = helpers.next_world_port(ctx)
-    with _world(rank, 2, pp=2, port=port) as ctx:  # ---- B'': pp=2
+    with helpers.world(rank, 2, pp=2, port=port) as ctx:  # ---- B'': pp=2
         _reference(ctx, o, data, "pp2_z1", pp=2, stage=1)
         _resumed(ctx, o, data, "tp2_to_pp2", "tp2_z0", pp=2, stage=0)
         _resumed(ctx, o, data, "tp2_to_pp2_twice", "tp2_z0", pp=2, stage=0, stop_at=30)
         _resumed(ctx, o, data, "tp2sp_to_pp2z1", "tp2sp_z2", pp=2, stage=1)
         port = helpers.next_world_port(ctx)
-    with _world(rank, 2, port=port) as ctx:  # ---- B''': dp=2 again
+    with helpers.world(rank, 2, port=port) as ctx:  # ---- B''': dp=2 again
         _resumed(ctx, o, data, "pp2_to_dp2z2", "pp2_z1", stage=2)
         _resumed(ctx, o, data, "w4_to_dp2z3", "w4_tp2dp2_z1", stage=3)
         if _bf16():
@@ -173,7 +160,7 @@ def worker(rank: int, out: str, data: str) -> None:
         port = helpers.next_world_port(ctx)
     if rank >= 1:
         return
-    with _world(0, 1, port=port) as ctx:  # ---- C: one rank
+    with helpers.world(0, 1, port=port) as ctx:  # ---- C: one rank
         _resumed(ctx, o, data, "dp2z3_to_1", "dp2_z3", stage=0)
     (o / "times.json").write_text(json.dumps(TIMES, indent=1))
     (o / "done").write_text("ok\n")
@@ -183,14 +170,5 @@ if __name__ == "__main__":
     out_dir, data_prefix = sys.argv[1], sys.argv[2]
     os.makedirs(out_dir, exist_ok=True)
     os.environ["GPT_DIST_TEST_T0"] = str(T_START)
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    import deepspeed  # noqa: F401
-    import megatron.core.tensor_parallel  # noqa: F401
-
-    import gpt_dist.parallel
-    import gpt_dist.training.metrics
-    import gpt_dist.training.pretrain  # noqa: F401
-    from gpt_dist import deepspeed_compat
-
-    deepspeed_compat.skip_shm_comm_build()
+    helpers.preload_trainer()
     helpers.run_ranks(worker, 4, out_dir, data_prefix, timeout=900)

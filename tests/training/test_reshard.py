@@ -12,7 +12,6 @@ copies of those checkpoints, with no process group (what a start checks before b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -173,12 +172,7 @@ def test_console_names_both_layouts_and_what_carried_over(out, name):
 
 
 def _copy_run(out: Out, source: str, dst: Path) -> Path:
-    src = out.root / source / "checkpoints"
-    (dst / "checkpoints").mkdir(parents=True)
-    shutil.copytree(src / f"global_step{STOP}", dst / "checkpoints" / f"global_step{STOP}")
-    shutil.copy2(src / ".manifest_key", dst / "checkpoints" / ".manifest_key")
-    (dst / "checkpoints" / "latest").write_text(f"global_step{STOP}")
-    return dst / "checkpoints" / f"global_step{STOP}"
+    return helpers.copy_checkpoint(out.root / source, dst, f"global_step{STOP}")
 
 
 def _cfg(out: Out, run: Path, **sections):
