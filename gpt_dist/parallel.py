@@ -162,6 +162,38 @@ class MegatronMPU:
         return 1
 
 
+class StageMPU(MegatronMPU):
+    """The mpu of one pipeline stage's own DeepSpeed engine (ZeRO-2/3 under pp > 1,
+    ``gpt_dist.training.stages``).
+
+    * model parallel = the TP x PP group of this data-parallel replica: ZeRO's gradient norm
+      all-reduces over it, so clipping sees the norm over every stage;
+    * model-parallel rank = this rank's place in that group, unique per (stage, TP rank): the
+      rank in DeepSpeed's checkpoint file names (``..._mp_rank_XX_...``), so stages never
+      overwrite each other's files;
+    * tensor-parallel rank = the TP rank: what ZeRO-1/2 count TP-replicated parameters by
+      (ZeRO-3 reads the model-parallel rank instead: ``deepspeed_compat.zero3_norm_by_tp_rank``).
+    """
+
+    def get_model_parallel_group(self) -> Any:
+        return self.ctx.model_parallel_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ctx.pp_rank * self.ctx.tp + self.ctx.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ctx.tp * self.ctx.pp
+
+    def get_tensor_model_parallel_group(self) -> Any:
+        return self.ctx.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ctx.tp
+
+
 @dataclass
 class ParallelContext:
     """Sizes, coordinates, device and groups of this rank; built once per process.
@@ -265,6 +297,7 @@ class ParallelContext:
             "dp": ps.get_data_parallel_group(),
             "pp": ps.get_pipeline_model_parallel_group(),
             "mp": ps.get_model_parallel_group(),
+            "embedding": ps.get_embedding_group(),
         }
 
     # ------------------------------------------------------------------ lifetime
@@ -370,12 +403,21 @@ class ParallelContext:
         return self._group("mp")
 
     @property
+    def embedding_group(self) -> Any:
+        """The first and the last pipeline stage of this (TP, DP) position: the ranks that hold
+        the tied token embedding (megatron-core's embedding group)."""
+        return self._group("embedding")
+
+    @property
     def tensor_parallel(self) -> TPGroup:
         """The TP group for the model's own layers (``ModelSpec.tp_group``)."""
         return TPGroup(self.tp_group if self.tp > 1 else None, self.tp, self.tp_rank)
 
     def mpu(self) -> MegatronMPU:
         return MegatronMPU(self)
+
+    def stage_mpu(self) -> StageMPU:
+        return StageMPU(self)
 
     def barrier(self) -> None:
         if dist.is_initialized() and not self._destroyed:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from gpt_dist.config import ParallelConfig
-from gpt_dist.deepspeed_compat import pipeline_layers
+from gpt_dist.deepspeed_compat import pipeline_layers, pipeline_loss_fn
 from gpt_dist.model.gpt import GPT, Block, Embedding, LMHead, ModelSpec, init_task_head
 from gpt_dist.model.heads import TaskHead
 from gpt_dist.model.kv_cache import KVCache
@@ -146,6 +146,41 @@ def build_pipeline_module(par: ParallelConfig, ctx: ParallelContext, spec: Model
     return module
 
 
+class StageModule(torch.nn.Module):
+    """This rank's ``PipelineModule`` stage as a plain module, for a DeepSpeed engine of its own
+    (the pipeline under ZeRO-2/3, ``gpt_dist.training.stages``; DeepSpeed's pipeline engine
+    refuses ZeRO-2/3).
+
+    The same layers under the same parameter names (the stage's children are registered here,
+    not the ``PipelineModule`` itself), so checkpoints, the layout-free state and export map
+    names exactly as for the pipeline engine. On the last stage ``forward`` also applies the
+    loss function: under ZeRO-3 the tied ``wte`` is gathered only inside the engine's forward,
+    so the loss cannot be computed outside it as DeepSpeed's pipeline engine does.
+
+        first / middle stage:  x [b,s] tokens or [s,b,h] -> [s,b,h]
+        last stage:            x [s,b,h], labels... -> scalar loss (``LMLoss``/``TaskLoss``)
+    """
+
+    def __init__(self, pipe: Any, is_last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "pipe", pipe)  # not a child: its children are ours
+        for name, child in pipe.named_children():
+            self.add_module(name, child)
+        self.is_last = is_last
+        self.loss_fn = pipeline_loss_fn(pipe)
+        self.forward_funcs = pipeline_layers(pipe)
+
+    def train(self, mode: bool = True) -> StageModule:
+        self.pipe.training = mode
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor, **labels: torch.Tensor) -> torch.Tensor:
+        out = self.pipe(x)
+        if not self.is_last:
+            return out
+        return self.loss_fn(out, tuple(labels[k] for k in sorted(labels)))
+
+
 @dataclass
 class StageParts:
     """This rank's part of the model as the inference runtime runs it, the same for a whole
@@ -163,7 +198,7 @@ def stage_parts(model: Any) -> StageParts:
     """``StageParts`` of a ``GPT`` or of this rank's ``PipelineModule`` stage."""
     if isinstance(model, GPT):
         return StageParts(model.embed, list(model.h), model.head, model.embed.wte.weight, model.task_head)
-    layers = pipeline_layers(model)
+    layers = model.forward_funcs if isinstance(model, StageModule) else pipeline_layers(model)
     embeds = [f for f in layers if isinstance(f, EmbeddingPipe)]
     heads = [f for f in layers if isinstance(f, LMHeadPipe)]
     tied = [f for f in layers if isinstance(f, functools.partial) and f.func is _with_wte]

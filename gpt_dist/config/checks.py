@@ -54,11 +54,22 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True,
     stage = cfg.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage}")
-    if p.pp > 1 and stage >= 2:
+    if p.pp > 1 and stage >= 2 and p.pipeline_engine == "deepspeed":
         raise ConfigError(
-            f"deepspeed.zero_optimization.stage: DeepSpeed's pipeline engine refuses ZeRO-{stage} "
-            "with parallel.pp>1; use ZeRO-1 with pp, or ZeRO-3 with parallel.pp=1"
+            f"parallel.pipeline_engine: DeepSpeed's pipeline engine refuses ZeRO-{stage}; "
+            "use pipeline_engine 'stages' (or 'auto') for pp>1 with ZeRO-2/3"
         )
+    if cfg.staged_pipeline:
+        if stage == 0:
+            raise ConfigError("parallel.pipeline_engine: 'stages' needs ZeRO-1/2/3 "
+                              "(deepspeed.zero_optimization.stage); use 'deepspeed' or 'auto' at ZeRO-0")
+        if t.precision == "fp16":
+            raise ConfigError("training.precision: fp16 with parallel.pp>1 under ZeRO-2/3 (pipeline_engine "
+                              "'stages') is not supported (its loss scaler would scale every stage's "
+                              "incoming gradient again); use bf16 or fp32")
+        if cfg.optimizer_offloaded:
+            raise ConfigError("deepspeed.zero_optimization.offload_optimizer: not supported with "
+                              "parallel.pp>1 under ZeRO-2/3 (pipeline_engine 'stages')")
     if p.pp > 1:
         accum = cfg.grad_accum_steps(world_size)
         if accum < p.pp:

@@ -68,6 +68,12 @@ class ParallelConfig:
     partition_activations: bool = False
     """Split checkpointed activations across TP ranks (DeepSpeed checkpointing)."""
     pipeline_partition: Literal["parameters", "uniform", "type:Block"] = "parameters"
+    pipeline_engine: Literal["auto", "deepspeed", "stages"] = "auto"
+    """What runs the pipeline when pp > 1. ``deepspeed``: DeepSpeed's ``PipelineEngine`` (ZeRO-0/1
+    only: it refuses ZeRO-2/3). ``stages``: one DeepSpeed engine per stage with ZeRO over the
+    stage's data-parallel group, driven by torch's 1F1B schedule (ZeRO-1/2/3;
+    ``gpt_dist/training/stages.py``). ``auto``: ``stages`` under ZeRO-2/3, else ``deepspeed``
+    (BENCHMARKS.md, "Pipeline under ZeRO-3", has the measured reason both stay)."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "checkpoint_every"):

@@ -68,6 +68,12 @@ class Config:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
     @property
+    def staged_pipeline(self) -> bool:
+        """pp > 1 run by one DeepSpeed engine per stage (``parallel.pipeline_engine``)."""
+        engine = self.parallel.pipeline_engine
+        return self.parallel.pp > 1 and (engine == "stages" or (engine == "auto" and self.zero_stage >= 2))
+
+    @property
     def optimizer_offloaded(self) -> bool:
         """ZeRO-Offload moves the optimizer to the CPU or NVMe (DeepSpeedCPUAdam, no FusedAdam)."""
         offload = self.deepspeed.get("zero_optimization", {}).get("offload_optimizer", {})

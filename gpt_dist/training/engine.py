@@ -21,6 +21,8 @@ from gpt_dist import deepspeed_compat
 from gpt_dist.config import Config, OptimizerConfig, Schedule, kernels_for
 from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
 from gpt_dist.parallel import ParallelContext
+from gpt_dist.pipeline import StageModule
+from gpt_dist.training.stages import StagedPipelineEngine
 
 # DeepSpeed sizes its ZeRO buckets (5e8 elements: a 2 GB buffer each) for GPUs. On a CPU those
 # allocations dominate a small run, so CPU runs default to 5e6 unless the config sets them.
@@ -51,7 +53,11 @@ def deepspeed_config(cfg: Config, world_size: int, device: str = "cuda") -> dict
     ds.setdefault("zero_optimization", {"stage": 0})
     if device == "cpu":
         ds["zero_optimization"] = {**_CPU_BUCKETS, **ds["zero_optimization"]}
-    if cfg.parallel.pp > 1 and cfg.parallel.sequence_parallel:
+    if cfg.staged_pipeline:
+        # one engine per stage (training/stages.py): the pipeline schedule owns the micro-batches
+        # and calls step() once per global step (a top-level DeepSpeed key)
+        ds["managed_gradient_accumulation"] = False
+    elif cfg.parallel.pp > 1 and cfg.parallel.sequence_parallel:
         # The pipeline engine sends 1/tp of each inter-stage activation per TP rank and
         # all-gathers it on arrival, assuming it is the same on every TP rank. Under sequence
         # parallelism each rank holds its own sequence slice (already 1/tp): send it whole.
@@ -145,7 +151,8 @@ class Engine:
     """What the loop needs: the DeepSpeed engine, the plain optimizer inside it, the guard."""
 
     ds: Any
-    """deepspeed.DeepSpeedEngine, or its PipelineEngine when pp > 1"""
+    """deepspeed.DeepSpeedEngine; with pp > 1 its PipelineEngine, or under ZeRO-2/3
+    ``stages.StagedPipelineEngine`` (the same interface where the loop uses it)"""
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ds_config: dict[str, Any]
@@ -171,9 +178,34 @@ def build_engine(cfg: Config, ctx: ParallelContext, model: nn.Module | None = No
                                 fused_adam=not offloaded and kernels_for(cfg, ctx.device.type).fused_adam)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, schedule or cfg.run_schedule()))
     guard = NonFiniteGuard(optimizer, ctx.device)  # after LambdaLR, which re-wraps .step
+    if cfg.staged_pipeline:
+        return _build_staged(cfg, ctx, model, optimizer, scheduler, ds_config, guard)
     ds_engine, _, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=ctx.mpu() if ctx.pp == 1 else None, dist_init_required=False)
     deepspeed_compat.keep_fp32_clip_norm(ds_engine)
     return Engine(ds=ds_engine, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config,
                   guard=guard)
+
+
+def _build_staged(cfg: Config, ctx: ParallelContext, pipe: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Any, ds_config: dict[str, Any], guard: NonFiniteGuard) -> Engine:
+    """pp > 1 under ZeRO-2/3: this rank's stage in a plain DeepSpeed engine whose ZeRO
+    partitions over the stage's data-parallel group (``training/stages.py``)."""
+    import deepspeed
+
+
+
+    if cfg.zero_stage == 3:
+        deepspeed_compat.skip_zero3_trace_check()
+    stage = StageModule(pipe, ctx.is_last_stage)
+    ds_engine, _, _, ds_sched = deepspeed.initialize(
+        model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        mpu=ctx.stage_mpu(), dist_init_required=False)
+    if cfg.zero_stage == 3:
+        deepspeed_compat.zero3_norm_by_tp_rank(ds_engine, ctx.tp_rank)
+    dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+    staged = StagedPipelineEngine(ds_engine, ctx, cfg.grad_accum_steps(ctx.world_size), cfg.zero_stage,
+                                  hidden=cfg.model.n_embd, sequence_parallel=cfg.parallel.sequence_parallel,
+                                  dtype=dtype)
+    return Engine(ds=staged, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config, guard=guard)
