@@ -385,3 +385,22 @@ def zero3_norm_by_tp_rank(ds_engine: Any, tp_rank: int) -> None:
         return direct([gradients[i] for i in keep], [params[i] for i in keep], norm_type)
 
     opt.get_grad_norm_direct = get_grad_norm_direct
+
+
+def before_zero_step(ds_engine: Any, fn: Callable[[], None]) -> None:
+    """Run ``fn`` at the start of the ZeRO-1/2 optimizer's ``step()``, after DeepSpeed has
+    reduced this step's gradients into its partitions and before it takes their norm.
+
+    With ``managed_gradient_accumulation: false`` ZeRO-1/2 keep a step's gradients in internal
+    buffers until ``engine.step()`` reduces them (``finalize_gradient_accumulation_boundary`` /
+    ``allreduce_gradients``); only then can the public ``safe_get_full_grad`` /
+    ``safe_set_full_grad`` read and write them ("Gradients are only available immediately
+    after backward and before engine step" before that). The tied embedding's gradients are
+    summed there (``training/stages.py``)."""
+    step = ds_engine.optimizer.step
+
+    def stepped(*args: Any, **kwargs: Any) -> Any:
+        fn()
+        return step(*args, **kwargs)
+
+    ds_engine.optimizer.step = stepped

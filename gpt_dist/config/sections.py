@@ -74,6 +74,9 @@ class ParallelConfig:
     stage's data-parallel group, driven by torch's 1F1B schedule (ZeRO-1/2/3;
     ``gpt_dist/training/stages.py``). ``auto``: ``stages`` under ZeRO-2/3, else ``deepspeed``
     (BENCHMARKS.md, "Pipeline under ZeRO-3", has the measured reason both stay)."""
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """The ``stages`` engine's schedule (torch.distributed.pipelining): 1F1B keeps at most pp
+    micro-batches' activations per stage; GPipe runs every forward, then every backward."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "checkpoint_every"):

@@ -207,5 +207,5 @@ def _build_staged(cfg: Config, ctx: ParallelContext, pipe: nn.Module, optimizer:
     dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
     staged = StagedPipelineEngine(ds_engine, ctx, cfg.grad_accum_steps(ctx.world_size), cfg.zero_stage,
                                   hidden=cfg.model.n_embd, sequence_parallel=cfg.parallel.sequence_parallel,
-                                  dtype=dtype)
+                                  dtype=dtype, schedule=cfg.parallel.pipeline_schedule)
     return Engine(ds=staged, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config, guard=guard)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
-import os
 
 import torch
 import torch.distributed as dist
@@ -91,9 +90,9 @@ class StagedPipelineEngine:
     """This rank's stage engine and the schedule that drives all stages (module docstring)."""
 
     def __init__(self, engine: Any, ctx: ParallelContext, micro_batches: int, zero_stage: int, *,
-                 hidden: int, sequence_parallel: bool, dtype: torch.dtype) -> None:
+                 hidden: int, sequence_parallel: bool, dtype: torch.dtype, schedule: str = "1f1b") -> None:
         self.engine, self.ctx, self.micro_batches, self.zero_stage = engine, ctx, micro_batches, zero_stage
-        self.hidden, self.sequence_parallel, self.dtype = hidden, sequence_parallel, dtype
+        self.hidden, self.sequence_parallel, self.dtype, self.schedule = hidden, sequence_parallel, dtype, schedule
         module: StageModule = engine.module
         self.is_first, self.is_last = ctx.is_first_stage, ctx.is_last_stage
         self._wrapped = _EngineStage(engine, 1.0 if self.is_last else float(micro_batches))
@@ -104,6 +103,8 @@ class StagedPipelineEngine:
         if self.is_last:
             for p in self.tied:  # the copy: counted once in norms (the first stage owns it)
                 p.ds_pipe_replicated = True
+        if zero_stage < 3:  # ZeRO-1/2 hold the step's gradients where the public API reads them only inside step()
+            deepspeed_compat.before_zero_step(engine, self.sum_tied_grads)
 
     def _schedule(self, tokens_shape: tuple[int, ...], train: bool) -> Any:
         """torch's schedule for micro-batches of ``tokens_shape`` ([b, s] token ids), built once
@@ -130,8 +131,7 @@ class StagedPipelineEngine:
                               input_args=(inp,), output_args=(out,),
                               input_grads=None if self.is_first else (act,),
                               output_grads=None if self.is_last else (act,))
-        import os
-        kind = Schedule1F1B if train and not os.environ.get("GPIPE") else ScheduleGPipe
+        kind = Schedule1F1B if train and self.schedule == "1f1b" else ScheduleGPipe
         sched = kind(stage, n_microbatches=self.micro_batches, loss_fn=_loss_is_output, scale_grads=False)
         self._schedules[key] = sched
         return sched
@@ -146,19 +146,11 @@ class StagedPipelineEngine:
         over micro-batches and data-parallel ranks, on every rank."""
         losses: list[torch.Tensor] = []
         items = list(data_iter)
-        import os
-        if os.environ.get("DBG"):
-            o = self.engine.optimizer
-            print("DBG", self.ctx.rank, getattr(o, "micro_step_id", None), getattr(o, "_epilogue_ran_this_backward", None), flush=True)
         args, kwargs = self._inputs(items)
         sched = self._schedule(tuple(items[0][0].shape), train=True)
         sched.step(*args, target=kwargs.get("label_00"), losses=losses, return_outputs=False, **kwargs)
-        self.sum_tied_grads()
-        if os.environ.get("DBG"):
-            from deepspeed.utils import safe_get_full_grad
-            for n, p in self.engine.module.named_parameters():
-                g = safe_get_full_grad(p)
-                print(f"GN {self.ctx.rank} {n} {float(g.double().norm()):.8f}", flush=True)
+        if self.zero_stage == 3:
+            self.sum_tied_grads()
         self.engine.step()
         return self._mean_loss(losses)
 
