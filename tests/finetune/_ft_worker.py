@@ -8,7 +8,8 @@ they go through worlds one after another, each a ``with ParallelContext`` block 
 destroys its groups:
 
 A. world 2: the same multiple-choice fine-tuning (dropout 0 unless said) as
-   ``tp2`` (tp=2), ``pp2`` (pp=2, ZeRO-1), ``dp2_zero0`` and ``dp2_zero3`` (ZeRO-3 with every
+   ``tp2`` (tp=2), ``pp2`` (pp=2, ZeRO-1), ``pp2_zero3`` (pp=2 under ZeRO-3: a DeepSpeed
+   engine per stage), ``dp2_zero0`` and ``dp2_zero3`` (ZeRO-3 with every
    parameter partitioned, tests/helpers.py ``zero3``), and with dropout 0.1 ``dp2_drop``
    (uninterrupted) and ``dp2_drop_resumed`` (2 epochs; a stop signal after step 6, mid-epoch,
    then the same run started again: it resumes from the checkpoint the signal wrote).
@@ -154,6 +155,10 @@ def worker(rank: int, out: str, tasks: str, tok: str) -> None:
         raw = base(outp, tasksp, tok, "pp2")
         raw["parallel"] = {"tp": 1, "pp": 2}
         raw["deepspeed"]["zero_optimization"]["stage"] = 1
+        _run(ctx, raw)
+        raw = base(outp, tasksp, tok, "pp2_zero3")  # one DeepSpeed engine per stage (training/stages.py)
+        raw["parallel"] = {"tp": 1, "pp": 2}
+        raw["deepspeed"]["zero_optimization"].update(helpers.zero3())
         _run(ctx, raw)
         _run(ctx, xl_config(outp, tasksp, tok, "xl_pp2", pp=2, stage=1))
         port = helpers.next_world_port(ctx)

@@ -48,7 +48,7 @@ def test_objective_is_l2_plus_lambda_l1_and_both_are_logged(ft_runs, name, coef)
     assert ft_runs.results(name)["valid"]["accuracy"] >= 0.9
 
 
-@pytest.mark.parametrize("other", ["tp2", "pp2"])
+@pytest.mark.parametrize("other", ["tp2", "pp2", "pp2_zero3"])
 def test_tp2_and_pp2_equal_tp1(ft_runs, other):
     for key in KEYS:
         diff = _close(ft_runs.by_step("tp1", key), ft_runs.by_step(other, key))
