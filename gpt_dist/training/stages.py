@@ -47,7 +47,6 @@ from gpt_dist import deepspeed_compat
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.pipeline import StageModule
 
-
 TIED_WEIGHT = "tied_modules.embed.wte.weight"
 """The token embedding on the first stage and the output layer's copy on the last
 (``pipeline.build_pipeline_module``: ``TiedLayerSpec("embed", ..., tied_weight_attr="wte.weight")``)."""
