@@ -197,15 +197,17 @@ def pipeline_layers(module: Any) -> list[Any]:
     modules of its ``LayerSpec``s, the shared module of a ``TiedLayerSpec``, or
     ``functools.partial(forward_fn, shared module)`` for a tied spec with a ``forward_fn``. No
     public accessor exists (``named_children`` misses the ``forward_fn`` partials and a tied
-    module's second use)."""
-    return list(module.forward_funcs)
+    module's second use). A ``pipeline.StageModule`` (a stage under its own engine) answers
+    for the ``PipelineModule`` it wraps (``.pipe``)."""
+    return list(getattr(module, "pipe", module).forward_funcs)
 
 
 def pipeline_loss_fn(module: Any) -> Any:
     """The loss function a ``PipelineModule`` was built with (``loss_fn=``), as the engine
     calls it on the last stage: fine-tuning reads the task metrics that ``TaskLoss`` records
-    there. ``PipelineModule`` keeps it as the attribute ``loss_fn`` without documenting it."""
-    return module.loss_fn
+    there. ``PipelineModule`` keeps it as the attribute ``loss_fn`` without documenting it;
+    a ``pipeline.StageModule`` answers for the module it wraps."""
+    return getattr(module, "pipe", module).loss_fn
 
 
 # --------------------------------------------------------------------------- reading ZeRO files

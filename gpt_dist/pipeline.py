@@ -167,8 +167,6 @@ class StageModule(torch.nn.Module):
         for name, child in pipe.named_children():
             self.add_module(name, child)
         self.is_last = is_last
-        self.loss_fn = pipeline_loss_fn(pipe)
-        self.forward_funcs = pipeline_layers(pipe)
 
     def train(self, mode: bool = True) -> StageModule:
         self.pipe.training = mode
@@ -178,7 +176,7 @@ class StageModule(torch.nn.Module):
         out = self.pipe(x)
         if not self.is_last:
             return out
-        return self.loss_fn(out, tuple(labels[k] for k in sorted(labels)))
+        return pipeline_loss_fn(self.pipe)(out, tuple(labels[k] for k in sorted(labels)))
 
 
 @dataclass
@@ -198,7 +196,7 @@ def stage_parts(model: Any) -> StageParts:
     """``StageParts`` of a ``GPT`` or of this rank's ``PipelineModule`` stage."""
     if isinstance(model, GPT):
         return StageParts(model.embed, list(model.h), model.head, model.embed.wte.weight, model.task_head)
-    layers = model.forward_funcs if isinstance(model, StageModule) else pipeline_layers(model)
+    layers = pipeline_layers(model)
     embeds = [f for f in layers if isinstance(f, EmbeddingPipe)]
     heads = [f for f in layers if isinstance(f, LMHeadPipe)]
     tied = [f for f in layers if isinstance(f, functools.partial) and f.func is _with_wte]

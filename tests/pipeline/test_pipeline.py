@@ -29,13 +29,33 @@ TOL = 1e-5
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_pp_with_zero23_one_line_error(stage, base_json):
+def test_pp_with_zero23_runs_on_stage_engines_and_deepspeeds_engine_refuses(stage, base_json):
+    """pp > 1 under ZeRO-2/3 validates (``auto``: one DeepSpeed engine per stage, issue 20);
+    asking for DeepSpeed's pipeline engine, which refuses ZeRO-2/3, is one line naming the key."""
     cfg = load_config(base_json, ["parallel.pp=2", f"deepspeed.zero_optimization.stage={stage}"])
+    validate(cfg, 2, check_paths=False)
+    assert cfg.staged_pipeline
+    cfg = load_config(base_json, ["parallel.pp=2", f"deepspeed.zero_optimization.stage={stage}",
+                                  "parallel.pipeline_engine=deepspeed"])
     with pytest.raises(ConfigError) as exc:
         validate(cfg, 2, check_paths=False)
     msg = str(exc.value)
     assert "\n" not in msg
-    assert f"ZeRO-{stage}" in msg and "ZeRO-1 with pp" in msg and "ZeRO-3 with parallel.pp=1" in msg
+    assert msg.startswith("parallel.pipeline_engine:") and f"ZeRO-{stage}" in msg and "'stages'" in msg, msg
+
+
+@pytest.mark.parametrize("sets,key", [
+    (["deepspeed.zero_optimization.stage=0", "parallel.pipeline_engine=stages"], "parallel.pipeline_engine:"),
+    (["deepspeed.zero_optimization.stage=3", "training.precision=fp16"], "training.precision:"),
+    (["deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.offload_optimizer.device=cpu"],
+     "deepspeed.zero_optimization.offload_optimizer:"),
+    (["deepspeed.zero_optimization.stage=1", "parallel.pipeline_schedule=gpipe"], "parallel.pipeline_schedule:"),
+])
+def test_stage_engine_constraints_one_line_each(sets, key, base_json):
+    cfg = load_config(base_json, ["parallel.pp=2", *sets])
+    with pytest.raises(ConfigError) as exc:
+        validate(cfg, 2, check_paths=False)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(key), str(exc.value)
 
 
 def test_pp_with_zero23_launcher_prints_one_line(tmp_path, base_json):
@@ -43,10 +63,11 @@ def test_pp_with_zero23_launcher_prints_one_line(tmp_path, base_json):
            "PYTHONPATH": str(ROOT)}  # exactly this environment: no launcher ever ran
     proc = helpers.run(helpers.python_cmd(ROOT / "launch" / "pretrain.py", "--config", base_json,
                                           "--set", "parallel.pp=2", "deepspeed.zero_optimization.stage=3",
+                                          "parallel.pipeline_engine=deepspeed",
                                           f"run.dir={tmp_path}"), env=env, timeout=120)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("pretrain:")]
-    assert len(errors) == 1 and "ZeRO-1 with pp" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and "parallel.pipeline_engine" in errors[0], proc.stderr[-2000:]
 
 
 def test_validation_layers_and_micro_batches(base_json):
