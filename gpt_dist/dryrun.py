@@ -41,6 +41,9 @@ that), M micro-batches per step, gradients in the training dtype:
   all-gather of the updated weights;
 * ZeRO-3: every micro-batch gathers the stage's weights in its forward and again in its
   backward (2M all-gathers) and reduce-scatters its gradients (M); nothing after the step.
+  An upper bound: ZeRO-3 keeps a module gathered between two uses fewer than
+  ``stage3_max_reuse_distance`` parameters apart (while its prefetch trace holds), and
+  parameters under ``stage3_param_persistence_threshold`` (biases, LayerNorms) for good.
 """
 
 from __future__ import annotations
@@ -436,7 +439,8 @@ def communication_lines(cfg: Config, stages: list[StageParams], dp: int, accum: 
     out = [(f"data-parallel communication per step (GB each rank sends over its dp group of {dp}, "
             f"ring collectives, M={accum} micro-batches):")]
     calls = dp_communication(stages[0].per_rank, dp, accum, zero_stage=zero, precision=precision)
-    out.append(f"  ZeRO-{zero}: " + " + ".join(f"{c.count} x {c.what}" for c in calls))
+    out.append(f"  ZeRO-{zero}: " + " + ".join(f"{c.count} x {c.what}" for c in calls)
+               + ("; at most: modules reused soon stay gathered (stage3_max_reuse_distance)" if zero == 3 else ""))
     for st in stages:
         calls = dp_communication(st.per_rank, dp, accum, zero_stage=zero, precision=precision)
         sent = sum(c.total for c in calls)
