@@ -131,10 +131,15 @@ def build_pipeline_module(par: ParallelConfig, ctx: ParallelContext, spec: Model
     # of blocks: DeepSpeed's (reentrant) checkpoint gives no gradient to a chunk whose input does
     # not require one, i.e. one that starts with the embedding on the first stage.
     interval = par.checkpoint_every if par.activation_checkpointing == "full" else 0
-    module = PipelineModule(layers=layers, loss_fn=loss_fn, topology=ctx.topology,
-                            partition_method=par.pipeline_partition,
-                            activation_checkpoint_interval=interval,
-                            checkpointable_layers=["BlockPipe"])
+    # Built under no_grad: DeepSpeed broadcasts the tied weights in place at construction
+    # (``_synchronize_tied_weights``), which autograd would otherwise record on the parameter
+    # as an op without a backward ("c10d::broadcast_: an autograd kernel was not registered",
+    # warned at every backward through the tied copy). Parameters still require grad.
+    with torch.no_grad():
+        module = PipelineModule(layers=layers, loss_fn=loss_fn, topology=ctx.topology,
+                                partition_method=par.pipeline_partition,
+                                activation_checkpoint_interval=interval,
+                                checkpointable_layers=["BlockPipe"])
     funcs = pipeline_layers(module)
     lm_heads = [f for f in funcs if isinstance(f, LMHeadPipe)]
     if isinstance(loss_fn, TaskLoss):
