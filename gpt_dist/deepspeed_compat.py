@@ -202,6 +202,15 @@ def pipeline_layers(module: Any) -> list[Any]:
     return list(getattr(module, "pipe", module).forward_funcs)
 
 
+def prepare_pipeline_forward(module: Any) -> None:
+    """What DeepSpeed's ``PipelineEngine`` does to a ``PipelineModule`` before its first forward
+    and a ``PipelineModule`` run by any other engine needs too: with activation checkpointing,
+    ``forward`` walks ``is_checkpointable_results`` (one flag per chunk of layers), which only
+    ``_precompute_checkpointable_values()`` fills. Left empty, ``forward`` runs no layer at all
+    and returns its input unchanged (measured: the first stage passed token ids on)."""
+    module._precompute_checkpointable_values()
+
+
 def pipeline_loss_fn(module: Any) -> Any:
     """The loss function a ``PipelineModule`` was built with (``loss_fn=``), as the engine
     calls it on the last stage: fine-tuning reads the task metrics that ``TaskLoss`` records

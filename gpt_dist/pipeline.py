@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from gpt_dist.config import ParallelConfig
-from gpt_dist.deepspeed_compat import pipeline_layers, pipeline_loss_fn
+from gpt_dist.deepspeed_compat import pipeline_layers, pipeline_loss_fn, prepare_pipeline_forward
 from gpt_dist.model.gpt import GPT, Block, Embedding, LMHead, ModelSpec, init_task_head
 from gpt_dist.model.heads import TaskHead
 from gpt_dist.model.kv_cache import KVCache
@@ -172,6 +172,7 @@ class StageModule(torch.nn.Module):
         for name, child in pipe.named_children():
             self.add_module(name, child)
         self.is_last = is_last
+        prepare_pipeline_forward(pipe)
 
     def train(self, mode: bool = True) -> StageModule:
         self.pipe.training = mode

@@ -275,6 +275,25 @@ def test_pipeline_layers_and_loss_fn_are_what_the_engine_runs(ctx):
     assert len(calls) == 1 and float(loss) == pytest.approx(calls[0])
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+def test_prepare_pipeline_forward_makes_a_checkpointed_pipeline_module_run_its_layers(ctx, prepared):
+    """A ``PipelineModule`` with activation checkpointing, run outside DeepSpeed's pipeline
+    engine: unprepared, its forward runs no layer and returns the input."""
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    torch.manual_seed(0)
+    module = PipelineModule(layers=[LayerSpec(nn.Linear, 4, 4), LayerSpec(nn.Linear, 4, 4)], num_stages=1,
+                            partition_method="uniform", activation_checkpoint_interval=1)
+    if prepared:
+        compat.prepare_pipeline_forward(module)
+    x = torch.randn(2, 4)
+    layers = compat.pipeline_layers(module)
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.allclose(out, layers[1](layers[0](x))) == prepared
+    assert torch.equal(out, x) != prepared
+
+
 # --------------------------------------------------------------------------- reading ZeRO files
 
 

@@ -124,10 +124,13 @@ def _module_states(tag_dir: Path, layout: dict[str, Any], zero_stage: int, n_lay
                    prefer_master: bool) -> Iterable[tuple[int, Path, dict[str, torch.Tensor]]]:
     """(tp_rank, file, {module_name: tensor}) for every file holding weights, one at a time."""
     tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
+    if pp > 1 and not any(tag_dir.glob("layer_*-model_*-model_states.pt")):
+        # one DeepSpeed engine per stage (pp > 1 under ZeRO-2/3, training/stages.py): plain
+        # engine files, model-parallel rank = pp_rank * tp + tp_rank (parallel.StageMPU)
+        yield from _stage_engine_states(tag_dir, tp, pp, zero_stage, prefer_master)
+        return
     if pp > 1:
         files = sorted(tag_dir.glob("layer_*-model_*-model_states.pt"))
-        if not files:
-            raise ExportError(f"{tag_dir}: pipeline checkpoint (pp={pp}) without layer_*-model_states.pt files")
         for path in files:
             m = re.match(r"layer_(\d+)-model_(\d+)-model_states\.pt$", path.name)
             if not m:
@@ -140,19 +143,33 @@ def _module_states(tag_dir: Path, layout: dict[str, Any], zero_stage: int, n_lay
             del sd
         return
     for tp_rank in range(tp):
-        if zero_stage == 3:
-            yield tp_rank, tag_dir, _zero3_state(tag_dir, tp_rank)
-            continue
-        path = tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt"
-        sd = _torch_load(path)
-        if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
-            raise ExportError(f"{path}: has no 'module' state dict")
-        module = sd["module"]
-        floats = [v for v in module.values() if torch.is_tensor(v) and v.is_floating_point()]
-        if prefer_master and zero_stage in (1, 2) and floats and floats[0].dtype != torch.float32:
-            module = _zero12_master(tag_dir, tp_rank, sd) or module
-        yield tp_rank, path, module
-        del sd, module
+        yield tp_rank, tag_dir, _engine_state(tag_dir, tp_rank, zero_stage, prefer_master)
+
+
+def _engine_state(tag_dir: Path, mp_rank: int, zero_stage: int, prefer_master: bool) -> dict[str, torch.Tensor]:
+    """{module_name: tensor} of one model-parallel rank's plain (non-pipeline) engine files."""
+    if zero_stage == 3:
+        return _zero3_state(tag_dir, mp_rank)
+    path = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+    sd = _torch_load(path)
+    if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
+        raise ExportError(f"{path}: has no 'module' state dict")
+    module = sd["module"]
+    floats = [v for v in module.values() if torch.is_tensor(v) and v.is_floating_point()]
+    if prefer_master and zero_stage in (1, 2) and floats and floats[0].dtype != torch.float32:
+        module = _zero12_master(tag_dir, mp_rank, sd) or module
+    return module
+
+
+def _stage_engine_states(tag_dir: Path, tp: int, pp: int, zero_stage: int,
+                         prefer_master: bool) -> Iterable[tuple[int, Path, dict[str, torch.Tensor]]]:
+    """Each stage's weights; the last stage's copy of the tied embedding module is left out
+    (its ``wte`` equals the first stage's; its ``wpe`` is never used)."""
+    for mp_rank in range(tp * pp):
+        module = _engine_state(tag_dir, mp_rank, zero_stage, prefer_master)
+        if mp_rank >= tp:
+            module = {k: v for k, v in module.items() if not k.startswith("tied_modules.")}
+        yield mp_rank % tp, tag_dir, module
 
 
 def _zero_model_state(path: Path, sd: dict[str, Any]) -> Any:
