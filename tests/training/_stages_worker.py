@@ -13,7 +13,8 @@ A. world 4, pp=2 x dp=2 (micro-batch 2: M = 2 micro-batches per step = pp):
    30 steps each: ``pp2dp2_z3_ac`` (activation checkpointing), ``pp2dp2_z3_gpt1`` (GPT-1).
 B. world 4, tp=2 x pp=2 (dp=1, micro-batch 2: M = 4 > pp): ``tp2pp2_z3``; 30 steps of
    ``tp2pp2_z3_sp`` (sequence parallelism).
-C. world 1: ``ref`` (pp=1, ZeRO-0) and 30 steps of ``ref_gpt1``.
+C. world 1: ``ref`` (pp=1, ZeRO-0) and 30 steps of ``ref_short`` and ``ref_gpt1`` (the
+   data order depends on the run's length: megatron-core's dataset indexes train_steps x batch).
 
 Each pipeline run records, every step, the largest difference between the first and the last
 stage's copies of the tied embedding (``tied_diff``, fp32 masters) and, at its first step, how
@@ -102,6 +103,7 @@ def worker(rank: int, out: str, data: str) -> None:
         return
     with helpers.world(0, 1, port=port) as ctx:
         L.pretrain(config(outp, data, "ref", tp=1, pp=1, stage=0), ctx)
+        L.pretrain(config(outp, data, "ref_short", tp=1, pp=1, stage=0, steps=SHORT), ctx)
         L.pretrain(config(outp, data, "ref_gpt1", tp=1, pp=1, stage=0, steps=SHORT, arch="gpt1"), ctx)
     (outp / "done").write_text("ok\n")
 

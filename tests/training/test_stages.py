@@ -60,15 +60,16 @@ def test_pipeline_under_zero_equals_one_rank(out, name):
     assert len(vals["ref"]) == 2 and vals[name] == pytest.approx(vals["ref"], rel=TOL), vals  # steps 50, 100
 
 
-@pytest.mark.parametrize("name,ref", [("pp2dp2_z3_ac", "ref"), ("pp2dp2_z3_gpt1", "ref_gpt1"),
-                                      ("tp2pp2_z3_sp", "ref")])
+@pytest.mark.parametrize("name,ref", [("pp2dp2_z3_ac", "ref_short"), ("pp2dp2_z3_gpt1", "ref_gpt1"),
+                                      ("tp2pp2_z3_sp", "ref_short")])
 def test_activation_checkpointing_gpt1_and_sequence_parallelism_keep_working(out, name, ref):
     """30 steps of each, the same step for step as one rank (GPT-1: its own reference)."""
-    got, want = _steps(out, name), _steps(out, ref)[:30]
+    got, want = _steps(out, name), _steps(out, ref)
     assert [r["step"] for r in got] == list(range(1, 31))
     for a, b in zip(got, want, strict=True):
         assert _rel(a["loss"], b["loss"]) <= TOL, (name, a["step"], a["loss"], b["loss"])
         assert _rel(a["grad_norm"], b["grad_norm"]) <= TOL, (name, a["step"], a["grad_norm"], b["grad_norm"])
+        assert a["samples_sha"] == b["samples_sha"], (name, a["step"])
     assert max(r["tied_diff"] for r in got) == 0.0
 
 
