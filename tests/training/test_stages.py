@@ -7,6 +7,7 @@ the same seed and global batch everywhere, against ``ref`` (pp=1, ZeRO-0, one ra
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ def out(tmp_path_factory) -> Path:
                           capture_output=True, text=True,
                           timeout=900, env=helpers.child_env())
     assert proc.returncode == 0 and (root / "done").exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
+    (root / "worker.log").write_text(proc.stdout)  # rank 0's console: the resume lines
     return root
 
 
@@ -121,3 +123,42 @@ def test_zero3_partitions_each_stage_over_its_dp_group(out, name, dp):
     report = next(r["zero3_partition"] for r in recs if "zero3_partition" in r)
     stage0, stage1 = report["ranks"][0], report["ranks"][-1]
     assert any(n.startswith("tied_modules") for n in stage0) and "3.ln_f.weight" in stage1, (sorted(stage0), sorted(stage1))
+
+
+@pytest.mark.parametrize("name,line", [
+    ("z2_to_tp2pp2z3", "written at tp=1 pp=2 dp=2 zero=2 fp32, this run tp=2 pp=2 dp=1 zero=3 fp32"),
+    ("z3_to_1", "written at tp=1 pp=2 dp=2 zero=3 fp32, this run tp=1 pp=1 dp=1 zero=0 fp32")])
+def test_stage_engine_checkpoints_resume_in_other_layouts(out, name, line):
+    """Into and out of the stage engines through the layout-free state: steps 51-100 equal
+    the uninterrupted one-rank run's."""
+    got, ref = _steps(out, name), _steps(out, "ref")[50:]
+    assert [r["step"] for r in got] == list(range(51, 101))
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a["loss"], b["loss"]) <= TOL, (name, a["step"], a["loss"], b["loss"])
+        assert _rel(a["grad_norm"], b["grad_norm"]) <= TOL, (name, a["step"])
+        assert a["lr"] == b["lr"] and a["samples_sha"] == b["samples_sha"], (name, a["step"])
+    log = (out / "worker.log").read_text()
+    assert f"resume in a new layout: {out / name}/checkpoints/global_step50 {line};" in log
+
+
+def test_preempted_twice_resumes_exactly(out):
+    """A stop signal saves and exits; each start resumes natively: every record of steps 1-11
+    equals the uninterrupted run's bit for bit."""
+    got = {r["step"]: r for r in _steps(out, "pp2dp2_z3_preempted")}
+    ref = {r["step"]: r for r in _steps(out, "pp2dp2_z3")}
+    assert sorted(got) == list(range(1, 12))
+    for s in got:
+        for key in ("loss", "grad_norm", "lr", "samples_sha", "consumed_samples"):
+            assert got[s][key] == ref[s][key], (s, key, got[s][key], ref[s][key])
+    assert helpers.assert_zero3_partitioned(_steps(out, "pp2dp2_z3_preempted"), dp=2) == 2  # each start
+
+
+def test_non_finite_loss_on_one_stage_rank_skips_the_update_everywhere(out):
+    recs = {r["step"]: r for r in _steps(out, "pp2dp2_z3_nan")}
+    ref = {r["step"]: r for r in _steps(out, "pp2dp2_z3")}
+    assert sorted(recs) == list(range(1, 9))
+    assert [recs[s]["skipped"] for s in range(1, 9)] == [0] * 4 + [1] * 4
+    assert recs[5]["state_sha"] == recs[4]["state_sha"]   # weights and Adam state untouched, every rank
+    assert recs[6]["state_sha"] != recs[5]["state_sha"]   # and training goes on
+    assert not math.isfinite(recs[5]["loss"]) and all(math.isfinite(recs[s]["loss"]) for s in (4, 6, 7, 8))
+    assert [recs[s]["lr"] for s in range(1, 9)] == [ref[s]["lr"] for s in range(1, 9)]  # the schedule advances
