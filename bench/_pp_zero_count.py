@@ -89,7 +89,7 @@ class CommCounter(TorchDispatchMode):
         if boxed is None:
             return "?"
         pg = torch._C._distributed_c10d.ProcessGroup.unbox(boxed)
-        return self.names.get(pg.group_name, f"{pg.size()} ranks")
+        return self.names.get(pg.group_name, f"a {pg.size()}-rank group")
 
 
 class Storages:

@@ -252,7 +252,7 @@ def report(results: list[dict[str, Any]], header: str) -> str:
                 f"{x['loss_last']:.4f} |")
         lines += ["", ("Bytes communicated per step, counted, per rank: by kind and process group (dp: the "
                   "stage's data-parallel group; pp: the pipeline's; embedding: the first and last stage's; "
-                  "\"2 ranks\": a group DeepSpeed's engine made), MB (calls). The size of a call is its buffer: "
+                  "\"a 2-rank group\": one DeepSpeed's pipeline engine made), MB (calls). The size of a call is its buffer: "
                   "the gathered tensor of an all-gather, the input of a reduce-scatter, the tensor of an "
                   "all-reduce, a broadcast, a send, a receive."), "",
                   "| layout | stage 0 (rank 0) | stage 1 (rank of dp rank 0) |", "|---|---|---|"]
