@@ -16,7 +16,9 @@ Layouts (``parallel.pipeline_engine``, ``deepspeed.zero_optimization``):
   (1e5 elements: the small tensors kept whole on every rank, never gathered); ``z3-gpipe``,
   ZeRO-3 under ``parallel.pipeline_schedule: "gpipe"``; ``z3-live1m``, ZeRO-3 with at most 1e6
   parameter elements gathered at once and a 5e5 prefetch bucket (DeepSpeed's defaults: 1e9,
-  and 5e6 on the CPU: more than these models' stages, so the whole stage ends up gathered).
+  and 5e6 on the CPU: more than these models' stages); ``z3-bounded``, the same and
+  ``stage3_max_reuse_distance: 0`` (DeepSpeed's default 1e9 keeps every parameter that its
+  trace sees used again gathered, the whole stage here: measured).
 
 Models: ``tiny`` is configs/tiny_cpu.json's (4 layers, 128 wide, vocab 2048, seq 128);
 ``small`` a CPU-sized GPT-2 (8 layers, 256 wide, 8 heads, vocab 8192, seq 128). Both: fp32,
@@ -82,6 +84,9 @@ LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "z3-live1m": ({"pipeline_engine": "stages"},
                   {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1_000_000,
                    "stage3_prefetch_bucket_size": 500_000}),
+    "z3-bounded": ({"pipeline_engine": "stages"},
+                   {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1_000_000,
+                    "stage3_prefetch_bucket_size": 500_000, "stage3_max_reuse_distance": 0}),
 }
 """name -> (``parallel`` keys, ``deepspeed.zero_optimization``)"""
 DEFAULT_LAYOUTS = "z1-ds,z1-stages,z2,z3"
