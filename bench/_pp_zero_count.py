@@ -55,6 +55,7 @@ class CommCounter(TorchDispatchMode):
         self.calls: dict[str, int] = defaultdict(int)
         self.watched: list[torch.nn.Parameter] = []
         self.max_gathered = 0
+        self.max_at = ""
         self.names: dict[str, str] = {}
 
     def name_groups(self, groups: dict[str, Any]) -> None:
@@ -65,10 +66,11 @@ class CommCounter(TorchDispatchMode):
     def watch(self, params: list[torch.nn.Parameter]) -> None:
         self.watched = params
 
-    def sample(self) -> None:
+    def sample(self, where: str = "after the step") -> None:
         if self.watched:
-            self.max_gathered = max(self.max_gathered, sum(p.data.numel() * p.data.element_size()
-                                                           for p in self.watched))
+            now = sum(p.data.numel() * p.data.element_size() for p in self.watched)
+            if now > self.max_gathered:
+                self.max_gathered, self.max_at = now, f"call {sum(self.calls.values())}: {where}"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -80,7 +82,7 @@ class CommCounter(TorchDispatchMode):
             if name != "barrier":
                 second = args[1] if len(args) > 1 else None
                 self.bytes[key] += max(tensor_bytes(args[0]), tensor_bytes(second))
-            self.sample()
+            self.sample(key)
         return func(*args, **(kwargs or {}))
 
 

@@ -183,7 +183,7 @@ def rank_main(rank: int, out: str, data: str, model: str, layout: str, warmup: i
         pretrain(cfg, ctx, hooks=hooks)
     res["step_times"], res["cpu_times"] = hooks.times, hooks.cpu
     res["comm_bytes"], res["comm_calls"] = dict(counter.bytes), dict(counter.calls)
-    res["gathered_max"] = counter.max_gathered
+    res["gathered_max"], res["gathered_max_at"] = counter.max_gathered, counter.max_at
     res["rss_peak"] = status_kb("VmHWM") * 1024
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, indent=1))
 
