@@ -18,7 +18,9 @@ Layouts (``parallel.pipeline_engine``, ``deepspeed.zero_optimization``):
   parameter elements gathered at once and a 5e5 prefetch bucket (DeepSpeed's defaults: 1e9,
   and 5e6 on the CPU: more than these models' stages); ``z3-bounded``, the same and
   ``stage3_max_reuse_distance: 0`` (DeepSpeed's default 1e9 keeps every parameter that its
-  trace sees used again gathered, the whole stage here: measured).
+  trace sees used again gathered, the whole stage here: measured); ``z3-pp1`` and
+  ``z3-pp1-bounded``, controls without the pipeline (pp=1, dp=4: one column, "stage 0", holding
+  the whole model, partitioned 4 ways).
 
 Models: ``tiny`` is configs/tiny_cpu.json's (4 layers, 128 wide, vocab 2048, seq 128);
 ``small`` a CPU-sized GPT-2 (8 layers, 256 wide, 8 heads, vocab 8192, seq 128). Both: fp32,
@@ -73,20 +75,21 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 SEQ, MICRO, GLOBAL = 128, 2, 16
 
+Z3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+LIVE1M = {**Z3, "stage3_max_live_parameters": 1_000_000, "stage3_prefetch_bucket_size": 500_000}
+BOUNDED = {**LIVE1M, "stage3_max_reuse_distance": 0}
 LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "z1-ds": ({"pipeline_engine": "deepspeed"}, {"stage": 1}),
     "z1-stages": ({"pipeline_engine": "stages"}, {"stage": 1}),
     "z2": ({"pipeline_engine": "stages"}, {"stage": 2}),
-    "z3": ({"pipeline_engine": "stages"}, {"stage": 3, "stage3_param_persistence_threshold": 0}),
+    "z3": ({"pipeline_engine": "stages"}, Z3),
     "z3-default": ({"pipeline_engine": "stages"}, {"stage": 3}),
-    "z3-gpipe": ({"pipeline_engine": "stages", "pipeline_schedule": "gpipe"},
-                 {"stage": 3, "stage3_param_persistence_threshold": 0}),
-    "z3-live1m": ({"pipeline_engine": "stages"},
-                  {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1_000_000,
-                   "stage3_prefetch_bucket_size": 500_000}),
-    "z3-bounded": ({"pipeline_engine": "stages"},
-                   {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1_000_000,
-                    "stage3_prefetch_bucket_size": 500_000, "stage3_max_reuse_distance": 0}),
+    "z3-gpipe": ({"pipeline_engine": "stages", "pipeline_schedule": "gpipe"}, Z3),
+    "z3-live1m": ({"pipeline_engine": "stages"}, LIVE1M),
+    "z3-bounded": ({"pipeline_engine": "stages"}, BOUNDED),
+    # controls without the pipeline (pp=1, dp=4; the same model and global batch)
+    "z3-pp1": ({"pp": 1, "pipeline_engine": "auto"}, Z3),
+    "z3-pp1-bounded": ({"pp": 1, "pipeline_engine": "auto"}, BOUNDED),
 }
 """name -> (``parallel`` keys, ``deepspeed.zero_optimization``)"""
 DEFAULT_LAYOUTS = "z1-ds,z1-stages,z2,z3"
@@ -175,7 +178,7 @@ def rank_main(rank: int, out: str, data: str, model: str, layout: str, warmup: i
 
     hooks = Measure()
     cfg = config(Path(out) / "run", data, model, layout, total)
-    with helpers.world(rank, WORLD, pp=PP) as ctx:
+    with helpers.world(rank, WORLD, pp=cfg.parallel.pp) as ctx:
         import torch.distributed as dist
 
         counter.name_groups({"world": dist.group.WORLD, "dp": ctx.dp_group, "pp": ctx.pp_group,
@@ -215,7 +218,7 @@ def run_layout(work: Path, data: str, model: str, layout: str, warmup: int, step
 
 def by_stage(ranks: list[dict[str, Any]], fn: Any) -> list[float]:
     """``fn(rank)`` per stage: the larger of the stage's data-parallel ranks."""
-    return [max(fn(r) for r in ranks if r["stage"] == s) for s in range(PP)]
+    return [max(fn(r) for r in ranks if r["stage"] == s) for s in sorted({r["stage"] for r in ranks})]
 
 
 def held_split(ranks: list[dict[str, Any]]) -> str:
@@ -276,7 +279,7 @@ def report(results: list[dict[str, Any]], header: str) -> str:
                   "| layout | stage 0 (rank 0) | stage 1 (rank of dp rank 0) |", "|---|---|---|"]
         for x in rows:
             cells = []
-            for s in range(PP):
+            for s in sorted({r["stage"] for r in x["ranks"]}):
                 r = next(r for r in x["ranks"] if r["stage"] == s and r["dp_rank"] == 0)
                 kinds = sorted(r["comm_calls"], key=lambda k: -r["comm_bytes"].get(k, 0))
                 cells.append("; ".join(f"{k} {r['comm_bytes'].get(k, 0) / MB:,.2f} ({r['comm_calls'][k]})"
