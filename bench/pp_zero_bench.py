@@ -34,7 +34,7 @@ imported once, ``tests/helpers.py run_ranks``), ``pretrain`` for warmup + steps 
   and the gradient norm), the slowest rank of each step, median over the ``--steps`` steps
   after ``--warmup``; tokens/s = global batch x seq / that;
 * bytes communicated per step: the last step, counted (``_pp_zero_count.CommCounter``: every
-  ``c10d`` operator, by kind and group size; the counted step is not timed);
+  ``c10d`` operator, by kind and process group; the counted step is not timed);
 * bytes held per rank after a step (``_pp_zero_count.held_state``): parameters, ZeRO's fp32
   master partitions, Adam's state; the gradients attached when the inner optimizer steps; for
   ZeRO-3 the largest gathered working set seen at any collective of the counted step;
@@ -350,6 +350,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="pp_zero_bench-"))
     data = str(helpers.toy_shards(work / "data" / "toy", n_docs=4000, lengths=(100, 400), seed=0))
+    print(f"work directory {work} (each layout's run directory and rank results; results.json at the end)", flush=True)
     helpers.preload_trainer()
     load_before = os.getloadavg()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
