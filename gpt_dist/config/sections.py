@@ -72,8 +72,11 @@ class ParallelConfig:
     """What runs the pipeline when pp > 1. ``deepspeed``: DeepSpeed's ``PipelineEngine`` (ZeRO-0/1
     only: it refuses ZeRO-2/3). ``stages``: one DeepSpeed engine per stage with ZeRO over the
     stage's data-parallel group, driven by torch's 1F1B schedule (ZeRO-1/2/3;
-    ``gpt_dist/training/stages.py``). ``auto``: ``stages`` under ZeRO-2/3, else ``deepspeed``
-    (BENCHMARKS.md, "Pipeline under ZeRO-3", has the measured reason both stay)."""
+    ``gpt_dist/training/stages.py``). ``auto``: ``stages`` under ZeRO-2/3, else ``deepspeed``.
+    Why both stay (BENCHMARKS.md, "Pipeline under ZeRO-3"): at ZeRO-1 the two measured the same
+    step time on the CPU (1.00x tiny, 0.96-1.03x small), but only DeepSpeed's engine runs ZeRO-0
+    and fp16 (the stages engine refuses both), and existing pp checkpoints hold its per-layer
+    files (a native resume needs the same engine; the layout-free state crosses between them)."""
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     """The ``stages`` engine's schedule (torch.distributed.pipelining): 1F1B keeps at most pp
     micro-batches' activations per stage; GPipe runs every forward, then every backward."""
