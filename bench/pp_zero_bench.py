@@ -87,6 +87,9 @@ LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "z3-gpipe": ({"pipeline_engine": "stages", "pipeline_schedule": "gpipe"}, Z3),
     "z3-live1m": ({"pipeline_engine": "stages"}, LIVE1M),
     "z3-bounded": ({"pipeline_engine": "stages"}, BOUNDED),
+    # parallel.stage_recompute: one graph per stage (the first stage's working set)
+    "z3-recompute": ({"pipeline_engine": "stages", "stage_recompute": True}, Z3),
+    "z3-recompute-bounded": ({"pipeline_engine": "stages", "stage_recompute": True}, BOUNDED),
     # controls without the pipeline (pp=1, dp=4; the same model and global batch)
     "z3-pp1": ({"pp": 1, "pipeline_engine": "auto"}, Z3),
     "z3-pp1-bounded": ({"pp": 1, "pipeline_engine": "auto"}, BOUNDED),

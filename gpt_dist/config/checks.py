@@ -59,6 +59,9 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True,
             f"parallel.pipeline_engine: DeepSpeed's pipeline engine refuses ZeRO-{stage}; "
             "use pipeline_engine 'stages' (or 'auto') for pp>1 with ZeRO-2/3"
         )
+    if p.stage_recompute and not cfg.staged_pipeline:
+        raise ConfigError("parallel.stage_recompute: only the 'stages' pipeline engine (pp>1 under "
+                          "ZeRO-2/3, or parallel.pipeline_engine 'stages') recomputes stages; remove it")
     if p.pipeline_schedule != "1f1b" and not cfg.staged_pipeline:
         raise ConfigError("parallel.pipeline_schedule: only the 'stages' pipeline engine (pp>1 under "
                           "ZeRO-2/3, or parallel.pipeline_engine 'stages') has a choice; remove it")

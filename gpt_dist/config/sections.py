@@ -80,6 +80,12 @@ class ParallelConfig:
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     """The ``stages`` engine's schedule (torch.distributed.pipelining): 1F1B keeps at most pp
     micro-batches' activations per stage; GPipe runs every forward, then every backward."""
+    stage_recompute: bool = False
+    """The ``stages`` engine: every stage but the last runs each micro-batch's forward without
+    keeping its graph and again right before its backward. One graph per stage at a time:
+    ZeRO-3's gathered working set stays bounded on the first stage (which otherwise keeps its
+    whole stage gathered through 1F1B's cool-down), for one more forward and one more all-gather
+    of the stage per micro-batch (docs/parallelism.md, BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "checkpoint_every"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from gpt_dist import deepspeed_compat
 from gpt_dist.config import Config, OptimizerConfig, Schedule, kernels_for
-from gpt_dist.model.build import build_model, configure_activation_checkpointing  # noqa: F401 (re-exported)
+from gpt_dist.model.build import build_model, configure_activation_checkpointing
 from gpt_dist.parallel import ParallelContext
 from gpt_dist.pipeline import StageModule
 from gpt_dist.training.stages import StagedPipelineEngine
@@ -198,6 +198,8 @@ def _build_staged(cfg: Config, ctx: ParallelContext, pipe: nn.Module, optimizer:
 
     if cfg.zero_stage == 3:
         deepspeed_compat.skip_zero3_trace_check()
+    if cfg.parallel.stage_recompute and cfg.parallel.activation_checkpointing != "full":
+        configure_activation_checkpointing(cfg.parallel, ctx)  # the RNG tracker the recompute restores
     stage = StageModule(pipe, ctx.is_last_stage)
     ds_engine, _, _, ds_sched = deepspeed.initialize(
         model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
@@ -207,5 +209,6 @@ def _build_staged(cfg: Config, ctx: ParallelContext, pipe: nn.Module, optimizer:
     dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
     staged = StagedPipelineEngine(ds_engine, ctx, cfg.grad_accum_steps(ctx.world_size), cfg.zero_stage,
                                   hidden=cfg.model.n_embd, sequence_parallel=cfg.parallel.sequence_parallel,
-                                  dtype=dtype, schedule=cfg.parallel.pipeline_schedule)
+                                  dtype=dtype, schedule=cfg.parallel.pipeline_schedule,
+                                  recompute=cfg.parallel.stage_recompute)
     return Engine(ds=staged, optimizer=optimizer, scheduler=ds_sched, ds_config=ds_config, guard=guard)

@@ -69,15 +69,33 @@ class _StageGrad(torch.autograd.Function):
 
 class _EngineStage(nn.Module):
     """What torch's ``PipelineStage`` runs: the stage's DeepSpeed engine, its output passed
-    through ``_StageGrad``."""
+    through ``_StageGrad``.
 
-    def __init__(self, engine: Any, scale: float) -> None:
+    ``recompute`` (``parallel.stage_recompute``, not on the last stage): the forward runs without
+    a graph and is run again, with one, right before its backward (DeepSpeed's reentrant
+    ``checkpointing.checkpoint``, which also restores the model-parallel RNG tracker, so the
+    recomputed activation is the one sent on). A stage then never holds two micro-batches'
+    graphs: ZeRO-3 releases each module's weights after its backward (with graphs pending it
+    keeps the first stage's weights gathered through the cool-down: measured), at one more
+    forward and one more all-gather of the stage's weights per micro-batch."""
+
+    def __init__(self, engine: Any, scale: float, recompute: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "engine", engine)  # not a child: its parameters are the engine's
-        self.scale = scale
+        self.scale, self.recompute = scale, recompute
+
+    def _run(self, x: torch.Tensor, *_anchor: torch.Tensor, **labels: torch.Tensor) -> torch.Tensor:
+        return _StageGrad.apply(self.engine(x, **labels), self.scale, self.engine)
 
     def forward(self, x: torch.Tensor, **labels: torch.Tensor) -> torch.Tensor:
-        return _StageGrad.apply(self.engine(x, **labels), self.scale, self.engine)
+        if not (self.recompute and torch.is_grad_enabled()):
+            return self._run(x, **labels)
+        import deepspeed  # the engine exists: DeepSpeed is imported already
+
+        # reentrant checkpointing gives gradients only through inputs that require one: the
+        # first stage's input is token ids, so an anchor that does
+        anchor = torch.ones((), requires_grad=True)
+        return deepspeed.checkpointing.checkpoint(self._run, x, anchor)
 
 
 def _loss_is_output(output: torch.Tensor, target: Any) -> torch.Tensor:
@@ -89,12 +107,14 @@ class StagedPipelineEngine:
     """This rank's stage engine and the schedule that drives all stages (module docstring)."""
 
     def __init__(self, engine: Any, ctx: ParallelContext, micro_batches: int, zero_stage: int, *,
-                 hidden: int, sequence_parallel: bool, dtype: torch.dtype, schedule: str = "1f1b") -> None:
+                 hidden: int, sequence_parallel: bool, dtype: torch.dtype, schedule: str = "1f1b",
+                 recompute: bool = False) -> None:
         self.engine, self.ctx, self.micro_batches, self.zero_stage = engine, ctx, micro_batches, zero_stage
         self.hidden, self.sequence_parallel, self.dtype, self.schedule = hidden, sequence_parallel, dtype, schedule
         module: StageModule = engine.module
         self.is_first, self.is_last = ctx.is_first_stage, ctx.is_last_stage
-        self._wrapped = _EngineStage(engine, 1.0 if self.is_last else float(micro_batches))
+        self._wrapped = _EngineStage(engine, 1.0 if self.is_last else float(micro_batches),
+                                     recompute=recompute and not self.is_last)
         self._schedules: dict[tuple[Any, ...], Any] = {}
         # the tied weight only: the last stage's copy of the embedding module also holds wpe,
         # which it never uses (summing it would add a stale gradient every step: measured)

@@ -50,6 +50,7 @@ def test_pp_with_zero23_runs_on_stage_engines_and_deepspeeds_engine_refuses(stag
     (["deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.offload_optimizer.device=cpu"],
      "deepspeed.zero_optimization.offload_optimizer:"),
     (["deepspeed.zero_optimization.stage=1", "parallel.pipeline_schedule=gpipe"], "parallel.pipeline_schedule:"),
+    (["deepspeed.zero_optimization.stage=1", "parallel.stage_recompute=true"], "parallel.stage_recompute:"),
 ])
 def test_stage_engine_constraints_one_line_each(sets, key, base_json):
     cfg = load_config(base_json, ["parallel.pp=2", *sets])

@@ -13,9 +13,11 @@ A. world 4, pp=2 x dp=2 (micro-batch 2: M = 2 micro-batches per step = pp):
    ``pp2dp2_z3_preempted`` (a stop signal before step 7, started again, another before step 12,
    started again: each start resumes natively); ``pp2dp2_z3_nan`` (8 steps, rank 3's loss
    made inf at step 5).
-   30 steps each: ``pp2dp2_z3_ac`` (activation checkpointing), ``pp2dp2_z3_gpt1`` (GPT-1).
+   30 steps each: ``pp2dp2_z3_ac`` (activation checkpointing), ``pp2dp2_z3_gpt1`` (GPT-1),
+   ``pp2dp2_z3_recompute`` (``parallel.stage_recompute``).
 B. world 4, tp=2 x pp=2 (dp=1, micro-batch 2: M = 4 > pp): ``tp2pp2_z3``; 30 steps of
-   ``tp2pp2_z3_sp`` (sequence parallelism); ``z2_to_tp2pp2z3``: pp2dp2_z2's step-50
+   ``tp2pp2_z3_sp`` (sequence parallelism); 10 steps with dropout 0.1 of ``tp2pp2_drop`` and
+   ``tp2pp2_drop_recompute`` (the same with stage_recompute); ``z2_to_tp2pp2z3``: pp2dp2_z2's step-50
    checkpoint resumed in this layout (a resume in a new layout, steps 51-100).
 C. world 1: ``ref`` (pp=1, ZeRO-0); ``z3_to_1``: pp2dp2_z3's step-50 checkpoint resumed on
    one rank; 30 steps of ``ref_short`` and ``ref_gpt1`` (the
@@ -42,14 +44,15 @@ SHORT = 30  # what else must keep working: activation checkpointing, GPT-1, sequ
 
 
 def config(out: Path, data: str, name: str, *, tp: int, pp: int, stage: int, steps: int = STEPS,
-           schedule: str = "1f1b", arch: str = "gpt2", save: int = 1000, **par_extra) -> dict:
+           schedule: str = "1f1b", arch: str = "gpt2", save: int = 1000, dropout: float = 0.0,
+           **par_extra) -> dict:
     zero = {**BUCKETS, "stage": stage, **(helpers.zero3() if stage == 3 else {})}
     par = {"tp": tp, "pp": pp, **({"pipeline_schedule": schedule} if pp > 1 else {}), **par_extra}
     return helpers.toy_config(out / name, [data], **{
         **TOY, "parallel": par, "optimizer": {"lr": 1e-3, "weight_decay": 0.01},
         "schedule": {"warmup_steps": 10, "decay_steps": STEPS},
         "training": {**TOY["training"], "train_steps": steps, "eval_interval": 50},
-        "model": {**TOY["model"], "arch": arch, "dropout": 0.0, "attn_dropout": 0.0},
+        "model": {**TOY["model"], "arch": arch, "dropout": dropout, "attn_dropout": dropout},
         "checkpoint": {"save_interval": save, "keep_last": 2},
         "deepspeed": {"zero_optimization": zero}})
 
@@ -71,6 +74,10 @@ def tied_check():
             diff = (other - 2 * mine).abs().max()              # (theirs - mine) on each stage
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
             record["tied_diff"] = float(diff)
+            if record["step"] == 1:  # what each rank holds of its stage's optimizer state
+                state = [t for s in eng.optimizer.state.values() for k, t in s.items() if k == "exp_avg"]
+                stage = sum(int(getattr(p, "ds_numel", p.numel())) for p in eng.ds.module.parameters())
+                record["adam_held"] = ctx.all_gather_objects([sum(t.numel() for t in state), stage])
 
     return TiedCheck()
 
@@ -144,6 +151,8 @@ def worker(rank: int, out: str, data: str) -> None:
                           activation_checkpointing="full"), ctx, hooks=tied_check())
         L.pretrain(config(outp, data, "pp2dp2_z3_gpt1", tp=1, pp=2, stage=3, steps=SHORT, arch="gpt1"), ctx,
                    hooks=tied_check())
+        L.pretrain(config(outp, data, "pp2dp2_z3_recompute", tp=1, pp=2, stage=3, steps=SHORT, stage_recompute=True),
+                   ctx, hooks=tied_check())
         summed = stages.StagedPipelineEngine.sum_tied_grads
         stages.StagedPipelineEngine.sum_tied_grads = lambda self: None  # negative control
         try:
@@ -155,6 +164,10 @@ def worker(rank: int, out: str, data: str) -> None:
         L.pretrain(config(outp, data, "tp2pp2_z3", tp=2, pp=2, stage=3), ctx, hooks=tied_check())
         L.pretrain(config(outp, data, "tp2pp2_z3_sp", tp=2, pp=2, stage=3, steps=SHORT, sequence_parallel=True),
                    ctx, hooks=tied_check())
+        # recomputed stages replay the dropout masks (the TP region's RNG tracker included)
+        for name, rc in (("tp2pp2_drop", False), ("tp2pp2_drop_recompute", True)):
+            L.pretrain(config(outp, data, name, tp=2, pp=2, stage=3, steps=10, dropout=0.1, stage_recompute=rc),
+                       ctx, hooks=tied_check())
         # into the stage engines from another layout: pp2dp2 ZeRO-2's step-50 checkpoint, resumed at tp2 x pp2 ZeRO-3
         if rank == 0:
             helpers.copy_checkpoint(outp / "pp2dp2_z2", outp / "z2_to_tp2pp2z3", "global_step50")

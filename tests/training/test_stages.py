@@ -63,7 +63,7 @@ def test_pipeline_under_zero_equals_one_rank(out, name):
 
 
 @pytest.mark.parametrize("name,ref", [("pp2dp2_z3_ac", "ref_short"), ("pp2dp2_z3_gpt1", "ref_gpt1"),
-                                      ("tp2pp2_z3_sp", "ref_short")])
+                                      ("tp2pp2_z3_sp", "ref_short"), ("pp2dp2_z3_recompute", "ref_short")])
 def test_activation_checkpointing_gpt1_and_sequence_parallelism_keep_working(out, name, ref):
     """30 steps of each, the same step for step as one rank (GPT-1: its own reference)."""
     got, want = _steps(out, name), _steps(out, ref)
@@ -75,7 +75,7 @@ def test_activation_checkpointing_gpt1_and_sequence_parallelism_keep_working(out
     assert max(r["tied_diff"] for r in got) == 0.0
 
 
-@pytest.mark.parametrize("name", [*LAYOUTS, "pp2dp2_z3_ac", "pp2dp2_z3_gpt1", "tp2pp2_z3_sp"])
+@pytest.mark.parametrize("name", [*LAYOUTS, "pp2dp2_z3_ac", "pp2dp2_z3_gpt1", "tp2pp2_z3_sp", "pp2dp2_z3_recompute"])
 def test_tied_embedding_copies_stay_equal(out, name):
     diffs = [r["tied_diff"] for r in _steps(out, name)]
     assert len(diffs) in (30, 100) and max(diffs) == 0.0, max(diffs)
@@ -120,6 +120,12 @@ def test_zero3_partitions_each_stage_over_its_dp_group(out, name, dp):
     gathered after the step (the report covers all 4 ranks: both stages)."""
     recs = _steps(out, name)
     assert helpers.assert_zero3_partitioned(recs, dp=dp) == 1
+    # the optimizer state too: each rank's Adam moments cover 1/dp of its stage (ZeRO's
+    # alignment padding aside), never the whole stage
+    held = next(r["adam_held"] for r in recs if "adam_held" in r)
+    assert len(held) == 4
+    for exp_avg, stage in held:
+        assert stage / dp <= exp_avg <= stage / dp + 64, (exp_avg, stage)
     report = next(r["zero3_partition"] for r in recs if "zero3_partition" in r)
     stage0, stage1 = report["ranks"][0], report["ranks"][-1]
     assert any(n.startswith("tied_modules") for n in stage0) and "3.ln_f.weight" in stage1, (sorted(stage0), sorted(stage1))
@@ -162,3 +168,13 @@ def test_non_finite_loss_on_one_stage_rank_skips_the_update_everywhere(out):
     assert recs[6]["state_sha"] != recs[5]["state_sha"]   # and training goes on
     assert not math.isfinite(recs[5]["loss"]) and all(math.isfinite(recs[s]["loss"]) for s in (4, 6, 7, 8))
     assert [recs[s]["lr"] for s in range(1, 9)] == [ref[s]["lr"] for s in range(1, 9)]  # the schedule advances
+
+
+def test_stage_recompute_replays_dropout_exactly(out):
+    """With dropout on (TP regions draw from the model-parallel RNG tracker), recomputing each
+    stage's forward before its backward gives the very same run: the recomputed activations
+    are the ones sent on."""
+    plain, rc = _steps(out, "tp2pp2_drop"), _steps(out, "tp2pp2_drop_recompute")
+    assert len(plain) == len(rc) == 10
+    for a, b in zip(plain, rc, strict=True):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), (a, b)
