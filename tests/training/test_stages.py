@@ -99,6 +99,12 @@ def test_export_gathers_each_stages_weights_by_name(out, name):
     assert sorted(ref) == sorted(free)
     worst = max(float((free[k] - ref[k]).abs().max()) for k in ref)
     assert worst <= WEIGHT_TOL, worst
+    # evaluation, generation and prediction read a run directory through the same reader
+    from gpt_dist.inference.source import read_source
+
+    src = read_source(out / name)
+    assert src.info["kind"] == "run" and src.info["step"] == 100
+    assert sorted(src.state) == sorted(free) and all(torch.equal(src.state[k], free[k]) for k in free)
 
 
 def test_negative_control_unsummed_tied_gradients_drift(out):
