@@ -134,6 +134,15 @@ def plan_stage(cfg: PreprocessConfig, work: str | Path, tasks: int) -> dict[str,
         raise StageError(f"--tasks {tasks}: must be at least 1")
     if cfg.strict:
         raise StageError("--strict: not available in the staged job (rejects are listed in the rejects file)")
+    request = {"inputs": [str(i) for i in cfg.inputs], "tokenizer": str(cfg.tokenizer), "tasks": tasks,
+               "output_prefix": str(cfg.output_prefix), "settings": cfg.output_settings()}
+    path = work / "plan.json"
+    if path.exists():  # written once: later tasks check their own files against it
+        old = load_plan(work)
+        if old.get("request") != json.loads(json.dumps(request)):
+            raise StageError(f"{path}: the work directory holds the plan of another command or task count; "
+                             "use another --work-dir (or delete this one)")
+        return old
     pre = Preprocessor(cfg)  # resolves the inputs, loads the tokenizer, the single-node config key
     files = pre.files
     if len(files) >= 1 << (64 - OFFSET_BITS):
@@ -160,20 +169,13 @@ def plan_stage(cfg: PreprocessConfig, work: str | Path, tasks: int) -> dict[str,
         size = (end - start) if end >= 0 else files[fi].size
         ranges.append({"task": min(tasks - 1, done * tasks // max(total, 1)), "file": fi, "start": start, "end": end})
         done += size
-    config = asdict(cfg)
+    config = json.loads(json.dumps(asdict(cfg), default=str))  # paths as strings
     config["inputs"] = [f.path for f in files]  # tasks read the plan's files, never a glob again
     plan = {"format": PLAN_FORMAT, "version": 1, "tasks": tasks, "config": config, "config_key": pre.key,
             "plan_key": f"{pre.key}-{tasks}", "bands": pre.bands, "dtype": np.dtype(pre.dtype).name,
             "tokenizer": {"path": str(cfg.tokenizer), "kind": pre.tok.kind, "fingerprint": pre.tok.fingerprint,
                           "vocab_size": pre.tok.vocab_size, "eod_id": pre.tok.eod_id},
-            "files": [asdict(f) for f in files], "ranges": ranges, "created": time.time()}
-    path = work / "plan.json"
-    if path.exists():
-        old = load_plan(work)
-        if old.get("plan_key") != plan["plan_key"]:
-            raise StageError(f"{path}: the work directory holds the plan of another command or task count; "
-                             "use another --work-dir (or delete this one)")
-        return old
+            "files": [asdict(f) for f in files], "ranges": ranges, "created": time.time(), "request": request}
     work.mkdir(parents=True, exist_ok=True)
     indexed.atomic_write_json(path, plan)
     return plan

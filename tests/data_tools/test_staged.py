@@ -9,11 +9,11 @@ against a single-node run of the same inputs, never against hard-coded figures.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
-from gpt_dist.data import shardset
 from gpt_dist.data.preprocess import PreprocessConfig, preprocess
 from gpt_dist.data.staged import OFFSET_BITS, StageError, _greedy_drops, load_plan
 from gpt_dist.data.staged_finalize import run_all, run_stage
@@ -57,13 +57,35 @@ def test_staged_keeps_the_same_documents_and_tokens(staged_runs, multi_run, dt_t
     assert manifest["config_key"] == multi_run.manifest["config_key"]
 
 
-def test_staged_shards_are_accepted_by_training(staged_runs, sp_tok) -> None:
+def test_staged_shards_are_accepted_by_training(staged_runs, sp_dir, sp_tok, tmp_path) -> None:
+    """The trainer's own data check (gpt_dist.training.data.check_data: manifest, every shard
+    and its sha256, tokenizer fingerprint, largest id) accepts the staged prefix, and
+    megatron-core's GPTDataset reads samples of it."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from gpt_dist.config import config_from_dict
+    from gpt_dist.training.data import check_data
+    from tests import helpers
+
     prefix, manifest = staged_runs[4]
-    sets = [shardset.resolve(prefix, verify_hash=True)]
+    cfg = config_from_dict(helpers.toy_config_dict(tmp_path / "run", [prefix], tokenizer=sp_dir,
+                                                   model={"vocab_size": sp_tok.vocab_size},
+                                                   data={"verify_shards": True}))
+    sets = check_data(cfg.data, cfg.model, sp_tok.fingerprint)
     assert [Path(s).name for s in sets[0].shards] == [e["prefix"] for e in manifest["shards"]]
     assert len(sets[0].shards) >= 2
-    shardset.check_tokenizer(sets, sp_tok.fingerprint, "tok")
-    shardset.check_vocab(sets, sp_tok.vocab_size)
+
+    class Tok:
+        vocab_size, eod, pad = sp_tok.vocab_size, sp_tok.eod_id, -1
+        unique_identifiers: ClassVar[dict[str, str]] = {"class": "test"}
+
+    ds_cfg = GPTDatasetConfig(random_seed=1, sequence_length=64, blend=(sets[0].shards, None), split="1,0,0",
+                              path_to_cache=None, tokenizer=Tok(), reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+                              mmap_bin_files=True)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [50, None, None], lambda: True, ds_cfg).build()
+    assert len(train) == 50 and int(train[49]["tokens"].max()) < sp_tok.vocab_size
 
 
 def test_negative_control_dedup_off_differs(multi_run, sp_dir, dt_tmp) -> None:
