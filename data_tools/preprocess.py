@@ -36,7 +36,7 @@ from gpt_dist.data.preprocess import (
 )
 from gpt_dist.data.readers import InputError
 from gpt_dist.data.staged import PER_TASK, STAGES, StageError
-from gpt_dist.data.staged_finalize import run_all, run_stage
+from gpt_dist.data.staged_merge import run_all, run_stage
 
 PROG = "preprocess"
 

@@ -12,6 +12,9 @@
     finalize    one task: the shards linked under the output prefix, renumbered, each
                 ``.idx`` validated, the rejects file and one manifest
 
+(``components``, ``finalize`` and the drivers are in gpt_dist.data.staged_merge;
+``data_tools/preprocess.py --stage`` runs one task, slurm/preprocess.sh the chain.)
+
 Why the result equals the single-node command's (tests/data_tools/test_staged.py checks
 it for 1, 3 and 4 tasks): a document's id is ``file index << 40 | byte offset of its
 end`` (uncompressed), global and in input order whatever the task count; and
@@ -70,7 +73,7 @@ def _marker(work: Path, stage: str, task: int) -> Path:
     return work / stage / f"{task:05d}.done"
 
 
-def _read_marker(work: Path, stage: str, task: int, plan: dict[str, Any]) -> dict[str, Any] | None:
+def read_marker(work: Path, stage: str, task: int, plan: dict[str, Any]) -> dict[str, Any] | None:
     """The completion marker of ``stage`` task ``task`` for this plan, or None."""
     try:
         m = json.loads(_marker(work, stage, task).read_text(encoding="utf-8"))
@@ -79,8 +82,8 @@ def _read_marker(work: Path, stage: str, task: int, plan: dict[str, Any]) -> dic
     return m if m.get("plan_key") == plan["plan_key"] else None
 
 
-def _require(work: Path, stage: str, task: int, plan: dict[str, Any]) -> dict[str, Any]:
-    m = _read_marker(work, stage, task, plan)
+def require_task(work: Path, stage: str, task: int, plan: dict[str, Any]) -> dict[str, Any]:
+    m = read_marker(work, stage, task, plan)
     if m is None:
         raise StageError(f"{_marker(work, stage, task)}: {stage} task {task} did not complete "
                          f"(see its log, {work / 'logs' / f'{stage}_{task}.out'} under Slurm); rerun it")
@@ -92,7 +95,7 @@ def _require(work: Path, stage: str, task: int, plan: dict[str, Any]) -> dict[st
     return m
 
 
-def _finish(work: Path, stage: str, task: int, plan: dict[str, Any], outputs: list[str],
+def finish_task(work: Path, stage: str, task: int, plan: dict[str, Any], outputs: list[str],
             info: dict[str, Any]) -> dict[str, Any]:
     marker = {"plan_key": plan["plan_key"], "stage": stage, "task": task,
               "outputs": {n: (work / stage / n).stat().st_size for n in outputs}, **info}
@@ -187,7 +190,7 @@ def _files(plan: dict[str, Any]) -> list[InputFile]:
     return [InputFile(**f) for f in plan["files"]]
 
 
-def _task_ranges(plan: dict[str, Any], task: int) -> list[dict[str, Any]]:
+def task_ranges(plan: dict[str, Any], task: int) -> list[dict[str, Any]]:
     return [r for r in plan["ranges"] if r["task"] == task]
 
 
@@ -229,7 +232,7 @@ def _results(plan: dict[str, Any], cfg: PreprocessConfig, task: int, tokenize: b
     def batches() -> Iterator[list[tuple[int, RawRecord]]]:
         batch: list[tuple[int, RawRecord]] = []
         size = 0
-        for item in _records(files, _task_ranges(plan, task), cfg.max_doc_bytes):
+        for item in _records(files, task_ranges(plan, task), cfg.max_doc_bytes):
             batch.append(item)
             size += len(item[1].data or b"")
             if size >= cfg.batch_bytes or len(batch) >= cfg.batch_docs:
@@ -278,22 +281,47 @@ def _partition(keys: np.ndarray, parts: int) -> np.ndarray:
 
 # ---- keys -------------------------------------------------------------------------------------
 
+class _KeyBuffer:
+    """A task's (id, exact key, band keys) rows in uint64 arrays: 8 bytes per value and
+    per document, not the ~100 bytes of a Python int in a list or a small array each."""
+
+    def __init__(self, bands: int, chunk: int = 1 << 16) -> None:
+        self.bands, self.chunk = bands, chunk
+        self.rows: list[list[int]] = []
+        self.done: list[np.ndarray] = []
+
+    def add(self, doc: int, exact: int | None, bands: np.ndarray | None) -> None:
+        self.rows.append([doc, exact or 0, *(bands.tolist() if bands is not None else [0] * self.bands)])
+        if len(self.rows) >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.done.append(np.array(self.rows, dtype=np.uint64).reshape(len(self.rows), 2 + self.bands))
+            self.rows = []
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, exact keys, band keys of shape (documents, bands))."""
+        self._flush()
+        table = np.concatenate(self.done) if self.done else np.zeros((0, 2 + self.bands), np.uint64)
+        self.done = []
+        return table[:, 0], table[:, 1], table[:, 2:]
+
+
 def keys_stage(work: str | Path, task: int) -> dict[str, Any]:
     """Candidate documents' keys, rejects and counters of one task's ranges."""
     work = Path(work)
     plan = load_plan(work)
     _check_task(plan, task, "keys")
-    if (done := _read_marker(work, "keys", task, plan)) is not None:
+    if (done := read_marker(work, "keys", task, plan)) is not None:
         return done
     cfg = config_from_plan(plan)
-    ranges = _task_ranges(plan, task)
+    ranges = task_ranges(plan, task)
     files = _files(plan)
     _check_inputs(files, ranges, "keys", task)
     (work / "keys").mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
-    ids: list[int] = []
-    exact: list[int] = []
-    bands: list[np.ndarray] = []
+    keys = _KeyBuffer(plan["bands"])
     rejects: list[str] = []
     for k, rec, res in _results(plan, cfg, task, tokenize=False):
         counts["records"] += 1
@@ -307,10 +335,7 @@ def keys_stage(work: str | Path, task: int) -> dict[str, Any]:
             counts["surrogates_replaced"] += res[5]
             counts["control_chars_removed"] += res[6]
             counts["candidates"] += 1
-            ids.append(doc_id(rec))
-            exact.append(res[2])
-            if res[3] is not None:
-                bands.append(res[3])
+            keys.add(doc_id(rec), res[2], res[3])
         else:
             counts["surrogates_replaced"] += res[2]
             counts["control_chars_removed"] += res[3]
@@ -327,15 +352,14 @@ def keys_stage(work: str | Path, task: int) -> dict[str, Any]:
                     n += chunk.count(b"\n")
                     left -= len(chunk)
         lines.append(n)
-    doc = np.asarray(ids, dtype=np.uint64)
+    doc, exact, bands = keys.arrays()
     arrays: dict[str, np.ndarray] = {}
     parts = plan["tasks"]
     sets = []
     if cfg.dedup.exact:
-        sets.append(("ex", np.asarray(exact, dtype=np.uint64), doc))
+        sets.append(("ex", exact, doc))
     if cfg.dedup.near and plan["bands"]:
-        b = np.stack(bands) if bands else np.zeros((0, plan["bands"]), np.uint64)
-        sets.append(("nr", b.ravel(), np.repeat(doc, plan["bands"])))
+        sets.append(("nr", bands.ravel(), np.repeat(doc, plan["bands"])))
     for name, keys, docs in sets:
         where = _partition(keys, parts)
         for p in range(parts):
@@ -349,7 +373,7 @@ def keys_stage(work: str | Path, task: int) -> dict[str, Any]:
     rej = f"{task:05d}.rejected.jsonl"
     with atomic_open(work / "keys" / rej, "w") as f:
         f.write("".join(line + "\n" for line in rejects))
-    return _finish(work, "keys", task, plan, [name, rej], {"counts": dict(counts), "lines": lines,
+    return finish_task(work, "keys", task, plan, [name, rej], {"counts": dict(counts), "lines": lines,
                                                             "key_bytes": int(sum(a.nbytes for a in arrays.values()))})
 
 
@@ -360,10 +384,10 @@ def bands_stage(work: str | Path, part: int) -> dict[str, Any]:
     work = Path(work)
     plan = load_plan(work)
     _check_task(plan, part, "bands")
-    if (done := _read_marker(work, "bands", part, plan)) is not None:
+    if (done := read_marker(work, "bands", part, plan)) is not None:
         return done
     (work / "bands").mkdir(parents=True, exist_ok=True)
-    markers = [_require(work, "keys", t, plan) for t in range(plan["tasks"])]
+    markers = [require_task(work, "keys", t, plan) for t in range(plan["tasks"])]
     out: dict[str, np.ndarray] = {}
     peak = 0
     for name in ("ex", "nr"):
@@ -388,79 +412,8 @@ def bands_stage(work: str | Path, part: int) -> dict[str, Any]:
     name = f"{part:05d}.npz"
     with atomic_open(work / "bands" / name, "wb") as f:
         np.savez(f, **out)
-    return _finish(work, "bands", part, plan, [name], {"pairs": {k: len(v) for k, v in out.items()
+    return finish_task(work, "bands", part, plan, [name], {"pairs": {k: len(v) for k, v in out.items()
                                                                   if k.endswith("_d")}, "peak_key_bytes": peak})
-
-
-# ---- components -------------------------------------------------------------------------------
-
-def _greedy_drops(ex_k: np.ndarray, ex_d: np.ndarray, nr_k: np.ndarray, nr_d: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(dropped ids sorted, kinds: 1 exact, 2 near): the single-node rule in id order."""
-    _, ex_g = np.unique(ex_k, return_inverse=True)
-    _, nr_g = np.unique(nr_k, return_inverse=True)
-    n_ex = int(ex_g.max()) + 1 if len(ex_g) else 0
-    n_nr = int(nr_g.max()) + 1 if len(nr_g) else 0
-    docs = np.concatenate((ex_d, nr_d))
-    groups = np.concatenate((ex_g, nr_g + n_ex)).astype(np.int64)
-    order = np.lexsort((groups, docs))
-    docs, groups = docs[order], groups[order]
-    kept = np.zeros(n_ex + n_nr, bool)
-    dropped: list[int] = []
-    kinds: list[int] = []
-    bounds = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1], True]) if len(docs) else np.zeros(1, np.int64)
-    doc_list, group_list = docs.tolist(), groups.tolist()
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        g = group_list[a:b]
-        if any(kept[x] for x in g if x < n_ex):
-            dropped.append(doc_list[a])
-            kinds.append(1)
-        elif any(kept[x] for x in g if x >= n_ex):
-            dropped.append(doc_list[a])
-            kinds.append(2)
-        else:
-            kept[g] = True
-    return np.asarray(dropped, dtype=np.uint64), np.asarray(kinds, dtype=np.uint8)
-
-
-def _id_bounds(r: dict[str, Any]) -> tuple[int, int]:
-    """Document ids of range ``r``: (low, high], end offsets in (start, end]."""
-    base = r["file"] << OFFSET_BITS
-    if r["end"] < 0:
-        return base - 1 if base else -1, base + (1 << OFFSET_BITS) - 1
-    return base + r["start"], base + r["end"]
-
-
-def components_stage(work: str | Path) -> dict[str, Any]:
-    work = Path(work)
-    plan = load_plan(work)
-    if (done := _read_marker(work, "components", 0, plan)) is not None:
-        return done
-    (work / "components").mkdir(parents=True, exist_ok=True)
-    parts = [_require(work, "bands", p, plan) for p in range(plan["tasks"])]
-    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("ex_k", "ex_d", "nr_k", "nr_d")}
-    for p in range(len(parts)):
-        with np.load(work / "bands" / f"{p:05d}.npz", allow_pickle=False) as z:
-            for k, found in arrays.items():
-                found.append(z[k])
-    cat = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in arrays.items()}
-    dropped, kinds = _greedy_drops(cat["ex_k"], cat["ex_d"], cat["nr_k"], cat["nr_d"])
-    outputs = []
-    for t in range(plan["tasks"]):
-        sel = np.zeros(len(dropped), bool)
-        for r in _task_ranges(plan, t):
-            lo, hi = _id_bounds(r)
-            mask = dropped <= np.uint64(hi)
-            if lo >= 0:
-                mask &= dropped > np.uint64(lo)
-            sel |= mask
-        name = f"drop_{t:05d}.npy"
-        with atomic_open(work / "components" / name, "wb") as f:
-            np.save(f, dropped[sel], allow_pickle=False)
-        outputs.append(name)
-    return _finish(work, "components", 0, plan, outputs,
-                   {"duplicates": {"exact": int((kinds == 1).sum()), "near": int((kinds == 2).sum())},
-                    "group_pairs": int(sum(len(v) for k, v in cat.items() if k.endswith("_d")))})
 
 
 # ---- tokenize ---------------------------------------------------------------------------------
@@ -469,12 +422,12 @@ def tokenize_stage(work: str | Path, task: int) -> dict[str, Any]:
     work = Path(work)
     plan = load_plan(work)
     _check_task(plan, task, "tokenize")
-    if (done := _read_marker(work, "tokenize", task, plan)) is not None:
+    if (done := read_marker(work, "tokenize", task, plan)) is not None:
         return done
-    keys = _require(work, "keys", task, plan)
-    _require(work, "components", 0, plan)
+    keys = require_task(work, "keys", task, plan)
+    require_task(work, "components", 0, plan)
     cfg = config_from_plan(plan)
-    _check_inputs(_files(plan), _task_ranges(plan, task), "tokenize", task)
+    _check_inputs(_files(plan), task_ranges(plan, task), "tokenize", task)
     drop = set(np.load(work / "components" / f"drop_{task:05d}.npy", allow_pickle=False).tolist())
     out_dir = work / "tokenize" / f"{task:05d}"
     shutil.rmtree(out_dir, ignore_errors=True)  # a partial earlier try: start over
@@ -519,4 +472,4 @@ def tokenize_stage(work: str | Path, task: int) -> dict[str, Any]:
         raise StageError(f"tokenize task {task}: its ranges gave {counts['candidates']} documents, the keys stage "
                          f"{keys['counts'].get('candidates', 0)} (an input changed between stages?); rerun from plan")
     names = [f"{task:05d}/{s}{suffix}" for s in shards for suffix in (".bin", ".idx", ".meta.json")]
-    return _finish(work, "tokenize", task, plan, names, {"shards": shards, "counts": dict(counts)})
+    return finish_task(work, "tokenize", task, plan, names, {"shards": shards, "counts": dict(counts)})

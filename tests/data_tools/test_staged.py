@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from gpt_dist.data.preprocess import PreprocessConfig, preprocess
-from gpt_dist.data.staged import OFFSET_BITS, StageError, _greedy_drops, load_plan
-from gpt_dist.data.staged_finalize import run_all, run_stage
+from gpt_dist.data.staged import OFFSET_BITS, StageError, load_plan
+from gpt_dist.data.staged_merge import _greedy_drops, run_all, run_stage
 from tests.data_tools import dt_common as c
 
 COUNT_KEYS = ("records", "documents", "tokens", "input_bytes", "text_bytes", "rejected", "filtered",
@@ -163,3 +163,15 @@ def test_greedy_rule_keeps_the_lowest_id_and_chain_ends() -> None:
     dropped, kinds = _greedy_drops(ex_k, ex_d, nr_k, nr_d)
     assert dropped.tolist() == [2, 7] and kinds.tolist() == [2, 1]
     assert OFFSET_BITS == 40
+
+
+def test_cli_task_id_from_slurm_and_one_line_errors(tmp_path) -> None:
+    """``--stage keys`` takes its task from SLURM_ARRAY_TASK_ID; without either, or without
+    a plan, one line says what is missing."""
+    work = tmp_path / "work"
+    proc = c.run_cli("preprocess.py", "--stage", "keys", "--work-dir", work)
+    assert proc.returncode == 1
+    assert proc.stderr == "preprocess: error: --stage keys: give --task-id (SLURM_ARRAY_TASK_ID is not set)\n"
+    proc = c.run_cli("preprocess.py", "--stage", "keys", "--work-dir", work, env=c.cli_env(SLURM_ARRAY_TASK_ID="2"))
+    assert proc.returncode == 1
+    assert proc.stderr == f"preprocess: error: {work / 'plan.json'}: no plan; run --stage plan first\n"

@@ -1,4 +1,9 @@
-"""The staged job's last stage and its drivers (see gpt_dist.data.staged).
+"""The staged job's one-task stages, ``components`` and ``finalize``, and its drivers
+(see gpt_dist.data.staged).
+
+``components`` reads every key partition's shared keys and applies the single-node rule
+in document-id order (:func:`_greedy_drops`); it holds only the documents that share a
+key with another, 8 bytes per id and per group membership.
 
 ``finalize`` puts every task's shards under the output prefix in task order (= input
 order), numbered ``PREFIX_00000...`` as the single-node command numbers them: ``.bin`` and
@@ -20,23 +25,96 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gpt_dist.data import indexed
 from gpt_dist.data.clean import FILTERS
 from gpt_dist.data.preprocess import MANIFEST_FORMAT, PreprocessConfig
 from gpt_dist.data.staged import (
+    OFFSET_BITS,
     StageError,
-    _finish,
-    _read_marker,
-    _require,
     bands_stage,
-    components_stage,
     config_from_plan,
+    finish_task,
     keys_stage,
     load_plan,
     plan_stage,
+    read_marker,
+    require_task,
+    task_ranges,
     tokenize_stage,
 )
 from gpt_dist.utils import atomic_open
+
+
+def _greedy_drops(ex_k: np.ndarray, ex_d: np.ndarray, nr_k: np.ndarray, nr_d: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(dropped ids sorted, kinds: 1 exact, 2 near): the single-node rule in id order."""
+    _, ex_g = np.unique(ex_k, return_inverse=True)
+    _, nr_g = np.unique(nr_k, return_inverse=True)
+    n_ex = int(ex_g.max()) + 1 if len(ex_g) else 0
+    n_nr = int(nr_g.max()) + 1 if len(nr_g) else 0
+    docs = np.concatenate((ex_d, nr_d))
+    groups = np.concatenate((ex_g, nr_g + n_ex)).astype(np.int64)
+    order = np.lexsort((groups, docs))
+    docs, groups = docs[order], groups[order]
+    kept = np.zeros(n_ex + n_nr, bool)
+    dropped: list[int] = []
+    kinds: list[int] = []
+    bounds = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1], True]) if len(docs) else np.zeros(1, np.int64)
+    doc_list, group_list = docs.tolist(), groups.tolist()
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        g = group_list[a:b]
+        if any(kept[x] for x in g if x < n_ex):
+            dropped.append(doc_list[a])
+            kinds.append(1)
+        elif any(kept[x] for x in g if x >= n_ex):
+            dropped.append(doc_list[a])
+            kinds.append(2)
+        else:
+            kept[g] = True
+    return np.asarray(dropped, dtype=np.uint64), np.asarray(kinds, dtype=np.uint8)
+
+
+def _id_bounds(r: dict[str, Any]) -> tuple[int, int]:
+    """Document ids of range ``r``: (low, high], end offsets in (start, end]."""
+    base = r["file"] << OFFSET_BITS
+    if r["end"] < 0:
+        return base - 1 if base else -1, base + (1 << OFFSET_BITS) - 1
+    return base + r["start"], base + r["end"]
+
+
+def components_stage(work: str | Path) -> dict[str, Any]:
+    work = Path(work)
+    plan = load_plan(work)
+    if (done := read_marker(work, "components", 0, plan)) is not None:
+        return done
+    (work / "components").mkdir(parents=True, exist_ok=True)
+    parts = [require_task(work, "bands", p, plan) for p in range(plan["tasks"])]
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("ex_k", "ex_d", "nr_k", "nr_d")}
+    for p in range(len(parts)):
+        with np.load(work / "bands" / f"{p:05d}.npz", allow_pickle=False) as z:
+            for k, found in arrays.items():
+                found.append(z[k])
+    cat = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in arrays.items()}
+    dropped, kinds = _greedy_drops(cat["ex_k"], cat["ex_d"], cat["nr_k"], cat["nr_d"])
+    outputs = []
+    for t in range(plan["tasks"]):
+        sel = np.zeros(len(dropped), bool)
+        for r in task_ranges(plan, t):
+            lo, hi = _id_bounds(r)
+            mask = dropped <= np.uint64(hi)
+            if lo >= 0:
+                mask &= dropped > np.uint64(lo)
+            sel |= mask
+        name = f"drop_{t:05d}.npy"
+        with atomic_open(work / "components" / name, "wb") as f:
+            np.save(f, dropped[sel], allow_pickle=False)
+        outputs.append(name)
+    return finish_task(work, "components", 0, plan, outputs,
+                   {"duplicates": {"exact": int((kinds == 1).sum()), "near": int((kinds == 2).sum())},
+                    "group_pairs": int(sum(len(v) for k, v in cat.items() if k.endswith("_d")))})
+
 
 
 def _place(src: Path, dst: str) -> None:
@@ -64,15 +142,15 @@ def finalize_stage(work: str | Path) -> dict[str, Any]:
     cfg = config_from_plan(plan)
     prefix = str(cfg.output_prefix)
     manifest_path = Path(prefix + ".manifest.json")
-    if _read_marker(work, "finalize", 0, plan) is not None and manifest_path.is_file():
+    if read_marker(work, "finalize", 0, plan) is not None and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("config_key") == plan["config_key"]:
             manifest["already_complete"] = True
             return manifest
     n = plan["tasks"]
-    keys = [_require(work, "keys", t, plan) for t in range(n)]
-    comp = _require(work, "components", 0, plan)
-    toks = [_require(work, "tokenize", t, plan) for t in range(n)]
+    keys = [require_task(work, "keys", t, plan) for t in range(n)]
+    comp = require_task(work, "components", 0, plan)
+    toks = [require_task(work, "tokenize", t, plan) for t in range(n)]
     (work / "finalize").mkdir(parents=True, exist_ok=True)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     for k in _numbered(prefix):
@@ -118,7 +196,7 @@ def finalize_stage(work: str | Path) -> dict[str, Any]:
                 for p in range(n)), default=0)
     manifest = _manifest(plan, cfg, placed, counts, peak)
     indexed.atomic_write_json(manifest_path, manifest)
-    _finish(work, "finalize", 0, plan, [], {"shards": len(placed)})
+    finish_task(work, "finalize", 0, plan, [], {"shards": len(placed)})
     return manifest
 
 
