@@ -244,7 +244,7 @@ def _results(plan: dict[str, Any], cfg: PreprocessConfig, task: int, tokenize: b
     def payload(batch: list[tuple[int, RawRecord]]) -> list[tuple[bytes | None, str | None, str]]:
         return [(r.data, r.error, files[r.file].kind) for _, r in batch]
 
-    if cfg.workers <= 0:
+    if cfg.workers <= 1:  # one CPU (a Slurm task's usual share): a pool would only add copying
         init_worker(wcfg, in_child=False, tok=tok)
         for batch in batches():
             res = process_batch(payload(batch), tokenize=tokenize, hashes=not tokenize)
@@ -282,30 +282,33 @@ def _partition(keys: np.ndarray, parts: int) -> np.ndarray:
 # ---- keys -------------------------------------------------------------------------------------
 
 class _KeyBuffer:
-    """A task's (id, exact key, band keys) rows in uint64 arrays: 8 bytes per value and
-    per document, not the ~100 bytes of a Python int in a list or a small array each."""
+    """A task's (id, exact key, band keys) rows in preallocated uint64 blocks: 8 bytes per
+    value, not the ~40-100 bytes of a Python int in a list or of a small array each."""
 
-    def __init__(self, bands: int, chunk: int = 1 << 16) -> None:
-        self.bands, self.chunk = bands, chunk
-        self.rows: list[list[int]] = []
-        self.done: list[np.ndarray] = []
+    def __init__(self, bands: int, block: int = 1 << 15) -> None:
+        self.width, self.block = 2 + bands, block
+        self.blocks: list[np.ndarray] = []
+        self.used = block
 
     def add(self, doc: int, exact: int | None, bands: np.ndarray | None) -> None:
-        self.rows.append([doc, exact or 0, *(bands.tolist() if bands is not None else [0] * self.bands)])
-        if len(self.rows) >= self.chunk:
-            self._flush()
+        if self.used == self.block:
+            self.blocks.append(np.zeros((self.block, self.width), np.uint64))
+            self.used = 0
+        row = self.blocks[-1][self.used]
+        row[0] = doc
+        row[1] = exact or 0
+        if bands is not None:
+            row[2:] = bands
+        self.used += 1
 
-    def _flush(self) -> None:
-        if self.rows:
-            self.done.append(np.array(self.rows, dtype=np.uint64).reshape(len(self.rows), 2 + self.bands))
-            self.rows = []
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, exact keys, band keys of shape (documents, bands))."""
-        self._flush()
-        table = np.concatenate(self.done) if self.done else np.zeros((0, 2 + self.bands), np.uint64)
-        self.done = []
-        return table[:, 0], table[:, 1], table[:, 2:]
+    def table(self) -> np.ndarray:
+        """Rows ``[id, exact key, band keys...]`` of every document added, in order."""
+        if not self.blocks:
+            return np.zeros((0, self.width), np.uint64)
+        self.blocks[-1] = self.blocks[-1][:self.used]
+        table = np.concatenate(self.blocks)
+        self.blocks = []
+        return table
 
 
 def keys_stage(work: str | Path, task: int) -> dict[str, Any]:
@@ -352,21 +355,25 @@ def keys_stage(work: str | Path, task: int) -> dict[str, Any]:
                     n += chunk.count(b"\n")
                     left -= len(chunk)
         lines.append(n)
-    doc, exact, bands = keys.arrays()
+    table = keys.table()
     arrays: dict[str, np.ndarray] = {}
     parts = plan["tasks"]
-    sets = []
-    if cfg.dedup.exact:
-        sets.append(("ex", exact, doc))
-    if cfg.dedup.near and plan["bands"]:
-        sets.append(("nr", bands.ravel(), np.repeat(doc, plan["bands"])))
-    for name, keys, docs in sets:
-        where = _partition(keys, parts)
+    names = (["ex"] if cfg.dedup.exact else []) + (["nr"] if cfg.dedup.near and plan["bands"] else [])
+    for kind in names:  # one kind at a time: its copies are freed before the next
+        if kind == "ex":
+            kv, dv = table[:, 1], table[:, 0]
+        else:
+            kv, dv = table[:, 2:].ravel(), np.repeat(table[:, 0], plan["bands"])
+        where = _partition(kv, parts).astype(np.uint32)
+        order = np.lexsort((dv, kv, where))  # by partition, then key, then document
+        kv, dv, where = kv[order], dv[order], where[order]
+        del order
+        cuts = np.searchsorted(where, np.arange(parts + 1, dtype=np.uint32))
         for p in range(parts):
-            sel = where == p
-            kp, dp = keys[sel], docs[sel]
-            order = np.lexsort((dp, kp))
-            arrays[f"{name}_k{p}"], arrays[f"{name}_d{p}"] = kp[order], dp[order]
+            arrays[f"{kind}_k{p}"] = kv[cuts[p]:cuts[p + 1]]
+            arrays[f"{kind}_d{p}"] = dv[cuts[p]:cuts[p + 1]]
+        del kv, dv, where
+    del table
     name = f"{task:05d}.npz"
     with atomic_open(work / "keys" / name, "wb") as f:
         np.savez(f, **arrays)
@@ -402,12 +409,14 @@ def bands_stage(work: str | Path, part: int) -> dict[str, Any]:
         peak = max(peak, keys.nbytes + docs.nbytes)
         order = np.lexsort((docs, keys))
         keys, docs = keys[order], docs[order]
+        del order
         if len(keys):  # one (key, document) pair per document: a document may repeat a band key
             first = np.ones(len(keys), bool)
             first[1:] = (keys[1:] != keys[:-1]) | (docs[1:] != docs[:-1])
             keys, docs = keys[first], docs[first]
-        _uniq, inverse, count = np.unique(keys, return_inverse=True, return_counts=True)
-        shared = count[inverse] >= 2
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+        sizes = np.diff(np.r_[starts, len(keys)])
+        shared = np.repeat(sizes >= 2, sizes)  # keys sorted: a group is a run of equal keys
         out[f"{name}_k"], out[f"{name}_d"] = keys[shared], docs[shared]
     name = f"{part:05d}.npz"
     with atomic_open(work / "bands" / name, "wb") as f:
