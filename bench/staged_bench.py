@@ -175,10 +175,6 @@ def main() -> int:
             raise RuntimeError("the staged output differs from the single-node output")
         s_best = min(singles)
         g = min(stageds, key=lambda r: r["wall"])
-        plan_rss = g["rss_kib"]["plan"][0]
-        keys_rss = max(g["rss_kib"]["keys"])
-        docs = max(g["candidates"])
-        per_key = (keys_rss - plan_rss) * 1024 / max(docs * g["keys_per_doc"], 1)
         stages = ", ".join(f"{k} {v:.2f}" for k, v in g["stages"].items())
         rss = ", ".join(f"{k} {max(v) / 1024:.0f}" for k, v in g["rss_kib"].items())
         staged_runs = ", ".join(f"{r['wall']:.2f}" for r in stageds)
@@ -194,8 +190,6 @@ def main() -> int:
             f"peak RSS per task (MiB, the largest task of each stage): {rss}",
             (f"written between stages (keys/, bands/, components/): {g['between_bytes'] / 1e6:.2f} MB = "
             f"{g['between_bytes'] / 1e6 / mb:.3f} MB per input MB"),
-            (f"keys task memory: {(keys_rss - plan_rss) / 1024:.1f} MiB over the plan task's for {docs} documents "
-            f"x {g['keys_per_doc']} keys = {per_key:.0f} bytes per document per key (exact key or band)"),
         ]
         if probe is not None:
             r = probe["rss"]
