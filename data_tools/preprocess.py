@@ -36,7 +36,7 @@ from gpt_dist.data.preprocess import (
 )
 from gpt_dist.data.readers import InputError
 from gpt_dist.data.staged import PER_TASK, STAGES, StageError
-from gpt_dist.data.staged_merge import run_all, run_stage
+from gpt_dist.data.staged_merge import run_all, run_stage, status
 
 PROG = "preprocess"
 
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dedup-threshold", type=float, default=DedupConfig.threshold, help="MinHash-LSH Jaccard threshold")
     d.add_argument("--num-perm", type=int, default=DedupConfig.num_perm, help="MinHash permutations")
     st = p.add_argument_group("staged job (slurm/preprocess.sh; see docs/data.md)")
-    st.add_argument("--stage", choices=[*STAGES, "all"], help="run one stage's task (all: every stage here)")
+    st.add_argument("--stage", choices=[*STAGES, "all", "status"],
+                    help="run one stage's task (all: every stage here; status: which tasks are complete)")
     st.add_argument("--task-id", type=int, help="the task of a per-task stage (default: $SLURM_ARRAY_TASK_ID)")
     st.add_argument("--tasks", type=int, default=1, help="number of tasks (plan and all)")
     st.add_argument("--work-dir", help="the job's work directory on a file system every node shares")
@@ -91,6 +92,10 @@ def run_staged(args: argparse.Namespace, cfg: PreprocessConfig | None) -> int:
     """One task of one stage (or all of them); prints one line, or the manifest's summary."""
     if not args.work_dir:
         raise StageError(f"--stage {args.stage}: --work-dir is required")
+    if args.stage == "status":
+        complete, lines = status(args.work_dir)
+        print("\n".join(lines))
+        return 0 if complete else 1
     if args.stage == "all":
         assert cfg is not None
         manifest = run_all(cfg, args.work_dir, args.tasks)

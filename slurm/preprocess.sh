@@ -16,7 +16,9 @@
 # directory and the output prefix must be on a file system every node sees.
 #
 # A failed task stops the chain: its log ends with one line naming the input, task or file;
-# the later stages' jobs are cancelled (--kill-on-invalid-dep=yes). Rerun: fix the cause and
+# the later stages' jobs are cancelled (--kill-on-invalid-dep=yes), and a last job (`--stage
+# status`, only when finalize did not succeed) writes WORK/logs/status_0.out: tasks complete
+# per stage and each failed task's log with its last line. Rerun: fix the cause and
 # run the same command again; every task that completed has a marker (WORK/STAGE/K.done)
 # and is skipped, the others start over. Options after `--` are used by the plan stage only
 # (the plan is written once: another command needs another --work-dir).
@@ -84,7 +86,7 @@ submit() {
         args+=(--output="$WORK/logs/${stage}_0.out")
     fi
     if [ -n "$dep" ]; then
-        args+=(--dependency="afterok:$dep")
+        args+=(--dependency="$dep")
     fi
     local out
     if ! out="$(sbatch "${args[@]}" "${EXTRA[@]}" slurm/preprocess.sh "$@")"; then
@@ -95,10 +97,12 @@ submit() {
 }
 
 PLAN=$(submit plan "" "" --tasks "$TASKS" --workers "$CPUS" --no-progress "$@") || exit 1
-KEYS=$(submit keys "0-$LAST" "$PLAN") || exit 1
-BANDS=$(submit bands "0-$LAST" "$KEYS") || exit 1
-COMPONENTS=$(submit components "" "$BANDS") || exit 1
-TOKENIZE=$(submit tokenize "0-$LAST" "$COMPONENTS") || exit 1
-FINALIZE=$(submit finalize "" "$TOKENIZE") || exit 1
-echo "plan $PLAN keys $KEYS bands $BANDS components $COMPONENTS tokenize $TOKENIZE finalize $FINALIZE"
-echo "logs: $WORK/logs/STAGE_TASK.out"
+KEYS=$(submit keys "0-$LAST" "afterok:$PLAN") || exit 1
+BANDS=$(submit bands "0-$LAST" "afterok:$KEYS") || exit 1
+COMPONENTS=$(submit components "" "afterok:$BANDS") || exit 1
+TOKENIZE=$(submit tokenize "0-$LAST" "afterok:$COMPONENTS") || exit 1
+FINALIZE=$(submit finalize "" "afterok:$TOKENIZE") || exit 1
+# runs only if the chain stopped (finalize failed or was cancelled): names the failed tasks' logs
+REPORT=$(submit status "" "afternotok:$FINALIZE") || exit 1
+echo "plan $PLAN keys $KEYS bands $BANDS components $COMPONENTS tokenize $TOKENIZE finalize $FINALIZE report $REPORT"
+echo "logs: $WORK/logs/STAGE_TASK.out; if the chain stops: $WORK/logs/status_0.out"

@@ -32,6 +32,8 @@ from gpt_dist.data.clean import FILTERS
 from gpt_dist.data.preprocess import MANIFEST_FORMAT, PreprocessConfig
 from gpt_dist.data.staged import (
     OFFSET_BITS,
+    PER_TASK,
+    STAGES,
     StageError,
     bands_stage,
     config_from_plan,
@@ -287,3 +289,27 @@ def run_all(cfg: PreprocessConfig, work: str | Path, tasks: int) -> dict[str, An
     for t in range(tasks):
         tokenize_stage(work, t)
     return finalize_stage(work)
+
+
+def status(work: str | Path) -> tuple[bool, list[str]]:
+    """(complete?, lines): tasks complete per stage, and for the first incomplete stage each
+    missing task with its log and the log's last line (what slurm/preprocess.sh's report
+    job prints when the chain stopped)."""
+    work = Path(work)
+    plan = load_plan(work)
+    lines = []
+    for stage in STAGES[1:]:
+        n = plan["tasks"] if stage in PER_TASK else 1
+        missing = [t for t in range(n) if read_marker(work, stage, t, plan) is None]
+        lines.append(f"{stage}: {n - len(missing)}/{n} tasks complete")
+        for t in missing:
+            log = work / "logs" / f"{stage}_{t}.out"
+            try:
+                tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:]
+                last = tail[0] if tail else "(empty log)"
+            except FileNotFoundError:
+                last = "(no log: never started)"
+            lines.append(f"  {stage} task {t}: {log}: {last}")
+        if missing:
+            return False, lines
+    return True, lines

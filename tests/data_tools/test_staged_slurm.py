@@ -113,12 +113,13 @@ def _state(slurm, job: str) -> str:
 
 
 def _wait(slurm, jobs: dict[str, int], work: Path, timeout: float = 400) -> str:
-    """The finalize job's end state, once every job of the chain has ended."""
+    """The finalize job's end state, once every job of the chain (and the report job that
+    runs only when the chain stopped) has ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        states = [_state(slurm, str(j)) for j in jobs.values()]
-        if all(s in DONE for s in states):
-            return states[-1]
+        states = {name: _state(slurm, str(j)) for name, j in jobs.items()}
+        if all(s in DONE for s in states.values()):
+            return states["finalize"]
         time.sleep(1)
     subprocess.run(["scancel", *map(str, jobs.values())], env=slurm.env, timeout=30, check=False)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-800:]}" for p in sorted((work / "logs").glob("*")))
@@ -138,6 +139,8 @@ def test_the_chain_completes_and_equals_the_single_node_command(slurm, corpus, t
     jobs = _submit(slurm, work, prefix, corpus["options"], _wrapper(tmp_path / "python"))
     assert _wait(slurm, jobs, work) == "COMPLETED", (work / "logs" / "finalize_0.out").read_text()
     assert len(list((work / "logs").glob("keys_*.out"))) == TASKS  # a job array of TASKS elements
+    assert _state(slurm, str(jobs["report"])) == "CANCELLED"  # the chain did not stop: no report
+    assert not (work / "logs" / "status_0.out").exists()
     assert len({r["task"] for r in load_plan(work)["ranges"]}) == TASKS
     _same_as_single_node(prefix, corpus)
 
@@ -151,6 +154,8 @@ def test_a_task_killed_mid_way_is_rerun_with_the_identical_result(slurm, corpus,
     assert (work / "tokenize" / "00001" / "shard_00000.idx").exists()  # killed mid-way...
     assert not (work / "tokenize" / "00001.done").exists()  # ...so not complete
     assert not Path(prefix + ".manifest.json").exists()
+    report = (work / "logs" / "status_0.out").read_text()
+    assert "tokenize: 2/3 tasks complete" in report and f"tokenize task 1: {work / 'logs' / 'tokenize_1.out'}" in report
     keys_marker = work / "keys" / "00001.done"
     stamp = keys_marker.stat().st_mtime_ns
     jobs = _submit(slurm, work, prefix, corpus["options"], python)  # the same command again
@@ -177,5 +182,9 @@ def test_a_vanished_input_stops_the_chain_naming_it(slurm, corpus, sp_dir, tmp_p
     assert _state(slurm, f"{jobs['keys']}_{task}") == "FAILED"
     log = (work / "logs" / f"keys_{task}.out").read_text()
     errors = [line for line in log.splitlines() if "error" in line.lower()]
-    assert errors == [f"preprocess: error: {gone}: input of keys task {task} vanished since the plan"], log
+    line = f"preprocess: error: {gone}: input of keys task {task} vanished since the plan"
+    assert errors == [line], log
+    report = (work / "logs" / "status_0.out").read_text()  # the report job names the failed task's log
+    assert f"keys: {TASKS - 1}/{TASKS} tasks complete\n  keys task {task}: {work / 'logs' / f'keys_{task}.out'}: {line}" \
+        in report, report
     assert not list((work / "logs").glob("tokenize_*")) and not list((work / "logs").glob("bands_*"))
