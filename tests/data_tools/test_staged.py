@@ -8,6 +8,7 @@ against a single-node run of the same inputs, never against hard-coded figures.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -175,3 +176,45 @@ def test_cli_task_id_from_slurm_and_one_line_errors(tmp_path) -> None:
     proc = c.run_cli("preprocess.py", "--stage", "keys", "--work-dir", work, env=c.cli_env(SLURM_ARRAY_TASK_ID="2"))
     assert proc.returncode == 1
     assert proc.stderr == f"preprocess: error: {work / 'plan.json'}: no plan; run --stage plan first\n"
+
+
+def _edit(text: str, every: int, offset: int, word: str) -> str:
+    words = text.split(" ")
+    for i in range(offset, len(words), every):
+        words[i] = word
+    return " ".join(words)
+
+
+def test_a_near_duplicate_chain_keeps_both_ends_as_the_single_node_command(base_docs, sp_dir, tmp_path) -> None:
+    """A~B and B~C share MinHash bands, A and C share none. The single-node command keeps A
+    and C (C resembles no *kept* document); so must the staged job, with A, B and C in
+    different tasks. Plain "lowest id per connected component" would drop C."""
+    from gpt_dist.data.dedup import DedupConfig, MinHasher
+
+    mh = MinHasher(DedupConfig())
+    chain = None
+    for k, a in enumerate(base_docs[100:], 100):
+        for every in range(8, 60, 4):
+            b = _edit(a, every, 3, "alpha")
+            c = _edit(b, every, every // 2 + 3, "beta")
+            ka, kb, kc = (set(mh.band_keys(x).tolist()) for x in (a, b, c))
+            if ka & kb and kb & kc and not ka & kc:
+                chain = (k, a, b, c)
+                break
+        if chain:
+            break
+    assert chain is not None, "no chain among the base documents"
+    k, a, b, c = chain
+    others = [d for i, d in enumerate(base_docs[:100]) if i != k]
+    files = [others[:30] + [a], others[30:60] + [b], others[60:] + [c]]
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, docs in enumerate(files):
+        (src / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    cfg = {"inputs": [str(src / "*.jsonl")], "tokenizer": str(sp_dir), "workers": 0, "progress": False}
+    single = preprocess(PreprocessConfig(output_prefix=str(tmp_path / "single" / "out"), **cfg))
+    staged = run_all(PreprocessConfig(output_prefix=str(tmp_path / "staged" / "out"), **cfg), tmp_path / "work", 3)
+    assert single["counts"]["duplicates"] == {"exact": 0, "near": 1}  # B only: C is kept
+    assert staged["counts"] == single["counts"]
+    assert _docs(str(tmp_path / "staged" / "out")) == _docs(str(tmp_path / "single" / "out"))
+    assert len({r["task"] for r in load_plan(tmp_path / "work")["ranges"]}) == 3
