@@ -17,7 +17,8 @@ Staged (many nodes, slurm/preprocess.sh submits the chain as Slurm job arrays):
     ... bands (per task), components (one), tokenize (per task), finalize (one)
 
 ``--task-id`` defaults to $SLURM_ARRAY_TASK_ID; ``--stage all`` runs every stage and task
-in this process. A task with a completion marker is skipped when rerun.
+in this process; ``--stage status`` lists what is complete and each failed task's log. A
+task with a completion marker is skipped when rerun.
 """
 
 from __future__ import annotations

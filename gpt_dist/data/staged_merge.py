@@ -16,6 +16,7 @@ the manifest training reads (``gpt_dist.data.shardset``), with the counters summ
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -49,32 +50,44 @@ from gpt_dist.data.staged import (
 from gpt_dist.utils import atomic_open
 
 
-def _greedy_drops(ex_k: np.ndarray, ex_d: np.ndarray, nr_k: np.ndarray, nr_d: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(dropped ids sorted, kinds: 1 exact, 2 near): the single-node rule in id order."""
+def _greedy_drops(ex_k: np.ndarray, ex_d: np.ndarray, nr_k: np.ndarray, nr_d: np.ndarray,
+                  chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(dropped ids sorted, kinds: 1 exact, 2 near): the single-node rule in id order.
+
+    Groups are numbered (exact ones first); the (document, group) pairs are sorted by
+    document, and a document is visited once with all its groups. The loop is Python,
+    over ``chunk`` documents' pairs at a time as lists, so memory stays at the arrays'
+    16 bytes per pair plus one chunk."""
     _, ex_g = np.unique(ex_k, return_inverse=True)
     _, nr_g = np.unique(nr_k, return_inverse=True)
     n_ex = int(ex_g.max()) + 1 if len(ex_g) else 0
     n_nr = int(nr_g.max()) + 1 if len(nr_g) else 0
     docs = np.concatenate((ex_d, nr_d))
     groups = np.concatenate((ex_g, nr_g + n_ex)).astype(np.int64)
+    del ex_g, nr_g
     order = np.lexsort((groups, docs))
     docs, groups = docs[order], groups[order]
-    kept = np.zeros(n_ex + n_nr, bool)
+    del order
+    kept = bytearray(n_ex + n_nr)  # 1: the group has a kept document
     dropped: list[int] = []
     kinds: list[int] = []
     bounds = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1], True]) if len(docs) else np.zeros(1, np.int64)
-    doc_list, group_list = docs.tolist(), groups.tolist()
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        g = group_list[a:b]
-        if any(kept[x] for x in g if x < n_ex):
-            dropped.append(doc_list[a])
-            kinds.append(1)
-        elif any(kept[x] for x in g if x >= n_ex):
-            dropped.append(doc_list[a])
-            kinds.append(2)
-        else:
-            kept[g] = True
+    for c0 in range(0, len(bounds) - 1, chunk):
+        c1 = min(c0 + chunk, len(bounds) - 1)
+        lo, hi = int(bounds[c0]), int(bounds[c1])
+        doc_list, group_list = docs[lo:hi].tolist(), groups[lo:hi].tolist()
+        cut = (bounds[c0:c1 + 1] - lo).tolist()
+        for a, b in itertools.pairwise(cut):
+            g = group_list[a:b]
+            if any(kept[x] for x in g if x < n_ex):
+                dropped.append(doc_list[a])
+                kinds.append(1)
+            elif any(kept[x] for x in g if x >= n_ex):
+                dropped.append(doc_list[a])
+                kinds.append(2)
+            else:
+                for x in g:
+                    kept[x] = 1
     return np.asarray(dropped, dtype=np.uint64), np.asarray(kinds, dtype=np.uint8)
 
 

@@ -5,10 +5,10 @@ slurmctld and slurmd; skipped where Slurm cannot be installed or started, as the
   arrays chained with afterok) completes and keeps the single-node command's documents,
   tokens and counters;
 * tokenize task 1 SIGKILLed mid-way (after its first shard, before its marker): the chain
-  stops there, and submitting the same command again reruns only what has no marker and
-  gives the identical result;
-* an input deleted after the plan: its keys task fails with one line naming the file and
-  the later stages never run.
+  stops there, the report job names the task's log, and submitting the same command again
+  reruns only what has no marker and gives the identical result;
+* an input deleted after the plan: its keys task fails with one line naming the file, the
+  later stages never run, and the report job repeats that line with the task's log.
 """
 
 from __future__ import annotations
