@@ -8,6 +8,17 @@ Inputs: JSONL (key --json-key, default "text"), .jsonl.gz, plain-text files (one
 document per file); globs and directories. Outputs: PREFIX_00000.bin/.idx/.meta.json ...,
 PREFIX.manifest.json and PREFIX.rejected.jsonl (bad lines with file, line and reason).
 Re-running the same command resumes after the last complete shard. See docs/data.md.
+
+Staged (many nodes, slurm/preprocess.sh submits the chain as Slurm job arrays):
+
+    python data_tools/preprocess.py --stage plan --tasks N --work-dir SHARED/work \
+        --input ... --tokenizer DIR --output-prefix SHARED/data/webtext
+    python data_tools/preprocess.py --stage keys --work-dir SHARED/work [--task-id K]
+    ... bands (per task), components (one), tokenize (per task), finalize (one)
+
+``--task-id`` defaults to $SLURM_ARRAY_TASK_ID; ``--stage all`` runs every stage and task
+in this process; ``--stage status`` lists what is complete and each failed task's log. A
+task with a completion marker is skipped when rerun.
 """
 
 from __future__ import annotations
@@ -25,15 +36,17 @@ from gpt_dist.data.preprocess import (
     summary_table,
 )
 from gpt_dist.data.readers import InputError
+from gpt_dist.data.staged import PER_TASK, STAGES, StageError
+from gpt_dist.data.staged_merge import run_all, run_stage, status
 
 PROG = "preprocess"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or file (gpt_dist.tokenizer)")
-    p.add_argument("--output-prefix", required=True, help="e.g. data/webtext -> data/webtext_00000.bin ...")
+    p.add_argument("--input", nargs="+", help="files, globs or directories (required but for staged tasks)")
+    p.add_argument("--tokenizer", help="tokenizer directory or file (gpt_dist.tokenizer)")
+    p.add_argument("--output-prefix", help="e.g. data/webtext -> data/webtext_00000.bin ...")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores; 0: in-process)")
     p.add_argument("--partitions", type=int, default=1,
                    help="Megatron-compatible; only scales the batches in flight (outputs never depend on it)")
@@ -58,11 +71,70 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
     d.add_argument("--dedup-threshold", type=float, default=DedupConfig.threshold, help="MinHash-LSH Jaccard threshold")
     d.add_argument("--num-perm", type=int, default=DedupConfig.num_perm, help="MinHash permutations")
+    st = p.add_argument_group("staged job (slurm/preprocess.sh; see docs/data.md)")
+    st.add_argument("--stage", choices=[*STAGES, "all", "status"],
+                    help="run one stage's task (all: every stage here; status: which tasks are complete)")
+    st.add_argument("--task-id", type=int, help="the task of a per-task stage (default: $SLURM_ARRAY_TASK_ID)")
+    st.add_argument("--tasks", type=int, default=1, help="number of tasks (plan and all)")
+    st.add_argument("--work-dir", help="the job's work directory on a file system every node shares")
     return p
 
 
+def _task_id(args: argparse.Namespace) -> int:
+    if args.task_id is not None:
+        return int(args.task_id)
+    env = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if env is None or not env.isdigit():
+        raise StageError(f"--stage {args.stage}: give --task-id (SLURM_ARRAY_TASK_ID is not set)")
+    return int(env)
+
+
+def run_staged(args: argparse.Namespace, cfg: PreprocessConfig | None) -> int:
+    """One task of one stage (or all of them); prints one line, or the manifest's summary."""
+    if not args.work_dir:
+        raise StageError(f"--stage {args.stage}: --work-dir is required")
+    if args.stage == "status":
+        complete, lines = status(args.work_dir)
+        print("\n".join(lines))
+        return 0 if complete else 1
+    if args.stage == "all":
+        assert cfg is not None
+        manifest = run_all(cfg, args.work_dir, args.tasks)
+    elif args.stage in PER_TASK:
+        task = _task_id(args)
+        out = run_stage(args.stage, args.work_dir, task)
+        print(f"{PROG}: {args.stage} task {task}: done ({args.work_dir})")
+        return 0 if out else 1
+    else:
+        manifest = run_stage(args.stage, args.work_dir, 0, cfg, args.tasks)
+        if args.stage != "finalize":
+            print(f"{PROG}: {args.stage}: done ({args.work_dir})")
+            return 0
+    if manifest.get("already_complete"):
+        print(f"{PROG}: {cfg.output_prefix if cfg else args.work_dir}: already complete; nothing to do")
+        return 0
+    print(f"{PROG}: wrote {len(manifest['shards'])} shard(s) at {manifest['output_prefix']}_* "
+          f"({manifest['staged']['tasks']} tasks)")
+    print(summary_table(manifest))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    needs_cfg = args.stage in (None, "plan", "all")
+    missing = [f"--{k.replace('_', '-')}" for k in ("input", "tokenizer", "output_prefix") if not getattr(args, k)]
+    if needs_cfg and missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if not needs_cfg:
+        try:
+            return run_staged(args, None)
+        except (PreprocessError, InputError) as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"{PROG}: error: {exc.filename or args.work_dir}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     cfg = PreprocessConfig(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, workers=args.workers,
         partitions=args.partitions, shard_tokens=args.shard_tokens, max_doc_bytes=args.max_doc_bytes,
@@ -74,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         dedup=DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup,
                           threshold=args.dedup_threshold, num_perm=args.num_perm))
     try:
+        if args.stage is not None:
+            return run_staged(args, cfg)
         manifest = preprocess(cfg)
     except (PreprocessError, InputError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -65,8 +65,12 @@ def _excerpt(data: bytes | None) -> str:
     return "" if data is None else data[:120].decode("utf-8", "replace")
 
 
-def process_batch(batch: list[tuple[bytes | None, str | None, str]]) -> list[tuple[Any, ...]]:
-    """Parse, clean, filter, hash and tokenize a batch of ``(data, error, kind)``."""
+def process_batch(batch: list[tuple[bytes | None, str | None, str]], tokenize: bool = True,
+                  hashes: bool = True) -> list[tuple[Any, ...]]:
+    """Parse, clean, filter, hash and tokenize a batch of ``(data, error, kind)``.
+
+    The staged job (gpt_dist.data.staged) hashes in one stage and tokenizes in another:
+    ``tokenize=False`` leaves ``tokens`` None, ``hashes=False`` the two keys."""
     cfg: WorkerConfig = _STATE["cfg"]
     out: list[tuple[Any, ...] | None] = [None] * len(batch)
     keep_texts: list[str] = []
@@ -94,13 +98,17 @@ def process_batch(batch: list[tuple[bytes | None, str | None, str]]) -> list[tup
         tok = _STATE["tok"]
         minhash: MinHasher | None = _STATE["minhash"]
         eod, dtype = _STATE["eod"], _STATE["dtype"]
-        bands = _band_keys(minhash, keep_texts) if minhash is not None else [None] * len(keep_texts)
-        for (i, surrogates, controls), text, ids, keys in zip(keep_slots, keep_texts, tok.encode_batch(keep_texts),
-                                                             bands):
-            tokens = np.empty(len(ids) + 1, dtype=dtype)
-            tokens[:-1] = ids
-            tokens[-1] = eod
-            out[i] = (KEEP, tokens, exact_key(text), keys, len(text.encode("utf-8")), surrogates, controls)
+        n = len(keep_texts)
+        bands = _band_keys(minhash, keep_texts) if minhash is not None and hashes else [None] * n
+        encoded = tok.encode_batch(keep_texts) if tokenize else [None] * n
+        for (i, surrogates, controls), text, ids, keys in zip(keep_slots, keep_texts, encoded, bands):
+            tokens = None
+            if ids is not None:
+                tokens = np.empty(len(ids) + 1, dtype=dtype)
+                tokens[:-1] = ids
+                tokens[-1] = eod
+            out[i] = (KEEP, tokens, exact_key(text) if hashes else None, keys, len(text.encode("utf-8")),
+                      surrogates, controls)
     return out  # type: ignore[return-value]
 
 
