@@ -11,7 +11,9 @@
   (every Triton kernel + FusedAdam, activation checkpointing: the recomputed dropout masks
   must be the forward's); ``on_then_off/`` (kernels on for 2 steps, then resumed from that
   checkpoint with kernels off) and ``off_then_on/`` (the reverse). The second start's log is
-  RUN/second_start.log.
+  RUN/second_start.log;
+* then a world of pp=2 under ZeRO-3 (a DeepSpeed engine per stage): ``pp2z3_off/`` and
+  ``pp2z3_on/`` (every kernel on), 4 steps each.
 
 The ranks are started by tests/helpers.py ``run_ranks``; a failing rank fails the launch
 with its rank and traceback.
@@ -51,11 +53,13 @@ TOY: dict = {
 }
 
 
-def _config(out: Path, data: str, name: str, kernels: dict, steps: int = 4, ac: bool = False):
+def _config(out: Path, data: str, name: str, kernels: dict, steps: int = 4, ac: bool = False,
+            parallel: dict | None = None, zero: dict | None = None):
     ac_section = {"activation_checkpointing": "full"} if ac else {}
     return helpers.toy_config(out / name, [data], **{
         **TOY, "training": {**TOY["training"], "train_steps": steps}, "kernels": kernels,
-        "parallel": {**TOY["parallel"], **ac_section}})
+        "parallel": parallel or {**TOY["parallel"], **ac_section},
+        "deepspeed": {"zero_optimization": {**TOY["deepspeed"]["zero_optimization"], **(zero or {})}}})
 
 
 def _forward_backward(ctx, arch: str, kernels) -> dict:
@@ -155,6 +159,13 @@ def worker(rank: int, out: str, data: str) -> None:
         _pretrain(ctx, outp, data, "on_ac", ON, ac=True)
         _pretrain(ctx, outp, data, "on_then_off", ON, OFF)
         _pretrain(ctx, outp, data, "off_then_on", OFF, ON)
+        port = helpers.next_world_port(ctx)
+    # the pipeline under ZeRO-3 (one DeepSpeed engine per stage, issue 20): kernels on vs off
+    import gpt_dist.training.pretrain as L
+
+    with helpers.world(rank, 2, pp=2, port=port) as ctx:
+        for name, kernels in (("pp2z3_off", OFF), ("pp2z3_on", ON)):
+            L.pretrain(_config(outp, data, name, kernels, parallel={"tp": 1, "pp": 2}, zero=helpers.zero3()), ctx)
     if rank == 0:
         (outp / "done").write_text("ok\n")
 

@@ -54,6 +54,11 @@ def test_tp2_streamed_ce_equals_megatron(out):
     assert ce["grad"][..., 500:].abs().max() == 0  # padding columns
 
 
+def test_kernels_on_the_stage_engines_of_pp2_zero3(out):
+    ref, got = _losses(out / "pp2z3_off"), _losses(out / "pp2z3_on")
+    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= TOL, list(zip(ref, got, strict=True))
+
+
 @pytest.mark.parametrize("run", ["on_ac", "on_then_off", "off_then_on"])
 def test_kernels_switched_at_resume_continue_like_the_reference(out, run):
     ref, got = _losses(out / "off"), _losses(out / run)
