@@ -555,3 +555,26 @@ def test_before_zero_step_reads_and_writes_unmanaged_zero2_gradients(ctx):
     got = _weights(eng)
     assert torch.allclose(got[0], ref[0] - 0.1 * 2 * seen[0], atol=1e-6)  # the doubled gradient was used
     assert torch.allclose(got[1], want[1], atol=1e-6)                       # the others untouched
+
+
+def test_zero3_trace_per_step_resets_only_when_asked(ctx):
+    """After the patch a forward no longer restarts ZeRO-3's trace; the returned reset does,
+    and training through it stays exact (the 1F1B-style order of the stage engines)."""
+    eng, ref = _unmanaged(3)
+    coordinator = eng.optimizer.parameter_offload.get_param_coordinator()
+    calls = []
+    original = coordinator.reset_step
+    coordinator.reset_step = lambda: calls.append(1) or original()
+    eng(_batch(eng)).sum()  # DeepSpeed's forward hook resets at every top-level forward
+    assert calls == [1]
+    reset = compat.zero3_trace_per_step(eng)
+    xs = [_batch(eng, 1), _batch(eng, 2)]
+    reset()
+    outs = [eng(x).pow(2).sum() for x in xs]
+    assert calls == [1, 1]  # the explicit reset only, not the two forwards
+    for out in outs:
+        compat.start_stage_backward(eng)
+        torch.autograd.backward(out)
+    eng.step()
+    got, want = _weights(eng), _reference_sgd(ref, xs)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True)) <= 1e-6

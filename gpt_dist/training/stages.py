@@ -124,6 +124,7 @@ class StagedPipelineEngine:
                 p.ds_pipe_replicated = True
         if zero_stage < 3:  # ZeRO-1/2 hold the step's gradients where the public API reads them only inside step()
             deepspeed_compat.before_zero_step(engine, self.sum_tied_grads)
+        self._new_trace = deepspeed_compat.zero3_trace_per_step(engine) if zero_stage == 3 else (lambda: None)
 
     def _schedule(self, tokens_shape: tuple[int, ...], train: bool) -> Any:
         """torch's schedule for micro-batches of ``tokens_shape`` ([b, s] token ids), built once
@@ -167,6 +168,7 @@ class StagedPipelineEngine:
         items = list(data_iter)
         args, kwargs = self._inputs(items)
         sched = self._schedule(tuple(items[0][0].shape), train=True)
+        self._new_trace()
         sched.step(*args, target=kwargs.get("label_00"), losses=losses, return_outputs=False, **kwargs)
         if self.zero_stage == 3:
             self.sum_tied_grads()
@@ -180,6 +182,7 @@ class StagedPipelineEngine:
         items = list(data_iter)
         args, kwargs = self._inputs(items)
         sched = self._schedule(tuple(items[0][0].shape), train=False)
+        self._new_trace()
         with torch.no_grad():
             sched.eval(*args, target=kwargs.get("label_00"), losses=losses, return_outputs=False, **kwargs)
         return self._mean_loss(losses)
