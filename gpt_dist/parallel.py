@@ -184,14 +184,10 @@ class StageMPU(MegatronMPU):
     def get_model_parallel_world_size(self) -> int:
         return self.ctx.tp * self.ctx.pp
 
-    def get_tensor_model_parallel_group(self) -> Any:
-        return self.ctx.tp_group
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ctx.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ctx.tp
+    # tensor parallel stays what MegatronMPU's model parallel is
+    get_tensor_model_parallel_group = MegatronMPU.get_model_parallel_group
+    get_tensor_model_parallel_rank = MegatronMPU.get_model_parallel_rank
+    get_tensor_model_parallel_world_size = MegatronMPU.get_model_parallel_world_size
 
 
 @dataclass

@@ -61,6 +61,18 @@ from gpt_dist.utils import atomic_open
 MANIFEST_FORMAT = "gpt_dist.preprocess"
 
 
+def manifest_counts(c: Counter[str] | dict[str, int]) -> dict[str, Any]:
+    """The manifest's ``counts`` section from the run's counters (the single-node command and
+    the staged job's finalize write the same)."""
+    return {"records": c["records"], "documents": c["documents"], "tokens": c["tokens"],
+            "input_bytes": c["input_bytes"], "text_bytes": c["text_bytes"],
+            "rejected": {k[len("rejected_"):]: v for k, v in sorted(c.items()) if k.startswith("rejected_")},
+            "filtered": {name: c[f"filtered_{name}"] for name in FILTERS},
+            "duplicates": {"exact": c["duplicate_exact"], "near": c["duplicate_near"]},
+            "surrogates_replaced": c["surrogates_replaced"],
+            "control_chars_removed": c["control_chars_removed"]}
+
+
 class PreprocessError(Exception):
     """A one-line, user-facing failure (``path: reason``)."""
 
@@ -428,13 +440,7 @@ class Preprocessor:
                           "fingerprint": self.tok.fingerprint, "vocab_size": self.tok.vocab_size,
                           "eod_id": self.tok.eod_id},
             "settings": self.cfg.output_settings(),
-            "counts": {"records": c["records"], "documents": c["documents"], "tokens": c["tokens"],
-                       "input_bytes": c["input_bytes"], "text_bytes": c["text_bytes"],
-                       "rejected": {k[len("rejected_"):]: v for k, v in sorted(c.items()) if k.startswith("rejected_")},
-                       "filtered": {name: c[f"filtered_{name}"] for name in FILTERS},
-                       "duplicates": {"exact": c["duplicate_exact"], "near": c["duplicate_near"]},
-                       "surrogates_replaced": c["surrogates_replaced"],
-                       "control_chars_removed": c["control_chars_removed"]},
+            "counts": manifest_counts(c),
             "dedup_memory_bytes": self.dedup.nbytes(),
             "timing": {"seconds": round(seconds, 3), "pipeline_seconds": round(pipeline_seconds, 3),
                        "workers": self.cfg.workers,

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from gpt_dist.data import indexed
-from gpt_dist.data.clean import FILTERS
-from gpt_dist.data.preprocess import MANIFEST_FORMAT, PreprocessConfig
+from gpt_dist.data.preprocess import MANIFEST_FORMAT, PreprocessConfig, manifest_counts
 from gpt_dist.data.staged import (
     OFFSET_BITS,
     PER_TASK,
@@ -257,13 +256,7 @@ def _manifest(plan: dict[str, Any], cfg: PreprocessConfig, placed: list[str], c:
         "tokenizer": {"path": str(cfg.tokenizer), **{k: plan["tokenizer"][k] for k in
                                                       ("kind", "fingerprint", "vocab_size", "eod_id")}},
         "settings": cfg.output_settings(),
-        "counts": {"records": c["records"], "documents": c["documents"], "tokens": c["tokens"],
-                   "input_bytes": c["input_bytes"], "text_bytes": c["text_bytes"],
-                   "rejected": {k[len("rejected_"):]: v for k, v in sorted(c.items()) if k.startswith("rejected_")},
-                   "filtered": {name: c[f"filtered_{name}"] for name in FILTERS},
-                   "duplicates": {"exact": c["duplicate_exact"], "near": c["duplicate_near"]},
-                   "surrogates_replaced": c["surrogates_replaced"],
-                   "control_chars_removed": c["control_chars_removed"]},
+        "counts": manifest_counts(c),
         "dedup_memory_bytes": peak,
         "timing": {"seconds": round(seconds, 3), "pipeline_seconds": round(seconds, 3), "workers": cfg.workers,
                    "resumed_from_shard": 0, "mb_per_s": round(c["input_bytes"] / 1e6 / seconds, 3),

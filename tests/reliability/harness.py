@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tests import helpers
 from tests.helpers import PY, ROOT, Result, copy_checkpoint  # noqa: F401 - the suite's names for them
 
@@ -125,3 +127,17 @@ def diff_runs(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]],
     return out
 
 
+def same_objects(a, b, where: str) -> int:
+    """Assert two loaded checkpoint objects equal (tensors bit for bit); count the tensors."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        return sum(same_objects(a[k], b[k], f"{where}.{k}") for k in a)
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        return sum(same_objects(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+        return 1
+    if isinstance(a, (int, float, str, bool, type(None))):
+        assert a == b, f"{where}: {a!r} != {b!r}"
+    return 0

@@ -110,22 +110,6 @@ def test_kill9_restart_equals_the_uninterrupted_run(killed, uninterrupted):
     assert h.diff_runs(ref, ours, steps=steps) == []
 
 
-def _same(a, b, where: str) -> int:
-    """Assert two loaded checkpoint objects equal (tensors bit for bit); count the tensors."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
-        return sum(_same(a[k], b[k], f"{where}.{k}") for k in a)
-    if isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        return sum(_same(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-        return 1
-    if isinstance(a, (int, float, str, bool, type(None))):
-        assert a == b, f"{where}: {a!r} != {b!r}"
-    return 0
-
-
 def test_final_checkpoint_equals_the_uninterrupted_runs(killed, uninterrupted):
     from safetensors.torch import load_file
 
@@ -140,17 +124,17 @@ def test_final_checkpoint_equals_the_uninterrupted_runs(killed, uninterrupted):
         a = torch.load(ref / name, map_location="cpu", weights_only=False)  # our own test output
         b = torch.load(ours / name, map_location="cpu", weights_only=False)
         if name.startswith("rng_"):
-            tensors += _same(a, b, name)
+            tensors += h.same_objects(a, b, name)
             compared.add("rng")
             continue
         for key in keys:
             if key in a:
-                tensors += _same(a[key], b[key], f"{name}:{key}")
+                tensors += h.same_objects(a[key], b[key], f"{name}:{key}")
                 compared.add(key)
     # the layout-free files too: full fp32 weights and Adam moments by GPT-2 name
     lf = sorted(p.name for p in ref.glob("lf_*.safetensors"))
     assert lf and lf == sorted(p.name for p in ours.glob("lf_*.safetensors"))
     for name in lf:
-        tensors += _same(load_file(str(ref / name)), load_file(str(ours / name)), name)
+        tensors += h.same_objects(load_file(str(ref / name)), load_file(str(ours / name)), name)
     assert {"optimizer_state_dict", "lr_scheduler", "rng"} <= compared, (pts, compared)
     assert tensors > 0
